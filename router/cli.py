@@ -1,0 +1,105 @@
+"""`grayroute` command line: parse arguments, call the library, turn errors into exit codes.
+
+    grayroute serve RULES --listen HOST:PORT --admin HOST:PORT --workers N
+    grayroute demo
+    grayroute check RULES [--strict]
+    grayroute explain RULES [REQUESTS.jsonl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from router.config import Settings
+from router.errors import ConfigError, RulesError
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="grayroute", description="Gray-release (canary) HTTP router."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the router on a rule file")
+    serve.add_argument("rules", help="rule file (YAML)")
+    defaults = Settings()
+    serve.add_argument("--listen", default=defaults.listen, help="HOST:PORT for client traffic")
+    serve.add_argument("--admin", default=defaults.admin, help="HOST:PORT for metrics and admin")
+    serve.add_argument("--workers", type=int, default=defaults.workers, help="worker processes")
+    serve.add_argument("--connect-timeout", type=float, default=defaults.connect_timeout)
+    serve.add_argument("--read-timeout", type=float, default=defaults.read_timeout)
+    serve.add_argument("--keepalive-timeout", type=float, default=defaults.keepalive_timeout)
+    serve.add_argument("--header-timeout", type=float, default=defaults.header_timeout)
+    serve.add_argument("--drain-timeout", type=float, default=defaults.drain_timeout)
+    serve.add_argument(
+        "--trusted-proxy",
+        action="append",
+        default=[],
+        dest="trusted_proxies",
+        help="address or CIDR whose X-Forwarded-For is believed (repeatable)",
+    )
+    serve.add_argument("--state-dir", default="", help="directory for state (default: a temp dir)")
+    serve.add_argument("--admin-token", default="", help="bearer token for the admin address")
+    serve.add_argument("--log-level", default=defaults.log_level)
+
+    sub.add_parser("demo", help="start demo upstreams and the router on rules/demo.yaml")
+
+    check = sub.add_parser("check", help="validate a rule file")
+    check.add_argument("rules")
+    check.add_argument("--strict", action="store_true", help="warnings fail too")
+
+    explain = sub.add_parser("explain", help="which upstream would each request get, and why")
+    explain.add_argument("rules")
+    explain.add_argument("requests", nargs="?", default="-", help="JSON lines file (default stdin)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            from router.server import run_serve
+
+            settings = Settings(
+                rules_path=args.rules,
+                listen=args.listen,
+                admin=args.admin,
+                workers=args.workers,
+                connect_timeout=args.connect_timeout,
+                read_timeout=args.read_timeout,
+                keepalive_timeout=args.keepalive_timeout,
+                header_timeout=args.header_timeout,
+                drain_timeout=args.drain_timeout,
+                trusted_proxies=args.trusted_proxies,
+                state_dir=args.state_dir,
+                admin_token=args.admin_token,
+                log_level=args.log_level,
+            )
+            settings.validate()
+            return run_serve(settings)
+        if args.command == "demo":
+            from router.demo import run_demo
+
+            return run_demo()
+        if args.command == "check":
+            from router.rules.check import run_check
+
+            return run_check(args.rules, strict=args.strict, out=sys.stdout)
+        if args.command == "explain":
+            from router.explain import run_explain
+
+            return run_explain(args.rules, args.requests, out=sys.stdout.buffer)
+    except ConfigError as exc:
+        print(f"grayroute: {exc}", file=sys.stderr)
+        return 1
+    except RulesError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
