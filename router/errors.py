@@ -7,6 +7,9 @@
     └── ProxyError                 a request that cannot be proxied; has an HTTP status
         ├── NoRouteError           404: no route matched
         ├── BadRequestError        400: malformed or ambiguous request framing
+        ├── HeaderTimeout          408: the request head did not arrive in time
+        ├── ExpectationFailed      417: an Expect other than 100-continue
+        ├── InternalError          500: a bug in Grayroute (logged with its traceback)
         ├── UpstreamUnavailable    502: every endpoint refused or reset the connection
         ├── UpstreamBadResponse    502: the upstream answered something that is not HTTP
         └── UpstreamTimeout        504: connect or read timeout
@@ -72,6 +75,18 @@ class NoRouteError(ProxyError):
 
 class BadRequestError(ProxyError):
     status, reason, code = 400, "Bad Request", "bad_request"
+
+
+class HeaderTimeout(ProxyError):
+    status, reason, code = 408, "Request Timeout", "header_timeout"
+
+
+class ExpectationFailed(ProxyError):
+    status, reason, code = 417, "Expectation Failed", "expectation_failed"
+
+
+class InternalError(ProxyError):
+    status, reason, code = 500, "Internal Server Error", "internal_error"
 
 
 class UpstreamUnavailable(ProxyError):

@@ -1,0 +1,873 @@
+"""THE HOT PATH: one client connection, top to bottom.
+
+    bytes from the client
+      -> httptools parses the request line and headers        (HttpProxyProtocol.on_*)
+      -> a small RequestView of what the rules look at        (_start)
+      -> decide(snapshot, view), holding up to body_limit bytes of the body first
+         only when the matched route reads the user ID from the body
+      -> an idle keep-alive connection from the upstream pool, or a new one
+      -> the request head (hop-by-hop headers removed, X-Forwarded-* set) and the body,
+         streamed with flow control both ways                  (_send_request)
+      -> the response head and body streamed back              (response_*)
+      -> the upstream connection back to the pool, metrics counted, the next
+         pipelined request served                              (_finish)
+
+Everything that can be computed once is computed when the rules are installed
+(`Router.install`) or once a second (`Router._tick`: the Date header, idle and slow-header
+connections), never per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from collections import deque
+from email.utils import formatdate
+from typing import TYPE_CHECKING, Protocol
+
+import httptools
+
+from router.errors import (
+    BadRequestError,
+    ExpectationFailed,
+    HeaderTimeout,
+    InternalError,
+    NoRouteError,
+    ProxyError,
+    UpstreamBadResponse,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    error_body,
+)
+from router.rules import RequestView, decide
+from router.upstream import (
+    FRAMING_LENGTH,
+    FRAMING_NONE,
+    HOP_BY_HOP,
+    UpstreamConnection,
+    UpstreamPool,
+)
+
+if TYPE_CHECKING:
+    from router.config import Settings
+    from router.rules import CompiledRoute, Decision, Snapshot
+
+log = logging.getLogger("grayroute.proxy")
+
+
+class WorkerMetrics(Protocol):
+    def request_done(self, route: str, upstream: str, status: int, seconds: float) -> None: ...
+
+    def upstream_error(self, upstream: str, kind: str) -> None: ...
+
+
+# Request headers the proxy handles itself instead of forwarding as they are.
+_H_HOST, _H_LENGTH, _H_TE, _H_EXPECT, _H_CONNECTION, _H_XFF, _H_XFP, _H_DROP = range(8)
+_SPECIAL_REQUEST_HEADERS: dict[bytes, int] = {
+    b"host": _H_HOST,
+    b"content-length": _H_LENGTH,
+    b"transfer-encoding": _H_TE,
+    b"expect": _H_EXPECT,
+    b"connection": _H_CONNECTION,
+    b"x-forwarded-for": _H_XFF,
+    b"x-forwarded-proto": _H_XFP,
+    **{name: _H_DROP for name in HOP_BY_HOP if name not in (b"connection", b"transfer-encoding")},
+    b"proxy-authorization": _H_DROP,
+}
+
+# Methods as str, without a decode per request.
+_METHODS = {
+    m.encode(): m
+    for m in ("GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "TRACE", "CONNECT")
+}
+
+# Safe to send again when a reused keep-alive connection turns out to be closed.
+_IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+_CRLF = b"\r\n"
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
+
+# Request states.
+_ROUTING, _READING_BODY, _CONNECTING, _STREAMING, _DONE = range(5)
+
+# Why reading from the client is paused (bit flags: reading resumes when none is left).
+_PAUSE_PIPELINE = 1  # a pipelined request waits for the one before it
+_PAUSE_UPSTREAM_FULL = 2  # the upstream's write buffer is full
+_PAUSE_BUFFER_FULL = 4  # body bytes are held while routing or connecting
+
+# Body bytes held per request before reading from the client pauses (beyond body_limit).
+_HOLD_CAP = 256 * 1024
+
+# Client framing of the response body.
+_TO_CLIENT_NONE, _TO_CLIENT_RAW, _TO_CLIENT_CHUNKED = range(3)
+
+
+class Router:
+    """Per-worker state shared by every client connection: rules, pools, metrics."""
+
+    def __init__(self, settings: Settings, snapshot: Snapshot, metrics: WorkerMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.snapshot = snapshot
+        self.pools: dict[str, UpstreamPool] = {}
+        self.wanted_headers: frozenset[bytes] = frozenset()
+        self.connections: set[HttpProxyProtocol] = set()
+        self.draining = False
+        self.date_header = b""
+        self.trusted_networks = tuple(
+            ipaddress.ip_network(cidr, strict=False) for cidr in settings.trusted_proxies
+        )
+        self._ticker: asyncio.Task[None] | None = None
+        self._refresh_date()
+        self.install(snapshot)
+
+    def install(self, snapshot: Snapshot) -> None:
+        """Swap in new rules whole; pools whose upstream did not change are kept."""
+        pools: dict[str, UpstreamPool] = {}
+        for name, spec in snapshot.upstreams.items():
+            old = self.pools.get(name)
+            if old is not None and old.same_as(spec, self.settings):
+                pools[name] = old
+            else:
+                pools[name] = UpstreamPool(spec, self.settings)
+        for name, old in self.pools.items():
+            if pools.get(name) is not old:
+                old.close()
+        self.wanted_headers = frozenset(n.lower().encode("latin-1") for n in snapshot.header_names)
+        self.snapshot = snapshot
+        self.pools = pools
+
+    def protocol_factory(self) -> HttpProxyProtocol:
+        if self._ticker is None:
+            self._ticker = asyncio.get_running_loop().create_task(self._tick())
+        return HttpProxyProtocol(self)
+
+    @property
+    def active_requests(self) -> int:
+        return sum(1 for c in self.connections if c.active is not None)
+
+    async def drain(self, timeout: float) -> None:
+        """Finish requests in flight (up to `timeout`), then close everything."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        for conn in list(self.connections):
+            conn.close_if_idle()
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            for conn in list(self.connections):
+                conn.close_if_idle()
+        for conn in list(self.connections):
+            conn.abort()
+        for pool in self.pools.values():
+            pool.close()
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
+
+    def _refresh_date(self) -> None:
+        self.date_header = b"Date: " + formatdate(usegmt=True).encode() + _CRLF
+
+    async def _tick(self) -> None:
+        """Once a second: the Date header, and connections idle or slow for too long."""
+        while True:
+            await asyncio.sleep(1.0)
+            self._refresh_date()
+            now = time.monotonic()
+            for conn in list(self.connections):
+                conn.check_timeouts(now)
+
+
+class _Request:
+    """One request on a client connection, from its first byte to its last answer byte."""
+
+    __slots__ = (
+        "body_held",
+        "body_parts",
+        "chunked",
+        "complete",
+        "conn",
+        "connect_task",
+        "connection_tokens",
+        "content_length",
+        "continue_sent",
+        "decision",
+        "expect_continue",
+        "has_body",
+        "head_done",
+        "headers",
+        "host",
+        "http11",
+        "keep_alive",
+        "method",
+        "pools",
+        "read_timer",
+        "response_started",
+        "retried",
+        "route",
+        "started",
+        "state",
+        "status",
+        "to_client",
+        "url",
+        "view",
+        "wanted",
+        "xff",
+        "xfp",
+    )
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.wanted: dict[str, str] = {}
+        self.host: bytes | None = None
+        self.content_length: bytes | None = None
+        self.chunked = False
+        self.expect_continue = False
+        self.connection_tokens: bytes | None = None
+        self.xff: bytes | None = None
+        self.xfp: bytes | None = None
+        self.method = b""
+        self.http11 = True
+        self.keep_alive = True
+        self.has_body = False
+        self.head_done = False
+        self.complete = False
+        self.body_parts: list[bytes] = []
+        self.body_held = 0
+        self.state = _ROUTING
+        self.view: RequestView | None = None
+        self.route: CompiledRoute | None = None
+        self.decision: Decision | None = None
+        self.pools: dict[str, UpstreamPool] = {}
+        self.conn: UpstreamConnection | None = None
+        self.connect_task: asyncio.Task[None] | None = None
+        self.read_timer: asyncio.TimerHandle | None = None
+        self.continue_sent = False
+        self.response_started = False
+        self.retried = False
+        self.status = 0
+        self.to_client = _TO_CLIENT_RAW
+
+
+class HttpProxyProtocol(asyncio.Protocol):
+    """One client connection: parse, decide, forward, stream back; pipelining in order."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.peer_ip = ""
+        self.peer_ip_bytes = b""
+        self.peer_trusted = False
+        self.parsing: _Request | None = None  # the request whose bytes are being parsed
+        self.active: _Request | None = None  # the request being served
+        self.waiting: deque[_Request] = deque()  # pipelined requests behind `active`
+        self.read_paused = 0
+        self.write_paused = False
+        self.closed = False
+        self.served = 0
+        self.last_activity = time.monotonic()
+        self._serving_next = False
+
+    # -- connection life ---------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer_ip = peer[0] if peer else ""
+        self.peer_ip_bytes = self.peer_ip.encode()
+        if self.router.trusted_networks and self.peer_ip:
+            self.peer_trusted = _in_networks(self.peer_ip, self.router.trusted_networks)
+        self.router.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.router.connections.discard(self)
+        req = self.active
+        if req is not None and req.state != _DONE:
+            self._drop_upstream(req)
+            # 499, as nginx logs it: the client went away before the answer was complete.
+            self._count(req, 499)
+        self.active = None
+        self.waiting.clear()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = time.monotonic()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._reject(BadRequestError("protocol upgrade is not supported"))
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, ProxyError):  # raised on purpose by our callbacks
+                self._reject(cause)
+            else:
+                log.error("request handling failed", exc_info=cause)
+                self._reject(InternalError("request handling failed"))
+        except httptools.HttpParserError as exc:
+            self._reject(BadRequestError(f"malformed request: {_parser_reason(exc)}"))
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        req = self.active
+        if req is not None and req.conn is not None and req.conn.transport is not None:
+            req.conn.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        req = self.active
+        if req is not None and req.conn is not None and req.conn.transport is not None:
+            req.conn.transport.resume_reading()
+
+    def close_if_idle(self) -> None:
+        if self.active is None and self.parsing is None and self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def check_timeouts(self, now: float) -> None:
+        settings = self.router.settings
+        if self.active is not None:
+            return  # upstream timeouts govern requests in flight
+        if self.parsing is not None and not self.parsing.head_done:
+            if now - self.parsing.started > settings.header_timeout:
+                self._reject(
+                    HeaderTimeout(f"no complete request head in {settings.header_timeout}s")
+                )
+        elif self.parsing is None:
+            limit = settings.keepalive_timeout if self.served else settings.header_timeout
+            if now - self.last_activity > limit and self.transport is not None:
+                self.transport.close()
+
+    # -- httptools callbacks: the request --------------------------------------------
+    def on_message_begin(self) -> None:
+        self.parsing = _Request(time.monotonic())
+
+    def on_url(self, url: bytes) -> None:
+        assert self.parsing is not None
+        self.parsing.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        req = self.parsing
+        assert req is not None
+        lname = name.lower()
+        special = _SPECIAL_REQUEST_HEADERS.get(lname)
+        if special is None:
+            req.headers.append((name, value))
+        elif special == _H_HOST:
+            if req.host is not None:
+                raise BadRequestError("more than one Host header")
+            req.host = value
+            req.headers.append((name, value))
+        elif special == _H_LENGTH:
+            if req.content_length is not None or not value.isdigit():
+                raise BadRequestError("repeated or invalid Content-Length")
+            req.content_length = value
+        elif special == _H_TE:
+            if req.chunked or value.strip().lower() != b"chunked":
+                raise BadRequestError("only Transfer-Encoding: chunked is accepted")
+            req.chunked = True
+        elif special == _H_EXPECT:
+            if value.strip().lower() != b"100-continue":
+                raise ExpectationFailed("only Expect: 100-continue is supported")
+            req.expect_continue = True
+        elif special == _H_CONNECTION:
+            req.connection_tokens = value.lower()
+        elif special == _H_XFF:
+            req.xff = value if req.xff is None else req.xff + b", " + value
+        elif special == _H_XFP:
+            req.xfp = value
+        if lname in self.router.wanted_headers:
+            key = lname.decode("latin-1")
+            if key not in req.wanted:
+                req.wanted[key] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        req = self.parsing
+        assert req is not None
+        req.head_done = True
+        parser = self.parser
+        req.method = parser.get_method()
+        req.http11 = parser.get_http_version() == "1.1"
+        req.keep_alive = parser.should_keep_alive()
+        if req.chunked and req.content_length is not None:
+            raise BadRequestError("both Content-Length and Transfer-Encoding")
+        if req.connection_tokens is not None:
+            _drop_connection_listed(req)
+        req.has_body = req.chunked or (
+            req.content_length is not None and req.content_length.strip(b"0") != b""
+        )
+        if self.active is None and not self.waiting:
+            self.active = req
+            self._start(req)
+        else:
+            self.waiting.append(req)
+            self._pause_reading(_PAUSE_PIPELINE)
+
+    def on_body(self, body: bytes) -> None:
+        req = self.parsing
+        assert req is not None
+        if req.state == _STREAMING and req is self.active:
+            conn = req.conn
+            assert conn is not None
+            conn.send(b"%x\r\n%b\r\n" % (len(body), body) if req.chunked else body)
+            return
+        req.body_parts.append(body)
+        req.body_held += len(body)
+        if req.state == _READING_BODY and req is self.active:
+            assert req.route is not None
+            if req.body_held >= req.route.body_limit:
+                self._route_with_body(req)
+                return
+        if req.body_held > _HOLD_CAP:
+            self._pause_reading(_PAUSE_BUFFER_FULL)
+
+    def on_message_complete(self) -> None:
+        req = self.parsing
+        assert req is not None
+        self.parsing = None
+        req.complete = True
+        if req is not self.active:
+            return
+        if req.state == _STREAMING:
+            if req.chunked and req.conn is not None:
+                req.conn.send(_LAST_CHUNK)
+        elif req.state == _READING_BODY:
+            self._route_with_body(req)
+
+    # -- routing -----------------------------------------------------------------------
+    def _start(self, req: _Request) -> None:
+        """The head of `req` is parsed and `req` is first in line: route it."""
+        router = self.router
+        snapshot = router.snapshot
+        req.pools = router.pools
+        view = self._view(req, snapshot)
+        route = snapshot.match_route(view)
+        if route is None:
+            self._answer_error(req, NoRouteError(f"no route matched {view.method} {view.path}"))
+            return
+        req.route = route
+        if req.has_body and route.wants_body(view):
+            req.view = view
+            req.state = _READING_BODY
+            if req.expect_continue and not req.continue_sent and not req.complete:
+                self._send_continue(req)
+            if req.complete or req.body_held >= route.body_limit:
+                self._route_with_body(req)
+            return
+        self._dispatch(req, decide(snapshot, view, route))
+
+    def _view(self, req: _Request, snapshot: Snapshot) -> RequestView:
+        url = req.url
+        if url[:1] == b"/":
+            path, _, query = url.partition(b"?")
+            query, _, _ = query.partition(b"#")
+        else:
+            path, query = _absolute_form(req, url)
+        host = req.host or b""
+        if b":" in host and not host.endswith(b"]"):
+            host = host.rpartition(b":")[0]
+        client_ip = self.peer_ip
+        if self.peer_trusted and req.xff is not None and snapshot.uses_client_ip:
+            client_ip = _client_behind_proxies(req.xff, self.router.trusted_networks) or client_ip
+        method = req.method
+        return RequestView(
+            _METHODS.get(method) or method.decode("latin-1"),
+            path.decode("latin-1"),
+            query.decode("latin-1"),
+            host.decode("latin-1").lower(),
+            req.wanted,
+            client_ip,
+        )
+
+    def _route_with_body(self, req: _Request) -> None:
+        """Enough of the body is here to look for the user ID in it: decide."""
+        view, route = req.view, req.route
+        assert view is not None and route is not None
+        body = b"".join(req.body_parts)
+        req.body_parts = [body] if body else []
+        limit = route.body_limit
+        view.body = body[:limit]
+        view.body_complete = req.complete and len(body) <= limit
+        req.state = _ROUTING
+        self._dispatch(req, decide(self.router.snapshot, view, route))
+
+    def _dispatch(self, req: _Request, decision: Decision) -> None:
+        req.decision = decision
+        upstream = decision.upstream
+        pool = req.pools.get(upstream) if upstream is not None else None
+        if pool is None:
+            self._answer_error(req, UpstreamUnavailable(f"upstream {upstream!r} is not defined"))
+            return
+        endpoint = pool.next_endpoint()
+        conn = pool.take_idle(endpoint)
+        if conn is not None:
+            self._send_request(req, conn)
+            return
+        req.state = _CONNECTING
+        req.connect_task = self.loop.create_task(self._connect(req, pool, endpoint))
+
+    async def _connect(self, req: _Request, pool: UpstreamPool, first: tuple[str, int]) -> None:
+        """Open a connection, trying the other endpoints of the upstream when one fails."""
+        endpoints = pool.endpoints
+        start = endpoints.index(first)
+        order = [endpoints[(start + i) % len(endpoints)] for i in range(len(endpoints))]
+        timeouts = 0
+        last: ProxyError = UpstreamUnavailable("no endpoint")
+        for endpoint in order:
+            try:
+                conn = await pool.connect(endpoint)
+            except UpstreamTimeout as exc:
+                timeouts += 1
+                last = exc
+                self.router.metrics.upstream_error(pool.name, "timeout")
+                continue
+            except UpstreamUnavailable as exc:
+                last = exc
+                self.router.metrics.upstream_error(pool.name, "connect")
+                continue
+            req.connect_task = None
+            if self.closed or req is not self.active:
+                conn.abort()
+                return
+            self._send_request(req, conn)
+            return
+        req.connect_task = None
+        if self.closed or req is not self.active:
+            return
+        if timeouts == len(order):
+            self._answer_error(req, UpstreamTimeout(f"{pool.name}: {last.detail}"))
+        else:
+            self._answer_error(req, UpstreamUnavailable(f"{pool.name}: {last.detail}"))
+
+    # -- upstream: request out ---------------------------------------------------------
+    def _send_request(self, req: _Request, conn: UpstreamConnection) -> None:
+        req.conn = conn
+        req.state = _STREAMING
+        conn.begin(self, head_only=req.method == b"HEAD")
+        parts = [req.method, b" ", req.url, b" HTTP/1.1\r\n"]
+        for name, value in req.headers:
+            parts += (name, b": ", value, _CRLF)
+        if req.host is None:
+            parts.append(b"Host: %b:%d\r\n" % (conn.endpoint[0].encode(), conn.endpoint[1]))
+        if req.chunked:
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        elif req.content_length is not None:
+            parts += (b"Content-Length: ", req.content_length, _CRLF)
+        if req.xff is not None and self.peer_trusted:
+            parts += (b"X-Forwarded-For: ", req.xff, b", ", self.peer_ip_bytes, _CRLF)
+        else:
+            parts += (b"X-Forwarded-For: ", self.peer_ip_bytes, _CRLF)
+        if req.xfp is not None and self.peer_trusted:
+            parts += (b"X-Forwarded-Proto: ", req.xfp, _CRLF)
+        else:
+            parts.append(b"X-Forwarded-Proto: http\r\n")
+        parts.append(_CRLF)
+        if req.body_parts:
+            body = b"".join(req.body_parts)
+            parts.append(b"%x\r\n%b\r\n" % (len(body), body) if req.chunked else body)
+            req.body_parts = []
+            req.body_held = 0
+            self._resume_reading(_PAUSE_BUFFER_FULL)
+        if req.complete and req.chunked:
+            parts.append(_LAST_CHUNK)
+        conn.send(b"".join(parts))
+        if req.expect_continue and not req.continue_sent and not req.complete:
+            self._send_continue(req)
+        if self.write_paused and conn.transport is not None:
+            conn.transport.pause_reading()
+        timeout = conn.pool.read_timeout
+        req.read_timer = self.loop.call_later(timeout, self._check_read_timeout, req, timeout)
+
+    def _send_continue(self, req: _Request) -> None:
+        req.continue_sent = True
+        if self.transport is not None:
+            self.transport.write(_CONTINUE)
+
+    def _check_read_timeout(self, req: _Request, timeout: float) -> None:
+        conn = req.conn
+        if req is not self.active or conn is None or req.state != _STREAMING:
+            return
+        quiet = time.monotonic() - conn.last_read
+        if quiet < timeout:
+            req.read_timer = self.loop.call_later(
+                timeout - quiet, self._check_read_timeout, req, timeout
+            )
+            return
+        req.read_timer = None
+        self.router.metrics.upstream_error(conn.pool.name, "timeout")
+        req.conn = None
+        conn.abort()
+        if req.response_started:
+            self._count(req, req.status)
+            self._close_client()
+        else:
+            self._answer_error(req, UpstreamTimeout(f"{conn.pool.name}: no response in {timeout}s"))
+
+    def upstream_pause_writing(self) -> None:
+        self._pause_reading(_PAUSE_UPSTREAM_FULL)
+
+    def upstream_resume_writing(self) -> None:
+        self._resume_reading(_PAUSE_UPSTREAM_FULL)
+
+    # -- upstream: response back (ResponseSink) ----------------------------------------
+    def response_head(
+        self,
+        status: int,
+        reason: bytes,
+        headers: list[tuple[bytes, bytes]],
+        framing: int,
+        content_length: bytes | None,
+    ) -> None:
+        req = self.active
+        assert req is not None
+        req.response_started = True
+        req.status = status
+        parts = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
+        for name, value in headers:
+            parts += (name, b": ", value, _CRLF)
+        if framing == FRAMING_NONE:
+            req.to_client = _TO_CLIENT_NONE
+            if content_length is not None and status != 204:
+                parts += (b"Content-Length: ", content_length, _CRLF)
+        elif framing == FRAMING_LENGTH:
+            req.to_client = _TO_CLIENT_RAW
+            assert content_length is not None
+            parts += (b"Content-Length: ", content_length, _CRLF)
+        elif req.http11:
+            req.to_client = _TO_CLIENT_CHUNKED
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        else:
+            # An HTTP/1.0 client knows no chunks: the body ends when we close.
+            req.to_client = _TO_CLIENT_RAW
+            req.keep_alive = False
+        if not req.keep_alive or self.router.draining:
+            req.keep_alive = False
+            parts.append(b"Connection: close\r\n")
+        elif not req.http11:
+            parts.append(b"Connection: keep-alive\r\n")
+        parts.append(_CRLF)
+        assert self.transport is not None
+        self.transport.write(b"".join(parts))
+
+    def response_body(self, data: bytes) -> None:
+        req = self.active
+        assert req is not None and self.transport is not None
+        if req.to_client == _TO_CLIENT_CHUNKED:
+            self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        elif req.to_client == _TO_CLIENT_RAW:
+            self.transport.write(data)
+
+    def response_complete(self, reusable: bool) -> None:
+        req = self.active
+        assert req is not None and self.transport is not None
+        if req.to_client == _TO_CLIENT_CHUNKED:
+            self.transport.write(_LAST_CHUNK)
+        if req.read_timer is not None:
+            req.read_timer.cancel()
+            req.read_timer = None
+        conn = req.conn
+        req.conn = None
+        if conn is not None:
+            if reusable and req.complete:
+                conn.pool.release(conn)
+            else:
+                conn.abort()
+        self._count(req, req.status)
+        self._finish(req)
+
+    def upstream_failed(self, error: Exception, response_started: bool) -> None:
+        req = self.active
+        if req is None or req.state != _STREAMING:
+            return
+        conn = req.conn
+        req.conn = None
+        if req.read_timer is not None:
+            req.read_timer.cancel()
+            req.read_timer = None
+        assert conn is not None
+        pool = conn.pool
+        kind = "bad_response" if isinstance(error, UpstreamBadResponse) else "reset"
+        if not response_started and not req.response_started:
+            # A keep-alive connection the upstream had closed just as we reused it:
+            # safe to try once more on a new connection when no body was sent.
+            if (
+                conn.reused
+                and not req.has_body
+                and not req.retried
+                and req.method in _IDEMPOTENT_METHODS
+            ):
+                req.retried = True
+                req.state = _CONNECTING
+                req.connect_task = self.loop.create_task(self._connect(req, pool, conn.endpoint))
+                return
+            self.router.metrics.upstream_error(pool.name, kind)
+            assert isinstance(error, ProxyError)
+            self._answer_error(req, error)
+            return
+        self.router.metrics.upstream_error(pool.name, kind)
+        # The response was cut short: closing the client connection is the only way to
+        # make sure a truncated body can never look complete.
+        self._count(req, req.status)
+        self._close_client()
+
+    # -- answers of our own ------------------------------------------------------------
+    def _answer_error(self, req: _Request, error: ProxyError) -> None:
+        status = error.status
+        body = error_body(error.code, error.detail)
+        # Unread request body bytes would be taken for the next request: close instead.
+        close = not req.keep_alive or not req.complete or self.router.draining
+        head = b"HTTP/1.1 %d %b\r\nContent-Type: application/json\r\nContent-Length: %d\r\n" % (
+            status,
+            error.reason.encode(),
+            len(body),
+        )
+        assert self.transport is not None
+        self.transport.write(
+            head
+            + self.router.date_header
+            + (b"Connection: close\r\n\r\n" if close else _CRLF)
+            + (b"" if req.method == b"HEAD" else body)
+        )
+        req.status = status
+        req.keep_alive = req.keep_alive and not close
+        self._drop_upstream(req)
+        self._count(req, status)
+        self._finish(req)
+
+    def _reject(self, error: ProxyError) -> None:
+        """A request we cannot parse or accept: answer it (when we can) and close."""
+        req = self.active
+        if req is not None and req.state != _DONE:
+            self._drop_upstream(req)
+            if req.response_started:
+                self._close_client()
+                return
+        if self.transport is None or self.closed:
+            return
+        body = error_body(error.code, error.detail)
+        self.transport.write(
+            b"HTTP/1.1 %d %b\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n%b\r\n%b"
+            % (error.status, error.reason.encode(), len(body), self.router.date_header, body)
+        )
+        self.router.metrics.request_done("", "", error.status, 0.0)
+        self.active = None
+        self.parsing = None
+        self.waiting.clear()
+        self._close_client()
+
+    # -- end of a request --------------------------------------------------------------
+    def _finish(self, req: _Request) -> None:
+        req.state = _DONE
+        self.active = None
+        self.served += 1
+        if not req.keep_alive or not req.complete:
+            self._close_client()
+            return
+        self._serve_next()
+
+    def _serve_next(self) -> None:
+        # A loop, not recursion: a burst of pipelined requests answered at once (404s)
+        # must not grow the stack.
+        if self._serving_next:
+            return
+        self._serving_next = True
+        try:
+            while self.active is None and self.waiting and not self.closed:
+                req = self.waiting.popleft()
+                self.active = req
+                self._start(req)
+            if not self.waiting:
+                self._resume_reading(_PAUSE_PIPELINE)
+        finally:
+            self._serving_next = False
+
+    def _drop_upstream(self, req: _Request) -> None:
+        if req.read_timer is not None:
+            req.read_timer.cancel()
+            req.read_timer = None
+        if req.connect_task is not None:
+            req.connect_task.cancel()
+            req.connect_task = None
+        if req.conn is not None:
+            req.conn.abort()
+            req.conn = None
+
+    def _count(self, req: _Request, status: int) -> None:
+        decision = req.decision
+        route = req.route.name if req.route is not None else ""
+        upstream = (decision.upstream or "") if decision is not None else ""
+        self.router.metrics.request_done(route, upstream, status, time.monotonic() - req.started)
+
+    def _close_client(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+        self.closed = True
+
+    def _pause_reading(self, why: int) -> None:
+        if not self.read_paused and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+        self.read_paused |= why
+
+    def _resume_reading(self, why: int) -> None:
+        if self.read_paused & why:
+            self.read_paused &= ~why
+            if not self.read_paused and self.transport is not None and not self.closed:
+                self.transport.resume_reading()
+
+
+# -- pure helpers ------------------------------------------------------------------------
+def _drop_connection_listed(req: _Request) -> None:
+    """Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1)."""
+    tokens = req.connection_tokens
+    assert tokens is not None
+    listed = {t.strip() for t in tokens.split(b",")} - {b"close", b"keep-alive", b""}
+    if listed:
+        req.headers = [(n, v) for n, v in req.headers if n.lower() not in listed]
+
+
+def _absolute_form(req: _Request, url: bytes) -> tuple[bytes, bytes]:
+    """`GET http://host/path?q HTTP/1.1`: take path and query, and the host if none given."""
+    if url == b"*":
+        return b"*", b""
+    try:
+        parsed = httptools.parse_url(url)
+    except httptools.HttpParserInvalidURLError as exc:
+        raise BadRequestError("invalid request target") from exc
+    if req.host is None and parsed.host:
+        req.host = parsed.host if parsed.port is None else b"%b:%d" % (parsed.host, parsed.port)
+        req.headers.append((b"Host", req.host))
+    return parsed.path or b"/", parsed.query or b""
+
+
+_Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+
+def _in_networks(ip: str, networks: _Networks) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(addr in net for net in networks)
+
+
+def _client_behind_proxies(xff: bytes, trusted: _Networks) -> str | None:
+    """The first untrusted hop of X-Forwarded-For, read from the right."""
+    for hop in reversed(xff.decode("latin-1").split(",")):
+        hop = hop.strip()
+        if hop and not _in_networks(hop, trusted):
+            return hop
+    return None
+
+
+def _parser_reason(exc: Exception) -> str:
+    text = str(exc)
+    return text.split(":", 1)[-1].strip() if text else type(exc).__name__

@@ -1,0 +1,331 @@
+"""Upstream pools: keep-alive connections, round-robin over endpoints, the upstream Protocol.
+
+One `UpstreamPool` per upstream (service version) per worker. A pool hands out idle
+keep-alive connections (newest first, so the ones the upstream is most likely to keep
+open are reused) and opens new ones when none is idle. `UpstreamConnection` parses the
+response with httptools and reports it to the request that owns the connection through
+the small `ResponseSink` interface; it knows nothing about clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Protocol
+
+import httptools
+
+from router.errors import UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
+
+if TYPE_CHECKING:
+    from router.config import Settings
+    from router.rules import UpstreamSpec
+
+log = logging.getLogger("grayroute.upstream")
+
+Endpoint = tuple[str, int]
+
+# Response headers that describe one hop only; the proxy sets its own framing.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+FRAMING_LENGTH = 1  # Content-Length given
+FRAMING_CHUNKED = 2  # Transfer-Encoding: chunked
+FRAMING_CLOSE = 3  # body runs until the upstream closes
+FRAMING_NONE = 4  # no body (1xx, 204, 304, or a response to HEAD)
+
+
+class ResponseSink(Protocol):
+    """What an upstream connection tells the request it serves."""
+
+    def response_head(
+        self,
+        status: int,
+        reason: bytes,
+        headers: list[tuple[bytes, bytes]],
+        framing: int,
+        content_length: bytes | None,
+    ) -> None: ...
+
+    def response_body(self, data: bytes) -> None: ...
+
+    def response_complete(self, reusable: bool) -> None: ...
+
+    def upstream_failed(self, error: Exception, response_started: bool) -> None: ...
+
+    def upstream_pause_writing(self) -> None: ...
+
+    def upstream_resume_writing(self) -> None: ...
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One keep-alive connection to one endpoint; parses responses with httptools."""
+
+    def __init__(self, pool: UpstreamPool, endpoint: Endpoint) -> None:
+        self.pool = pool
+        self.endpoint = endpoint
+        self.transport: asyncio.Transport | None = None
+        self.sink: ResponseSink | None = None
+        self.closed = False
+        self.reused = False  # served a request before: may have been closed by the peer
+        self.last_read = 0.0
+        self._parser = httptools.HttpResponseParser(self)
+        self._head_only = False
+        self._started = False  # some response bytes arrived for the current request
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._reason = b""
+        self._content_length: bytes | None = None
+        self._chunked = False
+        self._framing_error = False
+        self._framing = FRAMING_NONE
+        self._interim = False
+
+    # -- lending -----------------------------------------------------------------------
+    def begin(self, sink: ResponseSink, head_only: bool) -> None:
+        """Attach to a request; `head_only` for a response to HEAD (never has a body)."""
+        self.sink = sink
+        self._head_only = head_only
+        self._started = False
+        self.last_read = time.monotonic()
+
+    def send(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def abort(self) -> None:
+        """Drop the connection: the request it carried did not finish cleanly."""
+        self.sink = None
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- asyncio.Protocol --------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.last_read = time.monotonic()
+        self._started = True
+        sink = self.sink
+        if sink is None:
+            # Bytes on an idle connection: the upstream is not speaking HTTP correctly.
+            self.abort()
+            self.pool.forget(self)
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            log.error("response handling failed", exc_info=exc.__context__)
+            self._fail(UpstreamBadResponse("response handling failed"))
+            return
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamBadResponse(f"invalid HTTP response: {exc}"))
+            return
+        if self._framing_error:
+            self._fail(UpstreamBadResponse("ambiguous response framing"))
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.forget(self)
+        sink = self.sink
+        if sink is None:
+            return
+        self.sink = None
+        if self._framing == FRAMING_CLOSE and self._headers_done:
+            sink.response_complete(False)
+            return
+        sink.upstream_failed(
+            UpstreamUnavailable("upstream closed the connection"), self._started
+        )
+
+    def pause_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.upstream_pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.upstream_resume_writing()
+
+    # -- httptools callbacks -----------------------------------------------------------
+    _headers_done = False
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._reason = b""
+        self._content_length = None
+        self._chunked = False
+        self._headers_done = False
+        self._framing = FRAMING_NONE
+
+    def on_status(self, status: bytes) -> None:
+        self._reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        lname = name.lower()
+        if lname == b"content-length":
+            if self._content_length is not None and self._content_length != value:
+                self._framing_error = True
+            self._content_length = value
+        elif lname == b"transfer-encoding":
+            if value.strip().lower() != b"chunked" or self._chunked:
+                self._framing_error = True
+            self._chunked = True
+        elif lname not in HOP_BY_HOP:
+            self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if status < 200:
+            # Interim response (100 Continue, 103 Early Hints): not forwarded; wait
+            # for the final one. 101 is never asked for (Upgrade is hop-by-hop).
+            self._interim = True
+            return
+        self._interim = False
+        self._headers_done = True
+        if self._framing_error or (self._chunked and self._content_length is not None):
+            self._framing_error = True
+            return
+        if self._head_only or status in (204, 304):
+            framing = FRAMING_NONE
+        elif self._chunked:
+            framing = FRAMING_CHUNKED
+        elif self._content_length is not None:
+            framing = FRAMING_LENGTH
+        else:
+            framing = FRAMING_CLOSE
+        self._framing = framing
+        sink = self.sink
+        if sink is not None:
+            sink.response_head(status, self._reason, self._headers, framing, self._content_length)
+            if self._head_only:
+                # llhttp does not know the request was HEAD and would wait for a body
+                # of Content-Length bytes; finish here and never reuse the connection.
+                self.sink = None
+                self.closed = True
+                sink.response_complete(False)
+                if self.transport is not None:
+                    self.transport.close()
+
+    def on_body(self, body: bytes) -> None:
+        sink = self.sink
+        if sink is not None and not self._interim:
+            sink.response_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        sink = self.sink
+        if sink is None:
+            return
+        self.sink = None
+        reusable = self._parser.should_keep_alive() and not self.closed
+        sink.response_complete(reusable)
+
+    def _fail(self, error: Exception) -> None:
+        sink = self.sink
+        started = self._headers_done
+        self.abort()
+        self.pool.forget(self)
+        if sink is not None:
+            sink.upstream_failed(error, started)
+
+
+class UpstreamPool:
+    """Connections to the endpoints of one upstream, in one worker."""
+
+    def __init__(self, spec: UpstreamSpec, settings: Settings) -> None:
+        self.name = spec.name
+        self.endpoints: tuple[Endpoint, ...] = tuple(spec.endpoints)
+        self.connect_timeout = (
+            spec.connect_timeout if spec.connect_timeout is not None else settings.connect_timeout
+        )
+        self.read_timeout = (
+            spec.read_timeout if spec.read_timeout is not None else settings.read_timeout
+        )
+        self.max_idle = settings.upstream_keepalive
+        self.closed = False
+        self._idle: dict[Endpoint, list[UpstreamConnection]] = {ep: [] for ep in self.endpoints}
+        self._next = 0
+
+    def same_as(self, spec: UpstreamSpec, settings: Settings) -> bool:
+        """True when `spec` would build an identical pool (a reload can keep this one)."""
+        other = UpstreamPool(spec, settings)
+        return (
+            other.endpoints == self.endpoints
+            and other.connect_timeout == self.connect_timeout
+            and other.read_timeout == self.read_timeout
+        )
+
+    def next_endpoint(self) -> Endpoint:
+        endpoints = self.endpoints
+        index = self._next
+        self._next = (index + 1) % len(endpoints)
+        return endpoints[index]
+
+    def take_idle(self, endpoint: Endpoint) -> UpstreamConnection | None:
+        idle = self._idle.get(endpoint)
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                return conn
+        return None
+
+    async def connect(self, endpoint: Endpoint) -> UpstreamConnection:
+        """A new connection to `endpoint`, or UpstreamUnavailable / UpstreamTimeout."""
+        loop = asyncio.get_running_loop()
+        host, port = endpoint
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: UpstreamConnection(self, endpoint), host, port),
+                self.connect_timeout,
+            )
+        except TimeoutError as exc:
+            raise UpstreamTimeout(f"connect to {host}:{port} timed out") from exc
+        except OSError as exc:
+            raise UpstreamUnavailable(f"connect to {host}:{port} failed: {exc.strerror}") from exc
+        return conn
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """Give back a connection whose exchange finished cleanly."""
+        conn.sink = None
+        if conn.closed:
+            return
+        idle = self._idle.get(conn.endpoint)
+        if self.closed or idle is None or len(idle) >= self.max_idle:
+            conn.abort()
+            return
+        conn.reused = True
+        idle.append(conn)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        idle = self._idle.get(conn.endpoint)
+        if idle and conn in idle:
+            idle.remove(conn)
+
+    def close(self) -> None:
+        """Close idle connections; ones lent out close when their request ends."""
+        self.closed = True
+        for idle in self._idle.values():
+            for conn in idle:
+                conn.abort()
+            idle.clear()
+
+    @property
+    def idle_count(self) -> int:
+        return sum(len(v) for v in self._idle.values())

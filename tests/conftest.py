@@ -1,0 +1,228 @@
+"""Shared loopback fixtures: real upstream servers and the real router on 127.0.0.1.
+
+- `backends`: start aiohttp upstreams that answer with their version name and a digest
+  of the body they received (and can be told to stall, fail or stream).
+- `proxy`: the real router (router.proxy.Router) in this test's event loop, on an
+  ephemeral port, with a metrics recorder.
+- `serve`: `grayroute serve` as a real subprocess (supervisor + workers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from router.config import Settings
+from router.proxy import Router
+from router.rules import load_snapshot_text
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- upstreams -------------------------------------------------------------------------
+@dataclass
+class Backend:
+    """One real upstream server; `seen` counts the requests that reached it."""
+
+    version: str
+    port: int = 0
+    seen: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def _backend_app(backend: Backend) -> web.Application:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        digest = hashlib.sha256()
+        size = 0
+        async for chunk in request.content.iter_any():
+            digest.update(chunk)
+            size += len(chunk)
+        info = {
+            "version": backend.version,
+            "method": request.method,
+            "path": request.path,
+            "query": request.query_string,
+            "headers": [[k, v] for k, v in request.headers.items()],
+            "body_sha256": digest.hexdigest(),
+            "body_bytes": size,
+        }
+        backend.seen.append(info)
+        q = request.query
+        if "sleep" in q:
+            await asyncio.sleep(float(q["sleep"]))
+        if "status" in q:
+            return web.Response(status=int(q["status"]), headers={"X-Version": backend.version})
+        if "stream_bytes" in q:
+            # A large chunked response, written piece by piece.
+            resp = web.StreamResponse(headers={"X-Version": backend.version})
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            left = int(q["stream_bytes"])
+            piece = b"x" * 65536
+            while left > 0:
+                await resp.write(piece[: min(left, len(piece))])
+                left -= len(piece)
+            await resp.write_eof()
+            return resp
+        return web.json_response(info, headers={"X-Version": backend.version})
+
+    app = web.Application(client_max_size=2**40)
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app
+
+
+@pytest.fixture
+async def backends() -> AsyncIterator[Callable[..., Any]]:
+    """`await backends("v1", "v2")` starts one real upstream per version name."""
+    runners: list[web.AppRunner] = []
+
+    async def start(*versions: str) -> list[Backend]:
+        started = []
+        for version in versions:
+            backend = Backend(version)
+            runner = web.AppRunner(_backend_app(backend), access_log=None)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            server = site._server
+            assert server is not None
+            backend.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            runners.append(runner)
+            started.append(backend)
+        return started
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+# -- the router in this process ------------------------------------------------------------
+class RecordingMetrics:
+    """Counts what the proxy reports, for assertions."""
+
+    def __init__(self) -> None:
+        self.requests: Counter[tuple[str, str, int]] = Counter()
+        self.errors: Counter[tuple[str, str]] = Counter()
+
+    def request_done(self, route: str, upstream: str, status: int, seconds: float) -> None:
+        self.requests[(route, upstream, status)] += 1
+
+    def upstream_error(self, upstream: str, kind: str) -> None:
+        self.errors[(upstream, kind)] += 1
+
+
+@dataclass
+class RunningProxy:
+    router: Router
+    metrics: RecordingMetrics
+    server: asyncio.AbstractServer
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def reload(self, rules_yaml: str) -> None:
+        self.router.install(load_snapshot_text(textwrap.dedent(rules_yaml), "rules.yaml"))
+
+
+@pytest.fixture
+async def proxy() -> AsyncIterator[Callable[..., Any]]:
+    """`await proxy(rules_yaml, **settings)` runs the real Router in this event loop."""
+    running: list[RunningProxy] = []
+
+    async def start(rules_yaml: str, **settings: Any) -> RunningProxy:
+        snapshot = load_snapshot_text(textwrap.dedent(rules_yaml), "rules.yaml")
+        metrics = RecordingMetrics()
+        router = Router(Settings(**settings), snapshot, metrics)
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(router.protocol_factory, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        rp = RunningProxy(router, metrics, server, port)
+        running.append(rp)
+        return rp
+
+    yield start
+    for rp in running:
+        rp.server.close()
+        await rp.router.drain(0.5)
+        await rp.server.wait_closed()
+
+
+# -- the router as a real process ------------------------------------------------------------
+@dataclass
+class ServeProcess:
+    proc: subprocess.Popen[bytes]
+    listen: str
+    admin: str
+    rules_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.listen}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{self.admin}"
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
+    """`serve(rules_yaml, workers=2, extra_args=[...])` runs `grayroute serve` for real."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(rules_yaml: str, workers: int = 1, extra_args: list[str] | None = None) -> ServeProcess:
+        rules_path = tmp_path / f"rules-{len(procs)}.yaml"
+        rules_path.write_text(textwrap.dedent(rules_yaml))
+        cmd = [
+            sys.executable, "-m", "router.cli", "serve", str(rules_path),
+            "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+            "--workers", str(workers), "--state-dir", str(tmp_path / f"state-{len(procs)}"),
+            *(extra_args or []),
+        ]  # fmt: skip
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+        procs.append(proc)
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line:
+            _, err = proc.communicate(timeout=10)
+            raise AssertionError(f"grayroute serve did not start: {err.decode()}")
+        ready = json.loads(line)
+        assert ready["event"] == "ready", ready
+        return ServeProcess(proc, ready["listen"], ready["admin"], rules_path)
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.kill()
+                proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()

@@ -1,0 +1,315 @@
+"""End to end over real sockets: the hot path in router/proxy.py with real upstreams."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import resource
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+RULES = """
+format: 1
+upstreams:
+  v1: {{endpoints: ["{v1}"]}}
+  v1.1: {{endpoints: ["{v11}"]}}
+  v2: {{endpoints: ["{v2}"], read_timeout: {read_timeout}}}
+user_id:
+  - header: X-User-Id
+  - cookie: uid
+  - query: userId
+  - json: user.id
+  - form: userId
+body_limit: 1KiB
+routes:
+  - name: api
+    match: {{path_prefix: /api}}
+    pins:
+      - to: v2
+        users: ["42", "10086"]
+    split: {{v1: 90, v1.1: 10}}
+  - name: slow
+    match: {{path_prefix: /slow}}
+    to: v2
+  - name: down
+    match: {{path_prefix: /down}}
+    to: dead
+"""
+
+
+def rules_for(v1: Any, v11: Any, v2: Any, read_timeout: str = "5s", dead: str = "") -> str:
+    text = RULES.format(v1=v1.endpoint, v11=v11.endpoint, v2=v2.endpoint, read_timeout=read_timeout)
+    dead = dead or "127.0.0.1:1"
+    return text.replace("upstreams:\n", f'upstreams:\n  dead: {{endpoints: ["{dead}"]}}\n', 1)
+
+
+@pytest.fixture
+async def setup(backends: Any, proxy: Any) -> AsyncIterator[tuple[Any, list[Any]]]:
+    v1, v11, v2 = await backends("v1", "v1.1", "v2")
+    rp = await proxy(rules_for(v1, v11, v2, read_timeout="500ms"))
+    yield rp, [v1, v11, v2]
+
+
+async def raw_exchange(port: int, data: bytes, read_until_close: bool = True) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    try:
+        if read_until_close:
+            return await asyncio.wait_for(reader.read(-1), 10)
+        return await asyncio.wait_for(reader.read(65536), 10)
+    finally:
+        writer.close()
+
+
+# -- user-ID sources -----------------------------------------------------------------------
+async def test_user_id_from_each_source(setup: Any) -> None:
+    rp, _ = setup
+    async with httpx.AsyncClient(base_url=rp.url) as client:
+        cases = [
+            client.get("/api/x", headers={"X-User-Id": "42"}),
+            client.get("/api/x", cookies={"uid": "42"}),
+            client.get("/api/x?userId=42"),
+            client.post("/api/x", json={"user": {"id": 42}}),
+            client.post("/api/x", data={"userId": "42"}),
+        ]
+        for response in await asyncio.gather(*cases):
+            assert response.status_code == 200
+            assert response.json()["version"] == "v2"
+
+
+async def test_body_is_forwarded_byte_for_byte(setup: Any) -> None:
+    rp, _ = setup
+    bodies = [
+        b'{"user": {"id": 42}, "x": "' + b"y" * 5000 + b'"}',  # larger than body_limit
+        b'{"user": {"id": 42',  # truncated JSON
+        b"\xff\xfe not json at all",
+        b'{"user": {"id": 4.2}}',
+    ]
+    async with httpx.AsyncClient(base_url=rp.url) as client:
+        for body in bodies:
+            r = await client.post(
+                "/api/x", content=body, headers={"Content-Type": "application/json"}
+            )
+            assert r.status_code == 200
+            info = r.json()
+            assert info["body_sha256"] == hashlib.sha256(body).hexdigest()
+            assert info["body_bytes"] == len(body)
+            # none of these yields a user ID, so the pin to v2 cannot hold
+            assert info["version"] in ("v1", "v1.1")
+
+
+async def test_chunked_request_and_response(setup: Any) -> None:
+    rp, _ = setup
+    pieces = [b"a" * 1000, b"b" * 70000, b"c"]
+
+    async def gen() -> AsyncIterator[bytes]:
+        for piece in pieces:
+            yield piece
+
+    async with httpx.AsyncClient(base_url=rp.url) as client:
+        r = await client.post("/api/up", content=gen(), headers={"X-User-Id": "42"})
+        assert r.status_code == 200
+        assert r.json()["body_sha256"] == hashlib.sha256(b"".join(pieces)).hexdigest()
+        r = await client.get("/api/down?stream_bytes=300000", headers={"X-User-Id": "42"})
+        assert r.status_code == 200
+        assert r.headers["transfer-encoding"] == "chunked"
+        assert len(r.content) == 300000
+
+
+async def test_hop_by_hop_removed_and_forwarded_headers_set(setup: Any) -> None:
+    rp, (_, _, v2) = setup
+    async with httpx.AsyncClient(base_url=rp.url) as client:
+        r = await client.get(
+            "/api/x",
+            headers={
+                "X-User-Id": "42",
+                "Connection": "keep-alive, X-Secret",
+                "X-Secret": "hop",
+                "Keep-Alive": "timeout=5",
+                "TE": "trailers",
+                "X-Forwarded-For": "203.0.113.9",
+                "X-Forwarded-Proto": "https",
+            },
+        )
+    headers = {k.lower(): v for k, v in r.json()["headers"]}
+    for gone in ("x-secret", "keep-alive", "te"):
+        assert gone not in headers
+    # The client is not a trusted proxy: what it claims is replaced.
+    assert headers["x-forwarded-for"] == "127.0.0.1"
+    assert headers["x-forwarded-proto"] == "http"
+
+
+async def test_keep_alive_both_sides(setup: Any) -> None:
+    rp, _ = setup
+    async with httpx.AsyncClient(base_url=rp.url) as client:
+        for _ in range(20):
+            r = await client.get("/api/x", headers={"X-User-Id": "42"})
+            assert r.status_code == 200
+    pool = rp.router.pools["v2"]
+    assert pool.idle_count == 1  # one upstream connection served all twenty
+
+
+# -- HTTP details ----------------------------------------------------------------------------
+async def test_head_204_304_have_no_body(setup: Any) -> None:
+    rp, _ = setup
+    port = rp.port
+    head = await raw_exchange(
+        port, b"HEAD /api/x HTTP/1.1\r\nHost: a\r\nX-User-Id: 42\r\nConnection: close\r\n\r\n"
+    )
+    assert head.startswith(b"HTTP/1.1 200")
+    assert head.endswith(b"\r\n\r\n")
+    assert b"Content-Length" in head
+    for status in (204, 304):
+        raw = await raw_exchange(
+            port,
+            b"GET /api/x?status=%d HTTP/1.1\r\nHost: a\r\nX-User-Id: 42\r\n"
+            b"Connection: close\r\n\r\n" % status,
+        )
+        assert raw.startswith(b"HTTP/1.1 %d" % status)
+        assert raw.endswith(b"\r\n\r\n")
+        assert b"Transfer-Encoding" not in raw
+
+
+async def test_pipelined_requests_answered_in_order(setup: Any) -> None:
+    rp, _ = setup
+    reqs = b"".join(
+        b"GET /api/%d?sleep=%s HTTP/1.1\r\nHost: a\r\nX-User-Id: 42\r\n\r\n"
+        % (i, b"0.05" if i == 0 else b"0")
+        for i in range(3)
+    )
+    reqs += b"GET /nowhere HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    raw = await raw_exchange(rp.port, reqs)
+    paths = [p for p in (b"/api/0", b"/api/1", b"/api/2") if p in raw]
+    assert paths == [b"/api/0", b"/api/1", b"/api/2"]
+    assert raw.index(b"/api/0") < raw.index(b"/api/1") < raw.index(b"/api/2")
+    assert raw.count(b"HTTP/1.1 200") == 3
+    assert raw.rstrip().endswith(b'"no_route","detail":"no route matched GET /nowhere"}')
+
+
+async def test_expect_100_continue(setup: Any) -> None:
+    rp, _ = setup
+    reader, writer = await asyncio.open_connection("127.0.0.1", rp.port)
+    writer.write(
+        b"POST /api/x HTTP/1.1\r\nHost: a\r\nX-User-Id: 42\r\nContent-Length: 5\r\n"
+        b"Expect: 100-continue\r\n\r\n"
+    )
+    await writer.drain()
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(b"hello")
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200")
+    writer.close()
+
+
+async def test_http10_client_gets_close_delimited_stream(setup: Any) -> None:
+    rp, _ = setup
+    raw = await raw_exchange(
+        rp.port, b"GET /api/x?stream_bytes=100000 HTTP/1.0\r\nX-User-Id: 42\r\n\r\n"
+    )
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b"chunked" not in head.lower()
+    assert len(body) == 100000
+
+
+# -- errors ----------------------------------------------------------------------------------
+async def test_no_route_is_404_json(setup: Any) -> None:
+    rp, _ = setup
+    async with httpx.AsyncClient(base_url=rp.url) as client:
+        r = await client.get("/elsewhere")
+    assert r.status_code == 404
+    assert r.json()["error"] == "no_route"
+
+
+async def test_all_endpoints_down_is_502(setup: Any) -> None:
+    rp, _ = setup
+    async with httpx.AsyncClient(base_url=rp.url, timeout=5) as client:
+        r = await client.get("/down")
+    assert r.status_code == 502
+    assert r.json()["error"] == "upstream_unavailable"
+    assert rp.metrics.errors[("dead", "connect")] == 1
+
+
+async def test_slow_upstream_is_504_within_read_timeout(setup: Any) -> None:
+    rp, _ = setup
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    async with httpx.AsyncClient(base_url=rp.url, timeout=5) as client:
+        r = await client.get("/slow?sleep=3")
+    assert r.status_code == 504
+    assert r.json()["error"] == "upstream_timeout"
+    assert loop.time() - began < 2.0
+
+
+async def test_malformed_request_gets_400_and_reaches_nobody(setup: Any) -> None:
+    rp, backends_ = setup
+    raw = await raw_exchange(
+        rp.port,
+        b"POST /api/x HTTP/1.1\r\nHost: a\r\nX-User-Id: 42\r\nContent-Length: 3\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    )
+    assert raw.startswith(b"HTTP/1.1 400")
+    assert all(not b.seen for b in backends_)
+
+
+async def test_reload_swaps_rules_whole(setup: Any) -> None:
+    rp, (v1, v11, v2) = setup
+    async with httpx.AsyncClient(base_url=rp.url) as client:
+        r = await client.get("/api/x", headers={"X-User-Id": "7"})
+        assert r.json()["version"] in ("v1", "v1.1")
+        rp.reload(rules_for(v1, v11, v2).replace('users: ["42", "10086"]', 'users: ["7"]'))
+        r = await client.get("/api/x", headers={"X-User-Id": "7"})
+        assert r.json()["version"] == "v2"
+
+
+# -- big bodies, flat memory -----------------------------------------------------------------
+def _rss_peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@pytest.mark.slow
+async def test_one_gib_each_way_with_flat_memory(setup: Any) -> None:
+    """1 GiB up and 1 GiB down through the router; peak RSS must not grow with it."""
+    rp, _ = setup
+    size = 1 << 30
+    piece = b"z" * (1 << 20)
+    before = _rss_peak_mib()
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", rp.port)
+    writer.write(
+        b"PUT /api/big HTTP/1.1\r\nHost: a\r\nX-User-Id: 42\r\nContent-Length: %d\r\n\r\n" % size
+    )
+    expected = hashlib.sha256()
+    for _ in range(size // len(piece)):
+        writer.write(piece)
+        expected.update(piece)
+        await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 60)
+    assert head.startswith(b"HTTP/1.1 200")
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    info = orjson.loads(await reader.readexactly(length))
+    assert info["body_bytes"] == size
+    assert info["body_sha256"] == expected.hexdigest()
+
+    writer.write(b"GET /api/big?stream_bytes=%d HTTP/1.1\r\nHost: a\r\nX-User-Id: 42\r\n\r\n" % size)
+    await reader.readuntil(b"\r\n\r\n")
+    received = 0
+    while True:
+        line = await reader.readuntil(b"\r\n")
+        n = int(line.strip(), 16)
+        if n == 0:
+            await reader.readuntil(b"\r\n")
+            break
+        await reader.readexactly(n)
+        await reader.readexactly(2)
+        received += n
+    writer.close()
+    assert received == size
+    # Router, client and upstream share this process: all three together stay small.
+    assert _rss_peak_mib() - before < 200
