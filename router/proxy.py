@@ -595,7 +595,7 @@ class HttpProxyProtocol(asyncio.Protocol):
         conn = req.conn
         if req is not self.active or conn is None or req.state != _STREAMING:
             return
-        quiet = time.monotonic() - conn.last_read
+        quiet = time.monotonic() - conn.last_io
         if quiet < timeout:
             req.read_timer = self.loop.call_later(
                 timeout - quiet, self._check_read_timeout, req, timeout

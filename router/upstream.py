@@ -79,7 +79,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.sink: ResponseSink | None = None
         self.closed = False
         self.reused = False  # served a request before: may have been closed by the peer
-        self.last_read = 0.0
+        self.last_io = 0.0
         self._parser = httptools.HttpResponseParser(self)
         self._head_only = False
         self._started = False  # some response bytes arrived for the current request
@@ -97,9 +97,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.sink = sink
         self._head_only = head_only
         self._started = False
-        self.last_read = time.monotonic()
+        self.last_io = time.monotonic()
 
     def send(self, data: bytes) -> None:
+        # The read timeout counts from the last byte either way: a long upload is not
+        # an upstream that stopped answering.
+        self.last_io = time.monotonic()
         if self.transport is not None and not self.closed:
             self.transport.write(data)
 
@@ -116,7 +119,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        self.last_read = time.monotonic()
+        self.last_io = time.monotonic()
         self._started = True
         sink = self.sink
         if sink is None:
@@ -149,9 +152,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self._framing == FRAMING_CLOSE and self._headers_done:
             sink.response_complete(False)
             return
-        sink.upstream_failed(
-            UpstreamUnavailable("upstream closed the connection"), self._started
-        )
+        sink.upstream_failed(UpstreamUnavailable("upstream closed the connection"), self._started)
 
     def pause_writing(self) -> None:
         if self.sink is not None:

@@ -192,7 +192,9 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
     """`serve(rules_yaml, workers=2, extra_args=[...])` runs `grayroute serve` for real."""
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(rules_yaml: str, workers: int = 1, extra_args: list[str] | None = None) -> ServeProcess:
+    def start(
+        rules_yaml: str, workers: int = 1, extra_args: list[str] | None = None
+    ) -> ServeProcess:
         rules_path = tmp_path / f"rules-{len(procs)}.yaml"
         rules_path.write_text(textwrap.dedent(rules_yaml))
         cmd = [

@@ -72,7 +72,7 @@ async def test_user_id_from_each_source(setup: Any) -> None:
     async with httpx.AsyncClient(base_url=rp.url) as client:
         cases = [
             client.get("/api/x", headers={"X-User-Id": "42"}),
-            client.get("/api/x", cookies={"uid": "42"}),
+            client.get("/api/x", headers={"Cookie": "a=1; uid=42"}),
             client.get("/api/x?userId=42"),
             client.post("/api/x", json={"user": {"id": 42}}),
             client.post("/api/x", data={"userId": "42"}),
@@ -122,7 +122,7 @@ async def test_chunked_request_and_response(setup: Any) -> None:
 
 
 async def test_hop_by_hop_removed_and_forwarded_headers_set(setup: Any) -> None:
-    rp, (_, _, v2) = setup
+    rp, _ = setup
     async with httpx.AsyncClient(base_url=rp.url) as client:
         r = await client.get(
             "/api/x",
@@ -297,7 +297,9 @@ async def test_one_gib_each_way_with_flat_memory(setup: Any) -> None:
     assert info["body_bytes"] == size
     assert info["body_sha256"] == expected.hexdigest()
 
-    writer.write(b"GET /api/big?stream_bytes=%d HTTP/1.1\r\nHost: a\r\nX-User-Id: 42\r\n\r\n" % size)
+    writer.write(
+        b"GET /api/big?stream_bytes=%d HTTP/1.1\r\nHost: a\r\nX-User-Id: 42\r\n\r\n" % size
+    )
     await reader.readuntil(b"\r\n\r\n")
     received = 0
     while True:

@@ -1,0 +1,327 @@
+"""End to end: `grayroute serve` as a real process, real demo upstreams, real sockets.
+
+Each test starts the router with `--listen 127.0.0.1:0 --admin 127.0.0.1:0` and reads
+its ready line; upstreams are demo upstreams on ephemeral ports; the rule file is
+written to tmp_path. Waits are polls with a bound, never fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from router.demo import DemoUpstream, RouterProcess, RouterStartError, start_upstream
+
+Serve = Callable[..., Awaitable[RouterProcess]]
+
+RULES = """\
+format: 1
+
+upstreams:
+  v1:
+    endpoints: ["{v1}"]
+  v2:
+    endpoints: ["{v2}"]
+
+user_id:
+  - header: X-User-Id
+
+routes:
+  - name: all
+    pins:
+      - to: v2
+        users: ["42"]
+    to: {to}
+"""
+
+
+def write_rules(path: Path, ups: dict[str, DemoUpstream], to: str = "v1") -> Path:
+    path.write_text(RULES.format(v1=ups["v1"].endpoint, v2=ups["v2"].endpoint, to=to))
+    return path
+
+
+@pytest.fixture
+async def upstreams() -> AsyncIterator[dict[str, DemoUpstream]]:
+    ups = {name: await start_upstream(name) for name in ("v1", "v2")}
+    yield ups
+    for up in ups.values():
+        await up.close()
+
+
+@pytest.fixture
+def rules(tmp_path: Path, upstreams: dict[str, DemoUpstream]) -> Path:
+    return write_rules(tmp_path / "rules.yaml", upstreams)
+
+
+@pytest.fixture
+async def serve_router(tmp_path: Path) -> AsyncIterator[Serve]:
+    """Start `grayroute serve`; stopped (SIGTERM, then SIGKILL) at teardown."""
+    started: list[RouterProcess] = []
+    log = tmp_path / "router.log"
+
+    async def start(rules: Path, workers: int = 2, args: tuple[str, ...] = ()) -> RouterProcess:
+        with open(log, "ab") as stderr:
+            router = await RouterProcess.start(rules, workers=workers, args=args, stderr=stderr)
+        started.append(router)
+        return router
+
+    yield start
+    for router in started:
+        await router.stop(timeout=10)
+    if log.exists():
+        print(log.read_text())  # shown by pytest when the test failed
+
+
+def fresh_client(**kwargs: Any) -> httpx.AsyncClient:
+    """A client that opens a new connection per request, so SO_REUSEPORT spreads them."""
+    return httpx.AsyncClient(
+        limits=httpx.Limits(max_keepalive_connections=0), timeout=10.0, **kwargs
+    )
+
+
+async def poll(check: Callable[[], Awaitable[Any]], timeout: float = 8.0) -> Any:
+    """Call `check` until it returns something true; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"condition not met within {timeout} s (last: {last!r})")
+
+
+async def scrape(client: httpx.AsyncClient, router: RouterProcess) -> dict[tuple[str, ...], float]:
+    """/metrics as {(sample name, label=value, ...): value}."""
+    resp = await client.get(f"{router.admin_url}/metrics")
+    assert resp.status_code == 200
+    out: dict[tuple[str, ...], float] = {}
+    for family in text_string_to_metric_families(resp.text):
+        for s in family.samples:
+            key = (s.name, *(f"{k}={v}" for k, v in sorted(s.labels.items())))
+            out[key] = s.value
+    return out
+
+
+def requests_v(upstream: str, route: str = "all", cls: str = "2xx") -> tuple[str, ...]:
+    return (
+        "grayroute_requests_total",
+        f"route={route}",
+        f"status_class={cls}",
+        f"upstream={upstream}",
+    )
+
+
+async def versions(router: RouterProcess, n: int, user: str = "1") -> list[str]:
+    async with fresh_client() as client:
+        out = []
+        for _ in range(n):
+            resp = await client.get(f"{router.url}/x", headers={"X-User-Id": user})
+            assert resp.status_code == 200, resp.text
+            out.append(resp.json()["version"])
+        return out
+
+
+async def test_ready_line_and_probes(rules: Path, serve_router: Serve) -> None:
+    router = await serve_router(rules, workers=2)
+    ready = router.ready
+    assert ready["event"] == "ready"
+    assert ready["workers"] == 2
+    assert ready["pid"] == router.proc.pid
+    assert re.fullmatch(r"[0-9a-f]{64}", ready["rules"])
+    assert re.fullmatch(r"127\.0\.0\.1:\d+", ready["listen"]) and not ready["listen"].endswith(":0")
+    assert re.fullmatch(r"127\.0\.0\.1:\d+", ready["admin"]) and not ready["admin"].endswith(":0")
+    async with httpx.AsyncClient(timeout=10.0) as client:
+        health = await client.get(f"{router.admin_url}/healthz")
+        assert (health.status_code, health.text.strip()) == (200, "ok")
+        assert (await client.get(f"{router.admin_url}/readyz")).status_code == 200
+        info = (await client.get(f"{router.admin_url}/rules")).json()
+    assert info["digest"] == ready["rules"]
+    assert set(info["upstreams"]) == {"v1", "v2"}
+    assert [r["name"] for r in info["routes"]] == ["all"]
+    assert info["last_reload"] is None
+    assert await versions(router, 2) == ["v1", "v1"]
+    assert await versions(router, 2, user="42") == ["v2", "v2"]
+
+
+async def test_metrics_are_summed_over_workers(rules: Path, serve_router: Serve) -> None:
+    router = await serve_router(rules, workers=2)
+    # 40 connections over 2 SO_REUSEPORT workers: the chance one worker got them all is
+    # 2**-39, so a total of 40 means both workers' counts were added up.
+    assert await versions(router, 30) == ["v1"] * 30
+    assert await versions(router, 10, user="42") == ["v2"] * 10
+    async with httpx.AsyncClient(timeout=10.0) as client:
+
+        async def flushed() -> dict[tuple[str, ...], float] | None:
+            m = await scrape(client, router)
+            done = m.get(requests_v("v1")) == 30 and m.get(requests_v("v2")) == 10
+            return m if done else None
+
+        m = await poll(flushed)
+    assert m[("grayroute_request_duration_seconds_count", "upstream=v1")] == 30
+    assert m[("grayroute_request_duration_seconds_bucket", "le=+Inf", "upstream=v2")] == 10
+    assert m[("grayroute_request_duration_seconds_sum", "upstream=v1")] > 0
+    assert m[("grayroute_workers",)] == 2
+    assert m[("grayroute_rules_info", f"digest={router.ready['rules']}", f"source={rules}")] == 1
+    assert m[("grayroute_rules_reloads_total", "result=success")] == 0
+    assert m[("grayroute_worker_restarts_total",)] == 0
+
+
+async def test_killed_worker_is_replaced(rules: Path, serve_router: Serve) -> None:
+    router = await serve_router(rules, workers=2)
+    assert await versions(router, 20) == ["v1"] * 20
+    async with httpx.AsyncClient(timeout=10.0) as client:
+
+        async def counted() -> bool:
+            return (await scrape(client, router)).get(requests_v("v1")) == 20
+
+        await poll(counted)
+        workers = (await client.get(f"{router.admin_url}/rules")).json()["workers"]
+        victim = workers["0"]["pid"]
+        os.kill(victim, signal.SIGKILL)
+
+        async def replaced() -> bool:
+            info = (await client.get(f"{router.admin_url}/rules")).json()["workers"]
+            ready = await client.get(f"{router.admin_url}/readyz")
+            return (
+                "0" in info
+                and info["0"]["pid"] != victim
+                and info["0"]["ready"]
+                and ready.status_code == 200
+            )
+
+        await poll(replaced)
+        m = await scrape(client, router)
+        assert m[("grayroute_worker_restarts_total",)] == 1
+        assert m[("grayroute_workers",)] == 2
+        # The dead worker's last totals are kept: the counter did not go down.
+        assert m[requests_v("v1")] == 20
+    assert await versions(router, 20) == ["v1"] * 20
+    assert router.proc.returncode is None
+
+
+async def test_sighup_reload(
+    rules: Path, upstreams: dict[str, DemoUpstream], serve_router: Serve
+) -> None:
+    router = await serve_router(rules, workers=2)
+    old = router.ready["rules"]
+    assert await versions(router, 4) == ["v1"] * 4
+    async with httpx.AsyncClient(timeout=10.0) as client:
+
+        async def rules_info() -> dict[str, Any]:
+            resp = await client.get(f"{router.admin_url}/rules")
+            result: dict[str, Any] = resp.json()
+            return result
+
+        # A valid file: every worker switches, /rules and the metrics follow.
+        write_rules(rules, upstreams, to="v2")
+        router.signal(signal.SIGHUP)
+
+        async def switched() -> dict[str, Any] | None:
+            info = await rules_info()
+            digests = {w["digest"] for w in info["workers"].values()}
+            return info if info["digest"] != old and digests == {info["digest"]} else None
+
+        info = await poll(switched)
+        new = info["digest"]
+        assert info["last_reload"]["result"] == "success"
+        assert await versions(router, 10) == ["v2"] * 10
+
+        # An invalid file: the old rules stay, /rules names the problem with FILE:LINE:COL.
+        text = rules.read_text().replace("to: v2\n", "to: v9\n")
+        rules.write_text(text)
+        bad_line = text.splitlines().index("    to: v9") + 1
+        router.signal(signal.SIGHUP)
+
+        async def failed() -> dict[str, Any] | None:
+            info = await rules_info()
+            last = info["last_reload"]
+            return info if last and last["result"] == "failure" else None
+
+        info = await poll(failed)
+        assert info["digest"] == new
+        problems = "\n".join(info["last_reload"]["problems"])
+        assert re.search(rf"{re.escape(str(rules))}:{bad_line}:\d+: ", problems), problems
+        assert await versions(router, 10) == ["v2"] * 10
+        m = await scrape(client, router)
+        assert m[("grayroute_rules_reloads_total", "result=success")] == 1
+        assert m[("grayroute_rules_reloads_total", "result=failure")] == 1
+        assert m[("grayroute_rules_info", f"digest={new}", f"source={rules}")] == 1
+        assert router.proc.returncode is None
+
+
+async def test_restarted_worker_keeps_the_rules_in_force(
+    rules: Path, upstreams: dict[str, DemoUpstream], serve_router: Serve
+) -> None:
+    """A file edited without SIGHUP (here: made invalid) does not reach a new worker."""
+    router = await serve_router(rules, workers=1)
+    rules.write_text(rules.read_text().replace("to: v1\n", "to: v9\n"))
+    async with httpx.AsyncClient(timeout=10.0) as client:
+        victim = (await client.get(f"{router.admin_url}/rules")).json()["workers"]["0"]["pid"]
+        os.kill(victim, signal.SIGKILL)
+
+        async def replaced() -> bool:
+            workers = (await client.get(f"{router.admin_url}/rules")).json()["workers"]
+            return "0" in workers and workers["0"]["pid"] != victim and workers["0"]["ready"]
+
+        await poll(replaced)
+    assert await versions(router, 3) == ["v1"] * 3
+
+
+async def test_sigterm_drains_and_exits_zero(rules: Path, serve_router: Serve) -> None:
+    router = await serve_router(rules, workers=2)
+    async with httpx.AsyncClient(timeout=10.0) as client:
+        workers = (await client.get(f"{router.admin_url}/rules")).json()["workers"]
+        # A request still in flight when SIGTERM arrives is finished, not cut.
+        slow = asyncio.ensure_future(
+            client.get(f"{router.url}/slow", headers={"X-Demo-Delay": "0.6"})
+        )
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        router.signal(signal.SIGTERM)
+        resp = await slow
+        assert resp.status_code == 200 and resp.json()["version"] == "v1"
+    rc = await asyncio.wait_for(router.proc.wait(), 8.0)
+    assert rc == 0
+    assert time.monotonic() - started < 5.0
+    for worker in workers.values():
+        with pytest.raises(ProcessLookupError):
+            os.kill(worker["pid"], 0)
+
+
+async def test_invalid_rules_at_start_exit_1(tmp_path: Path, serve_router: Serve) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        'format: 1\nupstreams:\n  v1:\n    endpoints: ["127.0.0.1:9"]\n'
+        "routes:\n  - name: all\n    to: nowhere\n"
+    )
+    with pytest.raises(RouterStartError) as info:
+        await serve_router(bad)
+    assert info.value.returncode == 1
+    log = (tmp_path / "router.log").read_text()
+    assert re.search(rf"^{re.escape(str(bad))}:7:\d+: ", log, re.M), log
+    assert "Traceback" not in log
+
+
+async def test_listen_port_in_use_exit_1(rules: Path, tmp_path: Path, serve_router: Serve) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(RouterStartError) as info:
+            await serve_router(rules, args=("--listen", f"127.0.0.1:{port}"))
+    assert info.value.returncode == 1
+    log = (tmp_path / "router.log").read_text()
+    assert f"--listen 127.0.0.1:{port}" in log and "Traceback" not in log
