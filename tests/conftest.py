@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 from aiohttp import web
 
 from router.config import Settings
@@ -32,6 +33,11 @@ from router.proxy import Router
 from router.rules import load_snapshot_text
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Any]:
+    # The router runs on uvloop in production; test it there.
+    return {"uvloop": uvloop.new_event_loop}
 
 
 # -- upstreams -------------------------------------------------------------------------
