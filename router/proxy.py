@@ -273,6 +273,9 @@ class HttpProxyProtocol(asyncio.Protocol):
         self.served = 0
         self.last_activity = time.monotonic()
         self._serving_next = False
+        # Response bytes produced while one upstream read is handled; written with one
+        # send() when it ends (flush_output), not one per head, chunk and terminator.
+        self.out: list[bytes] = []
 
     # -- connection life ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -588,6 +591,7 @@ class HttpProxyProtocol(asyncio.Protocol):
 
     def _send_continue(self, req: _Request) -> None:
         req.continue_sent = True
+        self.flush_output()
         if self.transport is not None:
             self.transport.write(_CONTINUE)
 
@@ -654,22 +658,21 @@ class HttpProxyProtocol(asyncio.Protocol):
         elif not req.http11:
             parts.append(b"Connection: keep-alive\r\n")
         parts.append(_CRLF)
-        assert self.transport is not None
-        self.transport.write(b"".join(parts))
+        self.out.append(b"".join(parts))
 
     def response_body(self, data: bytes) -> None:
         req = self.active
-        assert req is not None and self.transport is not None
+        assert req is not None
         if req.to_client == _TO_CLIENT_CHUNKED:
-            self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+            self.out.append(b"%x\r\n%b\r\n" % (len(data), data))
         elif req.to_client == _TO_CLIENT_RAW:
-            self.transport.write(data)
+            self.out.append(data)
 
     def response_complete(self, reusable: bool) -> None:
         req = self.active
-        assert req is not None and self.transport is not None
+        assert req is not None
         if req.to_client == _TO_CLIENT_CHUNKED:
-            self.transport.write(_LAST_CHUNK)
+            self.out.append(_LAST_CHUNK)
         if req.read_timer is not None:
             req.read_timer.cancel()
             req.read_timer = None
@@ -682,6 +685,13 @@ class HttpProxyProtocol(asyncio.Protocol):
                 conn.abort()
         self._count(req, req.status)
         self._finish(req)
+
+    def flush_output(self) -> None:
+        out = self.out
+        if out:
+            if self.transport is not None and not self.closed:
+                self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
 
     def upstream_failed(self, error: Exception, response_started: bool) -> None:
         req = self.active
@@ -730,6 +740,7 @@ class HttpProxyProtocol(asyncio.Protocol):
             len(body),
         )
         assert self.transport is not None
+        self.flush_output()
         self.transport.write(
             head
             + self.router.date_header
@@ -752,6 +763,7 @@ class HttpProxyProtocol(asyncio.Protocol):
                 return
         if self.transport is None or self.closed:
             return
+        self.flush_output()
         body = error_body(error.code, error.detail)
         self.transport.write(
             b"HTTP/1.1 %d %b\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
@@ -808,6 +820,7 @@ class HttpProxyProtocol(asyncio.Protocol):
         self.router.metrics.request_done(route, upstream, status, time.monotonic() - req.started)
 
     def _close_client(self) -> None:
+        self.flush_output()
         if self.transport is not None and not self.closed:
             self.transport.close()
         self.closed = True

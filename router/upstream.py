@@ -62,6 +62,8 @@ class ResponseSink(Protocol):
 
     def response_complete(self, reusable: bool) -> None: ...
 
+    def flush_output(self) -> None: ...
+
     def upstream_failed(self, error: Exception, response_started: bool) -> None: ...
 
     def upstream_pause_writing(self) -> None: ...
@@ -132,12 +134,12 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserCallbackError as exc:
             log.error("response handling failed", exc_info=exc.__context__)
             self._fail(UpstreamBadResponse("response handling failed"))
-            return
         except httptools.HttpParserError as exc:
             self._fail(UpstreamBadResponse(f"invalid HTTP response: {exc}"))
-            return
-        if self._framing_error:
-            self._fail(UpstreamBadResponse("ambiguous response framing"))
+        else:
+            if self._framing_error:
+                self._fail(UpstreamBadResponse("ambiguous response framing"))
+        sink.flush_output()
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost follows
@@ -151,6 +153,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.sink = None
         if self._framing == FRAMING_CLOSE and self._headers_done:
             sink.response_complete(False)
+            sink.flush_output()
             return
         sink.upstream_failed(UpstreamUnavailable("upstream closed the connection"), self._started)
 
