@@ -1,9 +1,9 @@
 """`grayroute` command line: parse arguments, call the library, turn errors into exit codes.
 
-    grayroute serve RULES --listen HOST:PORT --admin HOST:PORT --workers N
-    grayroute demo
-    grayroute check RULES [--strict]
-    grayroute explain RULES [REQUESTS.jsonl]
+grayroute serve RULES --listen HOST:PORT --admin HOST:PORT --workers N
+grayroute demo
+grayroute check RULES [--strict]
+grayroute explain RULES [REQUESTS.jsonl]
 """
 
 from __future__ import annotations
@@ -32,6 +32,13 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--keepalive-timeout", type=float, default=defaults.keepalive_timeout)
     serve.add_argument("--header-timeout", type=float, default=defaults.header_timeout)
     serve.add_argument("--drain-timeout", type=float, default=defaults.drain_timeout)
+    serve.add_argument("--max-header-bytes", type=int, default=defaults.max_header_bytes)
+    serve.add_argument("--max-header-count", type=int, default=defaults.max_header_count)
+    serve.add_argument("--max-target-bytes", type=int, default=defaults.max_target_bytes)
+    serve.add_argument(
+        "--max-body-bytes", type=int, default=defaults.max_body_bytes, help="0 for no limit"
+    )
+    serve.add_argument("--max-connections", type=int, default=defaults.max_connections)
     serve.add_argument(
         "--trusted-proxy",
         action="append",
@@ -71,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
                 keepalive_timeout=args.keepalive_timeout,
                 header_timeout=args.header_timeout,
                 drain_timeout=args.drain_timeout,
+                max_header_bytes=args.max_header_bytes,
+                max_header_count=args.max_header_count,
+                max_target_bytes=args.max_target_bytes,
+                max_body_bytes=args.max_body_bytes,
+                max_connections=args.max_connections,
                 trusted_proxies=args.trusted_proxies,
                 state_dir=args.state_dir,
                 admin_token=args.admin_token,

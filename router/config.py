@@ -22,6 +22,19 @@ def parse_hostport(text: str, what: str) -> tuple[str, int]:
     return host, int(port)
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and "localhost"; any other name counts as reachable."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass(slots=True)
 class Settings:
     rules_path: str = "rules/demo.yaml"
@@ -37,14 +50,24 @@ class Settings:
     keepalive_timeout: float = 75.0
     # Time to receive a whole request head (seconds); slow-header clients are cut off.
     header_timeout: float = 30.0
+    # What one client may send; nginx's equivalents are compared in docs/operations.md.
+    max_header_bytes: int = 32 * 1024  # request line and header section -> 431
+    max_header_count: int = 100  # header fields -> 431
+    max_target_bytes: int = 8 * 1024  # request target -> 414
+    max_body_bytes: int = 1 << 30  # request body, 0 for no limit -> 413
+    max_connections: int = 10_000  # client connections per worker; more are closed at once
     # Proxies whose X-Forwarded-For we believe when resolving the client address.
     trusted_proxies: list[str] = field(default_factory=list)
     # How long SIGTERM waits for requests in flight (seconds).
     drain_timeout: float = 10.0
     # Where reload history, worker metrics and other state live.
     state_dir: str = ""
+    # Bearer token the admin address requires (all but /healthz and /readyz); required
+    # when the admin address is not loopback.
     admin_token: str = ""
     log_level: str = "info"
+    # How often each worker sends its metric totals to the supervisor (seconds).
+    metrics_interval: float = 0.5
 
     def validate(self) -> None:
         parse_hostport(self.listen, "--listen")
@@ -54,6 +77,27 @@ class Settings:
         for name in ("connect_timeout", "read_timeout", "keepalive_timeout", "header_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be a positive number")
+        admin_host, _ = parse_hostport(self.admin, "--admin")
+        if not self.admin_token and not is_loopback(admin_host):
+            raise ConfigError(
+                f"--admin: {self.admin} is reachable from other machines; give --admin-token "
+                "TOKEN, or use a loopback address such as 127.0.0.1"
+            )
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise ConfigError(
+                f"--log-level: {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}"
+            )
+        if self.drain_timeout < 0:
+            raise ConfigError("--drain-timeout: must be zero or a positive number")
+        if self.metrics_interval <= 0:
+            raise ConfigError("metrics_interval: must be a positive number")
+        for name in ("max_header_bytes", "max_header_count", "max_target_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')}: must be at least 1")
+        if self.max_body_bytes < 0:
+            raise ConfigError("--max-body-bytes: must be 0 (no limit) or a positive number")
+        if self.max_connections < 1:
+            raise ConfigError("--max-connections: must be at least 1")
         for cidr in self.trusted_proxies:
             try:
                 ipaddress.ip_network(cidr, strict=False)

@@ -9,6 +9,9 @@
         ├── BadRequestError        400: malformed or ambiguous request framing
         ├── HeaderTimeout          408: the request head did not arrive in time
         ├── ExpectationFailed      417: an Expect other than 100-continue
+        ├── BodyTooLarge           413: a request body over --max-body-bytes
+        ├── TargetTooLong          414: a request target over --max-target-bytes
+        ├── HeadersTooLarge        431: a header section over --max-header-bytes/-count
         ├── InternalError          500: a bug in Grayroute (logged with its traceback)
         ├── UpstreamUnavailable    502: every endpoint refused or reset the connection
         ├── UpstreamBadResponse    502: the upstream answered something that is not HTTP
@@ -83,6 +86,18 @@ class HeaderTimeout(ProxyError):
 
 class ExpectationFailed(ProxyError):
     status, reason, code = 417, "Expectation Failed", "expectation_failed"
+
+
+class BodyTooLarge(ProxyError):
+    status, reason, code = 413, "Content Too Large", "body_too_large"
+
+
+class TargetTooLong(ProxyError):
+    status, reason, code = 414, "URI Too Long", "target_too_long"
+
+
+class HeadersTooLarge(ProxyError):
+    status, reason, code = 431, "Request Header Fields Too Large", "headers_too_large"
 
 
 class InternalError(ProxyError):

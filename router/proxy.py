@@ -31,11 +31,14 @@ import httptools
 
 from router.errors import (
     BadRequestError,
+    BodyTooLarge,
     ExpectationFailed,
+    HeadersTooLarge,
     HeaderTimeout,
     InternalError,
     NoRouteError,
     ProxyError,
+    TargetTooLong,
     UpstreamBadResponse,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -100,6 +103,12 @@ _PAUSE_BUFFER_FULL = 4  # body bytes are held while routing or connecting
 
 # Body bytes held per request before reading from the client pauses (beyond body_limit).
 _HOLD_CAP = 256 * 1024
+
+# A chunked body is held this far before anything goes upstream, so that a malformed
+# small chunked request never reaches an upstream half-parsed. A bad chunk further on
+# aborts the upstream connection: the upstream sees a truncated request, never a
+# complete wrong one.
+_CHUNKED_HOLD = 16 * 1024
 
 # Client framing of the response body.
 _TO_CLIENT_NONE, _TO_CLIENT_RAW, _TO_CLIENT_CHUNKED = range(3)
@@ -186,6 +195,7 @@ class _Request:
     __slots__ = (
         "body_held",
         "body_parts",
+        "body_total",
         "chunked",
         "complete",
         "conn",
@@ -196,14 +206,18 @@ class _Request:
         "decision",
         "expect_continue",
         "has_body",
+        "head_bytes",
         "head_done",
+        "header_count",
         "headers",
+        "hold_limit",
         "host",
         "http11",
         "keep_alive",
         "method",
         "pools",
         "read_timer",
+        "reads_body",
         "response_started",
         "retried",
         "route",
@@ -238,6 +252,11 @@ class _Request:
         self.complete = False
         self.body_parts: list[bytes] = []
         self.body_held = 0
+        self.body_total = 0
+        self.head_bytes = 0
+        self.header_count = 0
+        self.hold_limit = 0
+        self.reads_body = False
         self.state = _ROUTING
         self.view: RequestView | None = None
         self.route: CompiledRoute | None = None
@@ -271,6 +290,7 @@ class HttpProxyProtocol(asyncio.Protocol):
         self.write_paused = False
         self.closed = False
         self.served = 0
+        self.unfinished_head = 0  # bytes read while a request head is incomplete
         self.last_activity = time.monotonic()
         self._serving_next = False
         # Response bytes produced while one upstream read is handled; written with one
@@ -281,6 +301,14 @@ class HttpProxyProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not subclasses of asyncio.Transport: no isinstance.
         self.transport = cast("asyncio.Transport", transport)
+        if len(self.router.connections) >= self.router.settings.max_connections:
+            log.warning(
+                "max_connections (%d) reached: closing a new connection",
+                self.router.settings.max_connections,
+            )
+            self.closed = True
+            self.transport.abort()
+            return
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if peer else ""
         self.peer_ip_bytes = self.peer_ip.encode()
@@ -303,8 +331,14 @@ class HttpProxyProtocol(asyncio.Protocol):
         self.last_activity = time.monotonic()
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._reject(BadRequestError("protocol upgrade is not supported"))
+        except httptools.HttpParserUpgrade as exc:
+            # Upgrade is hop-by-hop and never forwarded: the request was served as plain
+            # HTTP/1.1, and what follows it is the next request, for a fresh parser.
+            offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
+            self.parser = httptools.HttpRequestParser(self)
+            if data[offset:] and not self.closed:
+                self.data_received(data[offset:])
+            return
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
             if isinstance(cause, ProxyError):  # raised on purpose by our callbacks
@@ -314,6 +348,13 @@ class HttpProxyProtocol(asyncio.Protocol):
                 self._reject(InternalError("request handling failed"))
         except httptools.HttpParserError as exc:
             self._reject(BadRequestError(f"malformed request: {_parser_reason(exc)}"))
+            return
+        parsing = self.parsing
+        if parsing is not None and not parsing.head_done:
+            # A head spread over many reads: httptools holds its pieces until it ends.
+            self.unfinished_head += len(data)
+            if self.unfinished_head > self.router.settings.max_header_bytes:
+                self._reject(HeadersTooLarge("request head too large"))
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -354,12 +395,24 @@ class HttpProxyProtocol(asyncio.Protocol):
         self.parsing = _Request(time.monotonic())
 
     def on_url(self, url: bytes) -> None:
-        assert self.parsing is not None
-        self.parsing.url += url
+        req = self.parsing
+        assert req is not None
+        req.url += url
+        if len(req.url) > self.router.settings.max_target_bytes:
+            raise TargetTooLong(
+                f"request target over {self.router.settings.max_target_bytes} bytes"
+            )
 
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self.parsing
         assert req is not None
+        req.head_bytes += len(name) + len(value) + 4
+        req.header_count += 1
+        settings = self.router.settings
+        if req.head_bytes > settings.max_header_bytes:
+            raise HeadersTooLarge(f"header section over {settings.max_header_bytes} bytes")
+        if req.header_count > settings.max_header_count:
+            raise HeadersTooLarge(f"more than {settings.max_header_count} header fields")
         lname = name.lower()
         special = _SPECIAL_REQUEST_HEADERS.get(lname)
         if special is None:
@@ -396,12 +449,23 @@ class HttpProxyProtocol(asyncio.Protocol):
         req = self.parsing
         assert req is not None
         req.head_done = True
+        self.unfinished_head = 0
         parser = self.parser
         req.method = parser.get_method()
-        req.http11 = parser.get_http_version() == "1.1"
+        version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            raise BadRequestError(f"HTTP/{version} is not supported (use HTTP/1.1)")
+        req.http11 = version == "1.1"
         req.keep_alive = parser.should_keep_alive()
+        if req.method == b"CONNECT":
+            raise BadRequestError("CONNECT is not supported: this is a reverse proxy")
         if req.chunked and req.content_length is not None:
             raise BadRequestError("both Content-Length and Transfer-Encoding")
+        if req.chunked and not req.http11:
+            raise BadRequestError("Transfer-Encoding in an HTTP/1.0 request")
+        limit = self.router.settings.max_body_bytes
+        if limit and req.content_length is not None and int(req.content_length) > limit:
+            raise BodyTooLarge(f"request body over {limit} bytes")
         if req.connection_tokens is not None:
             _drop_connection_listed(req)
         req.has_body = req.chunked or (
@@ -417,6 +481,11 @@ class HttpProxyProtocol(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         req = self.parsing
         assert req is not None
+        if req.chunked:
+            req.body_total += len(body)
+            limit = self.router.settings.max_body_bytes
+            if limit and req.body_total > limit:
+                raise BodyTooLarge(f"request body over {limit} bytes")
         if req.state == _STREAMING and req is self.active:
             conn = req.conn
             assert conn is not None
@@ -424,11 +493,9 @@ class HttpProxyProtocol(asyncio.Protocol):
             return
         req.body_parts.append(body)
         req.body_held += len(body)
-        if req.state == _READING_BODY and req is self.active:
-            assert req.route is not None
-            if req.body_held >= req.route.body_limit:
-                self._route_with_body(req)
-                return
+        if req.state == _READING_BODY and req is self.active and req.body_held >= req.hold_limit:
+            self._route_with_body(req)
+            return
         if req.body_held > _HOLD_CAP:
             self._pause_reading(_PAUSE_BUFFER_FULL)
 
@@ -457,12 +524,15 @@ class HttpProxyProtocol(asyncio.Protocol):
             self._answer_error(req, NoRouteError(f"no route matched {view.method} {view.path}"))
             return
         req.route = route
-        if req.has_body and route.wants_body(view):
+        reads_body = req.has_body and route.wants_body(view)
+        if reads_body or (req.chunked and not req.complete):
             req.view = view
+            req.reads_body = reads_body
+            req.hold_limit = route.body_limit if reads_body else _CHUNKED_HOLD
             req.state = _READING_BODY
             if req.expect_continue and not req.continue_sent and not req.complete:
                 self._send_continue(req)
-            if req.complete or req.body_held >= route.body_limit:
+            if req.complete or req.body_held >= req.hold_limit:
                 self._route_with_body(req)
             return
         self._dispatch(req, decide(snapshot, view, route))
@@ -491,14 +561,15 @@ class HttpProxyProtocol(asyncio.Protocol):
         )
 
     def _route_with_body(self, req: _Request) -> None:
-        """Enough of the body is here to look for the user ID in it: decide."""
+        """Enough of the body is held (to find the user ID in it, or to check its chunks)."""
         view, route = req.view, req.route
         assert view is not None and route is not None
-        body = b"".join(req.body_parts)
-        req.body_parts = [body] if body else []
-        limit = route.body_limit
-        view.body = body[:limit]
-        view.body_complete = req.complete and len(body) <= limit
+        if req.reads_body:
+            body = b"".join(req.body_parts)
+            req.body_parts = [body] if body else []
+            limit = route.body_limit
+            view.body = body[:limit]
+            view.body_complete = req.complete and len(body) <= limit
         req.state = _ROUTING
         self._dispatch(req, decide(self.router.snapshot, view, route))
 

@@ -134,8 +134,9 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserCallbackError as exc:
             log.error("response handling failed", exc_info=exc.__context__)
             self._fail(UpstreamBadResponse("response handling failed"))
-        except httptools.HttpParserError as exc:
-            self._fail(UpstreamBadResponse(f"invalid HTTP response: {exc}"))
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            # HttpParserUpgrade: a 101 nobody asked for (Upgrade is never forwarded).
+            self._fail(UpstreamBadResponse(f"invalid HTTP response: {exc!r}"))
         else:
             if self._framing_error:
                 self._fail(UpstreamBadResponse("ambiguous response framing"))

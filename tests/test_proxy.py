@@ -12,6 +12,8 @@ import httpx
 import orjson
 import pytest
 
+from http_corpus import MALFORMED
+
 RULES = """
 format: 1
 upstreams:
@@ -315,3 +317,115 @@ async def test_one_gib_each_way_with_flat_memory(setup: Any) -> None:
     assert received == size
     # Router, client and upstream share this process: all three together stay small.
     assert _rss_peak_mib() - before < 200
+
+
+# -- malformed input and limits ----------------------------------------------------------
+CATCH_ALL = """
+format: 1
+upstreams:
+  v1: {{endpoints: ["{v1}"]}}
+user_id: [{{header: X-User-Id}}]
+routes:
+  - name: all
+    to: v1
+"""
+
+
+@pytest.fixture
+async def catch_all(backends: Any, proxy: Any) -> AsyncIterator[tuple[Any, Any]]:
+    (v1,) = await backends("v1")
+    rp = await proxy(
+        CATCH_ALL.format(v1=v1.endpoint),
+        max_header_bytes=4096,
+        max_header_count=20,
+        max_target_bytes=512,
+        max_body_bytes=1000,
+    )
+    yield rp, v1
+
+
+@pytest.mark.parametrize(("name", "raw", "status"), MALFORMED, ids=[c[0] for c in MALFORMED])
+async def test_malformed_request_is_refused_before_any_upstream(
+    catch_all: Any, name: str, raw: bytes, status: int
+) -> None:
+    rp, v1 = catch_all
+    answer = await raw_exchange(rp.port, raw)
+    assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:200]
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"Connection: close" in head
+    assert orjson.loads(body)["error"]
+    await asyncio.sleep(0.05)
+    assert v1.seen == []
+
+
+def test_corpus_is_large_enough() -> None:
+    assert len(MALFORMED) >= 40
+    assert len({name for name, _, _ in MALFORMED}) == len(MALFORMED)
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"GET /" + b"a" * 600 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"b" * 5000 + b"\r\n\r\n", 431),
+        (b"GET / HTTP/1.1\r\nHost: a\r\n" + b"X-N: 1\r\n" * 30 + b"\r\n", 431),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1001\r\n\r\n" + b"x" * 1001, 413),
+        (
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"200\r\n"
+            + b"x" * 512
+            + b"\r\n"
+            + b"200\r\n"
+            + b"x" * 512
+            + b"\r\n0\r\n\r\n",
+            413,
+        ),
+    ],
+    ids=["target-414", "header-bytes-431", "header-count-431", "length-413", "chunked-413"],
+)
+async def test_limits(catch_all: Any, raw: bytes, status: int) -> None:
+    rp, v1 = catch_all
+    answer = await raw_exchange(rp.port, raw)
+    assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:200]
+    assert v1.seen == []
+
+
+async def test_head_sent_in_small_pieces_over_the_limit_is_431(catch_all: Any) -> None:
+    rp, v1 = catch_all
+    reader, writer = await asyncio.open_connection("127.0.0.1", rp.port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: ")
+    for _ in range(10):
+        writer.write(b"y" * 500)
+        await writer.drain()
+        await asyncio.sleep(0.01)
+    answer = await asyncio.wait_for(reader.read(-1), 5)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 431 ")
+
+
+async def test_h2c_upgrade_is_ignored_and_served_as_http11(catch_all: Any) -> None:
+    rp, v1 = catch_all
+    answer = await raw_exchange(
+        rp.port,
+        b"GET /u HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+        b"HTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"
+        b"GET /after HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    assert answer.count(b"HTTP/1.1 200 ") == 2
+    assert [s["path"] for s in v1.seen] == ["/u", "/after"]
+    forwarded = {k.lower() for k, _ in v1.seen[0]["headers"]}
+    assert "upgrade" not in forwarded
+    assert "http2-settings" not in forwarded
+
+
+async def test_max_connections_per_worker(backends: Any, proxy: Any) -> None:
+    (v1,) = await backends("v1")
+    rp = await proxy(CATCH_ALL.format(v1=v1.endpoint), max_connections=2)
+    held = [await asyncio.open_connection("127.0.0.1", rp.port) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    reader, writer = await asyncio.open_connection("127.0.0.1", rp.port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert await asyncio.wait_for(reader.read(-1), 5) == b""
+    writer.close()
+    for _, w in held:
+        w.close()
