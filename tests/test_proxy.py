@@ -391,7 +391,7 @@ async def test_limits(catch_all: Any, raw: bytes, status: int) -> None:
 
 
 async def test_head_sent_in_small_pieces_over_the_limit_is_431(catch_all: Any) -> None:
-    rp, v1 = catch_all
+    rp, _ = catch_all
     reader, writer = await asyncio.open_connection("127.0.0.1", rp.port)
     writer.write(b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: ")
     for _ in range(10):
