@@ -132,6 +132,16 @@ class Router:
         self._ticker: asyncio.Task[None] | None = None
         self._refresh_date()
         self.install(snapshot)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # started by the first connection instead
+        self._start_background()
+
+    def _start_background(self) -> None:
+        self._ticker = asyncio.get_running_loop().create_task(self._tick())
+        for pool in self.pools.values():
+            pool.start_health_checks()
 
     def install(self, snapshot: Snapshot) -> None:
         """Swap in new rules whole; pools whose upstream did not change are kept."""
@@ -145,13 +155,16 @@ class Router:
         for name, old in self.pools.items():
             if pools.get(name) is not old:
                 old.close()
+        if self._ticker is not None:  # running: health checks of new pools start now
+            for pool in pools.values():
+                pool.start_health_checks()
         self.wanted_headers = frozenset(n.lower().encode("latin-1") for n in snapshot.header_names)
         self.snapshot = snapshot
         self.pools = pools
 
     def protocol_factory(self) -> HttpProxyProtocol:
         if self._ticker is None:
-            self._ticker = asyncio.get_running_loop().create_task(self._tick())
+            self._start_background()
         return HttpProxyProtocol(self)
 
     @property

@@ -5,6 +5,13 @@ keep-alive connections (newest first, so the ones the upstream is most likely to
 open are reused) and opens new ones when none is idle. `UpstreamConnection` parses the
 response with httptools and reports it to the request that owns the connection through
 the small `ResponseSink` interface; it knows nothing about clients.
+
+Endpoint health, as nginx does it by default (max_fails=1, fail_timeout=10s): an endpoint
+that refuses a connection or times out is skipped by round-robin for FAIL_TIMEOUT seconds
+(passive). With `health_check: {path, interval}` on the upstream, each worker also asks
+every endpoint for `path` every `interval`; an endpoint that does not answer 2xx/3xx is
+skipped until it does (active). When every endpoint is down, they are tried anyway: a
+guess is better than a certain 502.
 """
 
 from __future__ import annotations
@@ -25,6 +32,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("grayroute.upstream")
 
 Endpoint = tuple[str, int]
+
+# Seconds an endpoint that failed a connection is left out of round-robin.
+FAIL_TIMEOUT = 10.0
 
 # Response headers that describe one hop only; the proxy sets its own framing.
 HOP_BY_HOP = frozenset(
@@ -264,9 +274,13 @@ class UpstreamPool:
             spec.read_timeout if spec.read_timeout is not None else settings.read_timeout
         )
         self.max_idle = settings.upstream_keepalive
+        self.health_check = spec.health_check
         self.closed = False
         self._idle: dict[Endpoint, list[UpstreamConnection]] = {ep: [] for ep in self.endpoints}
         self._next = 0
+        self._failed_until: dict[Endpoint, float] = {}  # passive: connection failures
+        self._unhealthy: set[Endpoint] = set()  # active: failed its last health check
+        self._checker: asyncio.Task[None] | None = None
 
     def same_as(self, spec: UpstreamSpec, settings: Settings) -> bool:
         """True when `spec` would build an identical pool (a reload can keep this one)."""
@@ -275,13 +289,46 @@ class UpstreamPool:
             other.endpoints == self.endpoints
             and other.connect_timeout == self.connect_timeout
             and other.read_timeout == self.read_timeout
+            and other.health_check == self.health_check
         )
 
     def next_endpoint(self) -> Endpoint:
+        """Round-robin over the endpoints that are up (over all of them when none is)."""
         endpoints = self.endpoints
+        count = len(endpoints)
         index = self._next
-        self._next = (index + 1) % len(endpoints)
+        if not self._failed_until and not self._unhealthy:
+            self._next = (index + 1) % count
+            return endpoints[index]
+        now = time.monotonic()
+        for step in range(count):
+            endpoint = endpoints[(index + step) % count]
+            if self.is_up(endpoint, now):
+                self._next = (index + step + 1) % count
+                return endpoint
+        self._next = (index + 1) % count
         return endpoints[index]
+
+    def is_up(self, endpoint: Endpoint, now: float) -> bool:
+        if endpoint in self._unhealthy:
+            return False
+        until = self._failed_until.get(endpoint)
+        if until is None:
+            return True
+        if now >= until:
+            del self._failed_until[endpoint]
+            return True
+        return False
+
+    def mark_failed(self, endpoint: Endpoint) -> None:
+        if endpoint not in self._failed_until:
+            log.warning(
+                "%s: endpoint %s:%d failed; skipped for %.0fs", self.name, *endpoint, FAIL_TIMEOUT
+            )
+        self._failed_until[endpoint] = time.monotonic() + FAIL_TIMEOUT
+
+    def mark_ok(self, endpoint: Endpoint) -> None:
+        self._failed_until.pop(endpoint, None)
 
     def take_idle(self, endpoint: Endpoint) -> UpstreamConnection | None:
         idle = self._idle.get(endpoint)
@@ -301,9 +348,13 @@ class UpstreamPool:
                 self.connect_timeout,
             )
         except TimeoutError as exc:
+            self.mark_failed(endpoint)
             raise UpstreamTimeout(f"connect to {host}:{port} timed out") from exc
         except OSError as exc:
+            self.mark_failed(endpoint)
             raise UpstreamUnavailable(f"connect to {host}:{port} failed: {exc.strerror}") from exc
+        if self._failed_until:
+            self.mark_ok(endpoint)
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:
@@ -326,10 +377,54 @@ class UpstreamPool:
     def close(self) -> None:
         """Close idle connections; ones lent out close when their request ends."""
         self.closed = True
+        if self._checker is not None:
+            self._checker.cancel()
+            self._checker = None
         for idle in self._idle.values():
             for conn in idle:
                 conn.abort()
             idle.clear()
+
+    # -- active health checks ----------------------------------------------------------
+    def start_health_checks(self) -> None:
+        """Start asking the endpoints for health_check.path (needs a running loop)."""
+        if self.health_check is not None and self._checker is None and not self.closed:
+            self._checker = asyncio.get_running_loop().create_task(self._check_forever())
+
+    async def _check_forever(self) -> None:
+        assert self.health_check is not None
+        while True:
+            results = await asyncio.gather(*(self._probe(ep) for ep in self.endpoints))
+            for endpoint, healthy in zip(self.endpoints, results, strict=True):
+                if healthy and endpoint in self._unhealthy:
+                    log.warning("%s: endpoint %s:%d is healthy again", self.name, *endpoint)
+                    self._unhealthy.discard(endpoint)
+                elif not healthy and endpoint not in self._unhealthy:
+                    log.warning("%s: endpoint %s:%d failed its health check", self.name, *endpoint)
+                    self._unhealthy.add(endpoint)
+            await asyncio.sleep(self.health_check.interval)
+
+    async def _probe(self, endpoint: Endpoint) -> bool:
+        """One GET of the health path on a connection of its own; True for 2xx/3xx."""
+        assert self.health_check is not None
+        host, port = endpoint
+        request = (
+            f"GET {self.health_check.path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            "User-Agent: grayroute-health-check\r\nConnection: close\r\n\r\n"
+        ).encode()
+        writer = None
+        try:
+            async with asyncio.timeout(self.connect_timeout + self.read_timeout):
+                reader, writer = await asyncio.open_connection(host, port)
+                writer.write(request)
+                status_line = await reader.readline()
+        except (OSError, TimeoutError):
+            return False
+        finally:
+            if writer is not None:
+                writer.close()
+        parts = status_line.split(None, 2)
+        return len(parts) >= 2 and parts[1][:1] in (b"2", b"3")
 
     @property
     def idle_count(self) -> int:

@@ -10,10 +10,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -177,6 +175,7 @@ async def proxy() -> AsyncIterator[Callable[..., Any]]:
 @dataclass
 class ServeProcess:
     proc: subprocess.Popen[bytes]
+    log_path: Path
     listen: str
     admin: str
     rules_path: Path
@@ -209,16 +208,19 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
             "--workers", str(workers), "--state-dir", str(tmp_path / f"state-{len(procs)}"),
             *(extra_args or []),
         ]  # fmt: skip
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+        # The log goes to a file: a pipe nobody reads would stall the router once full.
+        log_path = tmp_path / f"serve-{len(procs)}.log"
+        with log_path.open("wb") as log_file:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, cwd=ROOT)
         procs.append(proc)
         assert proc.stdout is not None
         line = proc.stdout.readline()
         if not line:
-            _, err = proc.communicate(timeout=10)
-            raise AssertionError(f"grayroute serve did not start: {err.decode()}")
+            proc.wait(timeout=10)
+            raise AssertionError(f"grayroute serve did not start: {log_path.read_text()}")
         ready = json.loads(line)
         assert ready["event"] == "ready", ready
-        return ServeProcess(proc, ready["listen"], ready["admin"], rules_path)
+        return ServeProcess(proc, log_path, ready["listen"], ready["admin"], rules_path)
 
     yield start
     for proc in procs:
@@ -227,10 +229,7 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
                 proc.kill()
                 proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
+        if proc.stdout is not None:
+            proc.stdout.close()

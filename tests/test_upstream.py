@@ -1,0 +1,226 @@
+"""Upstream pools and faults, over real sockets: scripted upstreams that misbehave."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from router.upstream import FAIL_TIMEOUT
+
+RULES = """
+format: 1
+upstreams:
+  app:
+    endpoints: [{endpoints}]
+    read_timeout: 2s
+{extra}
+routes:
+  - name: all
+    to: app
+"""
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+class Scripted:
+    """A raw upstream whose answer to the n-th request on a connection is scripted."""
+
+    def __init__(self, answer: Callable[[int, int], bytes | None]) -> None:
+        self.answer = answer  # (connection number, request number) -> bytes, None = close
+        self.connections = 0
+        self.requests = 0
+        self.server: asyncio.AbstractServer | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        conn_no = self.connections
+        n = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                await reader.readexactly(length)
+                n += 1
+                self.requests += 1
+                reply = self.answer(conn_no, n)
+                if reply is None:
+                    break
+                writer.write(reply)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[Callable[..., Any]]:
+    started: list[Scripted] = []
+
+    async def start(answer: Callable[[int, int], bytes | None]) -> Scripted:
+        s = Scripted(answer)
+        await s.start()
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        assert s.server is not None
+        s.server.close()
+
+
+def rules(*ports: int, extra: str = "") -> str:
+    return RULES.format(endpoints=", ".join(f'"127.0.0.1:{p}"' for p in ports), extra=extra)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_refused_endpoint_is_skipped_for_a_while(scripted: Any, proxy: Any) -> None:
+    up = await scripted(lambda c, n: OK)
+    dead = free_port()
+    rp = await proxy(rules(dead, up.port))
+    async with httpx.AsyncClient(base_url=rp.url) as client:
+        for _ in range(10):
+            assert (await client.get("/")).status_code == 200
+    # One refusal, then round-robin leaves the dead endpoint out.
+    assert rp.metrics.errors[("app", "connect")] == 1
+    assert FAIL_TIMEOUT >= 1
+
+
+async def test_active_health_check_takes_an_endpoint_out_and_back(
+    scripted: Any, proxy: Any
+) -> None:
+    healthy = {"b": False}
+
+    def answer_b(c: int, n: int) -> bytes:
+        return OK if healthy["b"] else b"HTTP/1.1 503 No\r\nContent-Length: 0\r\n\r\n"
+
+    a = await scripted(lambda c, n: OK)
+    b = await scripted(answer_b)
+    extra = "    health_check: {path: /healthz, interval: 100ms}"
+    rp = await proxy(rules(a.port, b.port, extra=extra))
+    await asyncio.sleep(0.3)
+    b_before = b.requests
+    async with httpx.AsyncClient(base_url=rp.url) as client:
+        for _ in range(10):
+            assert (await client.get("/")).status_code == 200
+    # Only health checks reached b (about one per 100 ms), no traffic.
+    assert b.requests - b_before <= 3
+    healthy["b"] = True
+    await asyncio.sleep(0.3)
+    b_before = b.requests
+    async with httpx.AsyncClient(base_url=rp.url) as client:
+        for _ in range(10):
+            assert (await client.get("/")).status_code == 200
+    assert b.requests - b_before >= 5
+
+
+async def test_stale_keepalive_connection_is_retried_once_for_get(
+    scripted: Any, proxy: Any
+) -> None:
+    # The upstream closes each connection when a second request arrives on it, without
+    # answering: the race of a keep-alive timeout on the upstream side.
+    up = await scripted(lambda c, n: OK if n == 1 else None)
+    rp = await proxy(rules(up.port))
+    async with httpx.AsyncClient(base_url=rp.url) as client:
+        for _ in range(3):
+            assert (await client.get("/")).status_code == 200
+        # A request with a body is not retried: it may have been acted on.
+        r = await client.post("/", content=b"x")
+    assert r.status_code == 502
+    assert r.json()["error"] == "upstream_unavailable"
+
+
+async def test_ambiguous_response_framing_is_502_and_not_reused(scripted: Any, proxy: Any) -> None:
+    bad = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    up = await scripted(lambda c, n: bad if c == 1 else OK)
+    rp = await proxy(rules(up.port))
+    async with httpx.AsyncClient(base_url=rp.url) as client:
+        r = await client.get("/")
+        assert r.status_code == 502
+        assert r.json()["error"] == "upstream_bad_response"
+        assert (await client.get("/")).status_code == 200
+    assert up.connections == 2
+
+
+async def test_upstream_closing_mid_response_closes_the_client(proxy: Any) -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    rp = await proxy(rules(server.sockets[0].getsockname()[1]))
+    reader, writer = await asyncio.open_connection("127.0.0.1", rp.port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    data = await asyncio.wait_for(reader.read(-1), 5)
+    writer.close()
+    server.close()
+    # The client sees the connection close before Content-Length bytes: never complete.
+    assert data.startswith(b"HTTP/1.1 200 OK")
+    assert data.endswith(b"\r\n\r\nonly part")
+    assert rp.metrics.errors[("app", "reset")] == 1
+
+
+async def test_response_delimited_by_close_is_forwarded_whole(scripted: Any, proxy: Any) -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\n" + b"q" * 100000)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    rp = await proxy(rules(port))
+    async with httpx.AsyncClient(base_url=rp.url) as client:
+        r = await client.get("/")
+    assert r.status_code == 200
+    assert r.content == b"q" * 100000
+    assert r.headers["transfer-encoding"] == "chunked"
+    server.close()
+
+
+async def test_connect_timeout_is_504(proxy: Any) -> None:
+    # A listener whose accept queue is full drops new SYNs: connect() hangs, as it would
+    # towards a host that is gone, without leaving this machine.
+    import contextlib
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(8):
+        s = socket.socket()
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            s.connect(("127.0.0.1", port))
+        fillers.append(s)
+    rp = await proxy(rules(port).replace("read_timeout: 2s", "connect_timeout: 200ms"))
+    async with httpx.AsyncClient(base_url=rp.url, timeout=5) as client:
+        r = await client.get("/")
+    assert r.status_code == 504
+    assert r.json()["error"] == "upstream_timeout"
+    assert rp.metrics.errors[("app", "timeout")] == 1
+    for s in fillers:
+        s.close()
+    listener.close()
