@@ -1,15 +1,41 @@
 """The routing decision: a pure function of (snapshot, request view).
 
 `decide()` is called by the proxy for every request and by `grayroute explain` for
-every line it reads; both must get the same answer for the same input.
+every line it reads; both must get the same answer for the same input. The order is
+the rule file's:
+
+    1. the route: the first whose match holds (hosts, path_prefix, methods)
+    2. the user ID: the first of the route's sources that yields one
+    3. the pins, in order: the first that holds decides
+    4. the route's `to`, or its split: sticky by user ID, at random without one
+
+Everything that does not depend on the request was prepared by compile.py, so this
+costs a few dict probes, one hash when a split (or user_percent) needs it, and one
+Decision. `host_from_header` and `split_target` are how a request's Host header and
+target become the view's `host`, `path` and `query`, for the proxy and `explain` alike.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
+
+from router.rules.user_id import extract_user_id
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
+
+    from router.rules.compile import CompiledRoute, Snapshot
+
+__all__ = [
+    "NO_ROUTE_REASON",
+    "Decision",
+    "RequestView",
+    "decide",
+    "host_from_header",
+    "split_target",
+]
+
+NO_ROUTE_REASON: Final = "no route matched"
 
 
 class RequestView:
@@ -49,7 +75,9 @@ class Decision:
     """Where one request goes, and why.
 
     `route` is None when no route matched (the proxy answers 404). `reason` is a short
-    human-readable account, e.g. ``pin[0] users``, ``split 95/5 -> orders-v1``, ``to``.
+    human-readable account, e.g. ``pin[0] users``, ``to orders-v1``,
+    ``split by user ID -> orders-v1 (weights orders-v1=95, orders-v1.1=5)``; every reason
+    string is built when the rules load, so a decision allocates nothing else.
     """
 
     __slots__ = ("reason", "route", "upstream", "user_id", "user_id_source")
@@ -76,3 +104,52 @@ class Decision:
             "user_id_source": self.user_id_source,
             "reason": self.reason,
         }
+
+
+def decide(snapshot: Snapshot, view: RequestView, route: CompiledRoute | None = None) -> Decision:
+    """Where `view` goes and why. `route`: already matched by the caller (skips matching)."""
+    if route is None:
+        route = snapshot.match_route(view)
+        if route is None:
+            return Decision(None, None, None, None, NO_ROUTE_REASON)
+    user_id, source = extract_user_id(route.sources, view) if route.sources else (None, None)
+    if user_id is None:
+        for pin in route.anon_pins:  # conditions on the user ID cannot hold
+            if pin.check(None, view):
+                return Decision(route.name, pin.to, None, None, pin.reason)
+    else:
+        for pin in route.pins:
+            if pin.check(user_id, view):
+                return Decision(route.name, pin.to, user_id, source, pin.reason)
+    to = route.to
+    if to is not None:
+        return Decision(route.name, to, user_id, source, route.to_reason)
+    split = route.split
+    assert split is not None  # validated: a route has exactly one of `to` and `split`
+    if user_id is None:
+        i = split.pick_random()
+        return Decision(route.name, split.names[i], None, None, split.random_reasons[i])
+    i = split.pick(user_id)
+    return Decision(route.name, split.names[i], user_id, source, split.user_reasons[i])
+
+
+def host_from_header(value: str) -> str:
+    """The Host header as routes match it: lower-case, port and IPv6 brackets removed.
+
+    'API.example.com:8080' -> 'api.example.com'; '[::1]:8080' -> '::1'.
+    """
+    host = value.strip().lower()
+    if host.startswith("["):
+        end = host.find("]")
+        return host[1:end] if end > 0 else host
+    name, sep, port = host.rpartition(":")
+    if sep and ":" not in name and (port.isdigit() or not port):
+        return name
+    return host
+
+
+def split_target(target: str) -> tuple[str, str]:
+    """'/orders?userId=42' -> ('/orders', 'userId=42'); a fragment is dropped."""
+    target = target.partition("#")[0]
+    path, _, query = target.partition("?")
+    return path, query

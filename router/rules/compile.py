@@ -1,0 +1,482 @@
+"""RuleSet -> Snapshot: everything a request needs, computed once when the rules load.
+
+The snapshot is frozen and swapped whole on reload; requests in flight keep the one they
+began with. What is precomputed, so a request pays only for what depends on it:
+
+    route lookup    a dict by host, then by method, then one dict probe per distinct
+                    path-prefix length (first route in file order still wins)
+    user ID         lower-cased header names, parsed JSON paths, source labels
+    pins            closures over frozensets, merged sorted ranges, compiled regexes,
+                    integer networks; every `reason` string
+    split           per-upstream 64-bit seeds and 1/weight (sticky, by user), cumulative
+                    weights (random, without a user ID); every `reason` string
+
+The proxy relies on: Snapshot.source, .digest, .upstreams (name -> UpstreamSpec),
+.header_names, .uses_client_ip, .routes, .match_route(view); CompiledRoute.name,
+.body_limit, .wants_body(view).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import socket
+from bisect import bisect_right
+from dataclasses import dataclass, field
+from random import random
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+from router.rules.hashing import prepared
+from router.rules.model import Pin, Route, RuleSet, Split, Upstream
+from router.rules.user_id import (
+    COOKIE,
+    FORM,
+    HEADER,
+    JSON,
+    Source,
+    body_kind,
+    compile_sources,
+    extract_user_id,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from hashlib import blake2b
+
+    from router.errors import Problem
+    from router.rules.decide import RequestView
+
+__all__ = [
+    "CompiledPin",
+    "CompiledRoute",
+    "Snapshot",
+    "SplitTable",
+    "UpstreamSpec",
+    "compile_ruleset",
+    "ip_number",
+]
+
+# What the proxy needs to know about an upstream is exactly the model's record.
+UpstreamSpec = Upstream
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledPin:
+    index: int  # position in the route's pins (reported as pin[index])
+    to: str
+    needs_user: bool  # has a condition on the user ID: never holds without one
+    check: Callable[[str | None, RequestView], bool]
+    reason: str  # e.g. "pin[2] user_suffixes"
+
+
+_2_POW_M64 = 2.0**-64
+
+
+@dataclass(frozen=True, slots=True)
+class SplitTable:
+    """Weighted sticky choice by weighted rendezvous hashing.
+
+    For a user, every upstream i with weight w_i > 0 gets u_i in (0, 1] from a stable hash
+    of (salt, upstream name, user ID) (see hashing.py) and the score -ln(u_i) / w_i; the
+    lowest score wins. Each score is an exponential variable with rate w_i, so upstream i
+    wins with probability w_i / sum(w). Because u_i never depends on the weights, changing one
+    weight changes one score: raising it can only make that upstream win more (users
+    move only to it), lowering it can only make it win less (only its users move away),
+    and the order of the other scores is untouched.
+    """
+
+    names: tuple[str, ...]  # upstreams with weight > 0, file order
+    weights: tuple[float, ...]
+    user_reasons: tuple[str, ...]  # reason per upstream when chosen by user ID
+    random_reasons: tuple[str, ...]  # reason per upstream when chosen at random
+    entries: tuple[tuple[blake2b, float], ...] = field(repr=False)  # (hasher, 1/weight)
+    cumulative: tuple[float, ...] = field(repr=False)
+
+    def pick(self, user_id: str) -> int:
+        """Index into `names` for this user; the same on every machine."""
+        entries = self.entries
+        if len(entries) == 1:
+            return 0
+        data = user_id.encode("utf-8", "surrogatepass")
+        best, best_score, log, from_bytes = 0, -math.inf, math.log, int.from_bytes
+        for i, (hasher, inv_weight) in enumerate(entries):
+            # hashing.hash64() and unit() inlined: this runs per upstream per request.
+            # The highest ln(u) / w wins, which is the lowest -ln(u) / w.
+            h = hasher.copy()
+            h.update(data)
+            score = log((from_bytes(h.digest(), "little") + 0.5) * _2_POW_M64) * inv_weight
+            if score > best_score:
+                best, best_score = i, score
+        return best
+
+    def pick_random(self) -> int:
+        cumulative = self.cumulative
+        return bisect_right(cumulative, random() * cumulative[-1], 0, len(cumulative) - 1)
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRoute:
+    name: str
+    body_limit: int
+    to: str | None
+    to_reason: str
+    split: SplitTable | None
+    sources: tuple[Source, ...]
+    pins: tuple[CompiledPin, ...]  # every pin, in order (used with a user ID)
+    anon_pins: tuple[CompiledPin, ...]  # the pins that can hold without a user ID
+    salt: str
+    model: Route = field(repr=False)
+    # body kind (JSON/FORM) -> the head sources listed before the first source of that kind
+    body_heads: Mapping[int, tuple[Source, ...]] = field(repr=False)
+
+    def wants_body(self, view: RequestView) -> bool:
+        """True only when holding the body could change this route's decision.
+
+        That is: a json/form source of this route fits the request's Content-Type, and no
+        header/cookie/query source listed before it already yields a user ID.
+        """
+        heads = self.body_heads
+        if not heads:
+            return False
+        head = heads.get(body_kind(view.headers.get("content-type")))
+        if head is None:
+            return False
+        return not head or extract_user_id(head, view)[0] is None
+
+
+# Route lookup tables. A bucket holds the routes whose host and method conditions hold
+# for one (host, method) key, as groups of (prefix length, {prefix: (position, route)},
+# lowest position in the group), ordered by that lowest position.
+_Group = tuple[int, dict[str, tuple[int, CompiledRoute]], int]
+_Bucket = tuple[_Group, ...]
+_MethodIndex = tuple[dict[str, _Bucket], _Bucket]  # (by method, any other method)
+_NOT_FOUND = 1 << 62
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    source: str  # rule file path
+    digest: str  # sha256 hex of the file's bytes
+    upstreams: Mapping[str, UpstreamSpec]
+    header_names: frozenset[str]  # lower-case header names the rules read
+    uses_client_ip: bool  # some pin has client_cidrs
+    routes: tuple[CompiledRoute, ...]
+    ruleset: RuleSet = field(repr=False)
+    warnings: tuple[Problem, ...] = field(default=(), repr=False)
+    by_host: dict[str, _MethodIndex] = field(default_factory=dict, repr=False)
+    other_host: _MethodIndex = field(default=({}, ()), repr=False)
+
+    def match_route(self, view: RequestView) -> CompiledRoute | None:
+        """The first route (file order) whose match holds for the request, or None."""
+        methods = self.by_host.get(view.host)
+        if methods is None:
+            methods = self.other_host
+        bucket = methods[0].get(view.method)
+        if bucket is None:
+            bucket = methods[1]
+        path = view.path
+        best: CompiledRoute | None = None
+        best_pos = _NOT_FOUND
+        for length, prefixes, lowest in bucket:
+            if lowest >= best_pos:
+                break  # every later group starts after the route already found
+            hit = prefixes.get(path[:length])
+            if hit is not None and hit[0] < best_pos:
+                best_pos, best = hit
+        return best
+
+
+def compile_ruleset(
+    ruleset: RuleSet, source: str, digest: str, warnings: tuple[Problem, ...] = ()
+) -> Snapshot:
+    routes = tuple(_compile_route(ruleset, r) for r in ruleset.routes)
+    header_names: set[str] = set()
+    uses_client_ip = False
+    for route, compiled in zip(ruleset.routes, routes, strict=True):
+        for src in compiled.sources:
+            if src.kind == HEADER:
+                header_names.add(src.key)
+            elif src.kind == COOKIE:
+                header_names.add("cookie")
+            elif src.kind in (JSON, FORM):
+                header_names.add("content-type")
+        for pin in route.pins:
+            for name, _ in pin.headers or ():
+                header_names.add(name.lower())
+            uses_client_ip = uses_client_ip or pin.client_cidrs is not None
+    by_host, other_host = _route_index(ruleset.routes, routes)
+    return Snapshot(
+        source=source,
+        digest=digest,
+        upstreams=MappingProxyType({u.name: u for u in ruleset.upstreams}),
+        header_names=frozenset(header_names),
+        uses_client_ip=uses_client_ip,
+        routes=routes,
+        ruleset=ruleset,
+        warnings=warnings,
+        by_host=by_host,
+        other_host=other_host,
+    )
+
+
+def _fmt(weight: float) -> str:
+    return str(int(weight)) if weight == int(weight) else f"{weight:g}"
+
+
+def _compile_route(ruleset: RuleSet, route: Route) -> CompiledRoute:
+    sources = compile_sources(ruleset.sources_of(route))
+    body_limit = ruleset.body_limit_of(route)
+    percent_hasher = prepared("%", route.salt)
+    pins = tuple(_compile_pin(i, p, percent_hasher) for i, p in enumerate(route.pins))
+    split = _compile_split(route.split, route.salt) if route.split is not None else None
+    body_heads: dict[int, tuple[Source, ...]] = {}
+    if body_limit > 0:
+        for i, src in enumerate(sources):
+            if src.kind in (JSON, FORM) and src.kind not in body_heads:
+                body_heads[src.kind] = tuple(s for s in sources[:i] if s.kind not in (JSON, FORM))
+    return CompiledRoute(
+        name=route.name,
+        body_limit=body_limit,
+        to=route.to,
+        to_reason=f"to {route.to}",
+        split=split,
+        sources=sources,
+        pins=pins,
+        anon_pins=tuple(p for p in pins if not p.needs_user),
+        salt=route.salt,
+        model=route,
+        body_heads=MappingProxyType(body_heads),
+    )
+
+
+def _compile_split(split: Split, salt: str) -> SplitTable:
+    positive = [(name, w) for name, w in split.weights if w > 0]
+    label = "replicas" if split.replicas else "weights"
+    shown = f"({label} {', '.join(f'{n}={_fmt(w)}' for n, w in split.weights)})"
+    cumulative: list[float] = []
+    total = 0.0
+    for _, w in positive:
+        total += w
+        cumulative.append(total)
+    return SplitTable(
+        names=tuple(n for n, _ in positive),
+        weights=tuple(w for _, w in positive),
+        user_reasons=tuple(f"split by user ID -> {n} {shown}" for n, _ in positive),
+        random_reasons=tuple(f"split at random (no user ID) -> {n} {shown}" for n, _ in positive),
+        entries=tuple((prepared("split", salt, n), 1.0 / w) for n, w in positive),
+        cumulative=tuple(cumulative),
+    )
+
+
+# -- pins ------------------------------------------------------------------------------
+
+
+def _compile_pin(index: int, pin: Pin, hasher: blake2b) -> CompiledPin:
+    checks: list[Callable[[str | None, RequestView], bool]] = []
+    # Cheapest first; the result does not depend on the order.
+    if pin.users is not None:
+        checks.append(_users_check(pin.users))
+    if pin.user_suffixes is not None:
+        checks.append(_suffix_check(pin.user_suffixes))
+    if pin.user_ranges is not None:
+        checks.append(_ranges_check(pin.user_ranges))
+    if pin.user_pattern is not None:
+        checks.append(_pattern_check(re.compile(pin.user_pattern)))
+    if pin.user_percent is not None:
+        checks.append(_percent_check(round(pin.user_percent * 100), hasher))
+    if pin.headers is not None:
+        checks.append(_headers_check(tuple((n.lower(), re.compile(rx)) for n, rx in pin.headers)))
+    if pin.client_cidrs is not None:
+        checks.append(_cidrs_check(pin.client_cidrs))
+    check = checks[0] if len(checks) == 1 else _all_of(tuple(checks))
+    return CompiledPin(
+        index=index,
+        to=pin.to,
+        needs_user=pin.needs_user,
+        check=check,
+        reason=f"pin[{index}] {'+'.join(pin.conditions)}",
+    )
+
+
+# User conditions are only called with a user ID (decide() skips them without one).
+
+
+def _all_of(
+    checks: tuple[Callable[[str | None, RequestView], bool], ...],
+) -> Callable[[str | None, RequestView], bool]:
+    def check(user_id: str | None, view: RequestView) -> bool:
+        for c in checks:  # noqa: SIM110 - a plain loop: all() with a generator is slower
+            if not c(user_id, view):
+                return False
+        return True
+
+    return check
+
+
+def _users_check(users: frozenset[str]) -> Callable[[str | None, RequestView], bool]:
+    def check(user_id: str | None, view: RequestView) -> bool:
+        return user_id in users
+
+    return check
+
+
+def _suffix_check(suffixes: tuple[str, ...]) -> Callable[[str | None, RequestView], bool]:
+    def check(user_id: str | None, view: RequestView) -> bool:
+        return user_id is not None and user_id.endswith(suffixes)
+
+    return check
+
+
+def _ranges_check(
+    ranges: tuple[tuple[int, int], ...],
+) -> Callable[[str | None, RequestView], bool]:
+    merged: list[list[int]] = []
+    for lo, hi in sorted(ranges):
+        if merged and lo <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    lows = tuple(lo for lo, _ in merged)
+    highs = tuple(hi for _, hi in merged)
+    # An ID with more digits than the highest bound is above every range; checking the
+    # length first also keeps int() away from huge digit strings.
+    max_digits = len(str(abs(highs[-1])))
+
+    def check(user_id: str | None, view: RequestView) -> bool:
+        if user_id is None or not (user_id.isdigit() and user_id.isascii()):
+            return False  # isascii: isdigit() alone accepts other scripts' digits
+        if len(user_id) > max_digits:
+            user_id = user_id.lstrip("0") or "0"  # leading zeros do not change the number
+            if len(user_id) > max_digits:
+                return False
+        n = int(user_id)
+        i = bisect_right(lows, n) - 1
+        return i >= 0 and n <= highs[i]
+
+    return check
+
+
+def _pattern_check(pattern: re.Pattern[str]) -> Callable[[str | None, RequestView], bool]:
+    fullmatch = pattern.fullmatch
+
+    def check(user_id: str | None, view: RequestView) -> bool:
+        return user_id is not None and fullmatch(user_id) is not None
+
+    return check
+
+
+def _percent_check(threshold: int, hasher: blake2b) -> Callable[[str | None, RequestView], bool]:
+    from_bytes = int.from_bytes
+
+    def check(user_id: str | None, view: RequestView) -> bool:
+        if user_id is None:
+            return False
+        # hashing.percent_bucket(hasher, user_id) < threshold, inlined
+        h = hasher.copy()
+        h.update(user_id.encode("utf-8", "surrogatepass"))
+        return from_bytes(h.digest(), "little") % 10000 < threshold
+
+    return check
+
+
+def _headers_check(
+    items: tuple[tuple[str, re.Pattern[str]], ...],
+) -> Callable[[str | None, RequestView], bool]:
+    def check(user_id: str | None, view: RequestView) -> bool:
+        headers = view.headers
+        for name, pattern in items:
+            value = headers.get(name)
+            if value is None or pattern.search(value) is None:
+                return False
+        return True
+
+    return check
+
+
+def _cidrs_check(cidrs: tuple[str, ...]) -> Callable[[str | None, RequestView], bool]:
+    import ipaddress
+
+    v4: list[tuple[int, int]] = []
+    v6: list[tuple[int, int]] = []
+    for text in cidrs:
+        net = ipaddress.ip_network(text, strict=False)
+        pair = (int(net.network_address), int(net.netmask))
+        (v4 if net.version == 4 else v6).append(pair)
+    nets4, nets6 = tuple(v4), tuple(v6)
+
+    def check(user_id: str | None, view: RequestView) -> bool:
+        parsed = ip_number(view.client_ip)
+        if parsed is None:
+            return False
+        version, n = parsed
+        for network, mask in nets4 if version == 4 else nets6:  # noqa: SIM110 - as above
+            if n & mask == network:
+                return True
+        return False
+
+    return check
+
+
+def ip_number(text: str) -> tuple[int, int] | None:
+    """'10.1.2.3' -> (4, int); '2001:db8::1' -> (6, int); '::ffff:10.1.2.3' counts as IPv4."""
+    try:
+        return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, text), "big")
+    except (OSError, ValueError):
+        pass
+    try:
+        n = int.from_bytes(socket.inet_pton(socket.AF_INET6, text), "big")
+    except (OSError, ValueError):
+        return None
+    if n >> 32 == 0xFFFF:
+        return 4, n & 0xFFFF_FFFF
+    return 6, n
+
+
+# -- route lookup ----------------------------------------------------------------------
+
+
+def _route_index(
+    models: tuple[Route, ...], routes: tuple[CompiledRoute, ...]
+) -> tuple[dict[str, _MethodIndex], _MethodIndex]:
+    named_hosts = {h for r in models for h in r.match.hosts or ()}
+    # An IPv6 host is stored without brackets; index it with them too, so a view whose
+    # host kept the brackets of the Host header ("[::1]") finds it as well.
+    keys = sorted(named_hosts | {f"[{h}]" for h in named_hosts if ":" in h})
+    named_methods = sorted({m for r in models for m in r.match.methods or ()})
+    shared: dict[tuple[int, ...], _Bucket] = {}  # identical candidate lists share a bucket
+
+    def bucket(key: str | None, method: str | None) -> _Bucket:
+        host = key[1:-1] if key is not None and key.startswith("[") else key
+        positions = tuple(
+            i
+            for i, r in enumerate(models)
+            if (r.match.hosts is None or host in r.match.hosts)
+            and (r.match.methods is None or method in r.match.methods)
+        )
+        found = shared.get(positions)
+        if found is None:
+            found = shared[positions] = _bucket(positions, models, routes)
+        return found
+
+    def method_index(host: str | None) -> _MethodIndex:
+        return {m: bucket(host, m) for m in named_methods}, bucket(host, None)
+
+    return {h: method_index(h) for h in keys}, method_index(None)
+
+
+def _bucket(
+    positions: tuple[int, ...], models: tuple[Route, ...], routes: tuple[CompiledRoute, ...]
+) -> _Bucket:
+    groups: dict[int, dict[str, tuple[int, CompiledRoute]]] = {}
+    for i in positions:
+        prefix = models[i].match.path_prefix or ""
+        groups.setdefault(len(prefix), {}).setdefault(prefix, (i, routes[i]))
+    ordered = sorted(
+        (
+            (length, table, min(pos for pos, _ in table.values()))
+            for length, table in groups.items()
+        ),
+        key=lambda g: g[2],
+    )
+    return tuple(ordered)

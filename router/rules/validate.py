@@ -1,0 +1,1215 @@
+"""Checking a rule file: raw tree (load.py) -> RuleSet (model.py) plus every problem found.
+
+The whole file is checked before anything is rejected, so a release manager sees every
+mistake at once, each as `FILE:LINE:COLUMN: path.to.key: what is wrong (what to do)`.
+Problems are errors (the file is rejected) or warnings (the file works, but probably not
+as meant). The grammar is docs/rules.md; in short:
+
+    format: 1                                   required
+    upstreams: {NAME: {endpoints: [HOST:PORT, ...], connect_timeout: DURATION,
+                       read_timeout: DURATION, health_check: {path: /x, interval: DURATION}}}
+    user_id: [{header|cookie|query|json|form: NAME}, ...]     default: none
+    body_limit: SIZE                             default 64KiB
+    routes: [{name, match: {hosts, path_prefix, methods}, pins: [...],
+              to: NAME | split: {NAME: WEIGHT | replicas, ...} | split: replicas,
+              salt, user_id, body_limit}, ...]
+
+    DURATION  1s, 500ms, 2m, 1h, or a plain number of seconds (> 0)
+    SIZE      512, 10KB, 64KiB, 1MiB, 1GB ... (KB = 1000 bytes, KiB = 1024 bytes)
+    WEIGHT    a number >= 0 with at most two decimals
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import math
+import re
+from decimal import Decimal, InvalidOperation
+from typing import TYPE_CHECKING
+
+from router.errors import Problem
+from router.rules.load import Entry, MapNode, Node, ScalarNode, SeqNode
+from router.rules.model import (
+    DEFAULT_BODY_LIMIT,
+    DEFAULT_HEALTH_INTERVAL,
+    DEFAULT_HEALTH_PATH,
+    PIN_CONDITIONS,
+    SOURCE_KINDS,
+    HealthCheck,
+    Match,
+    Pin,
+    Route,
+    RuleSet,
+    Split,
+    Upstream,
+    UserIdSource,
+)
+from router.rules.user_id import parse_json_path
+
+if TYPE_CHECKING:
+    from collections.abc import Collection
+
+__all__ = ["parse_duration", "parse_size", "validate"]
+
+FORMAT = 1
+
+TOP_KEYS = ("format", "upstreams", "user_id", "body_limit", "routes")
+UPSTREAM_KEYS = ("endpoints", "connect_timeout", "read_timeout", "health_check")
+HEALTH_KEYS = ("path", "interval")
+ROUTE_KEYS = ("name", "match", "pins", "to", "split", "salt", "user_id", "body_limit")
+MATCH_KEYS = ("hosts", "path_prefix", "methods")
+PIN_KEYS = ("to", *PIN_CONDITIONS)
+
+# Bodies held in memory per request above this are most likely a typo (MB for KB).
+LARGE_BODY_LIMIT = 16 * 1024 * 1024
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_DURATION = re.compile(r"(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)?", re.IGNORECASE)
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmg]i?b|b)?", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1,
+    "kb": 1000,
+    "kib": 1024,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "gb": 1000**3,
+    "gib": 1024**3,
+}
+_HOST = re.compile(r"[A-Za-z0-9._\-]+|\[?[0-9A-Fa-f:.]+\]?")
+
+
+def parse_duration(text: str) -> float:
+    """'1s' -> 1.0, '500ms' -> 0.5, '2m' -> 120.0, '1.5' -> 1.5; ValueError otherwise."""
+    m = _DURATION.fullmatch(text.strip())
+    if m is None:
+        raise ValueError(text)
+    return float(m.group(1)) * _DURATION_UNITS[(m.group(2) or "s").lower()]
+
+
+def parse_size(text: str) -> int:
+    """'64KiB' -> 65536, '10KB' -> 10000, '512' -> 512; ValueError if not whole bytes."""
+    m = _SIZE.fullmatch(text.strip())
+    if m is None:
+        raise ValueError(text)
+    value = Decimal(m.group(1)) * _SIZE_UNITS[(m.group(2) or "b").lower()]
+    if value != value.to_integral_value():
+        raise ValueError(text)
+    return int(value)
+
+
+def validate(root: Node | None, filename: str) -> tuple[RuleSet | None, list[Problem]]:
+    """Check a raw tree. Returns (RuleSet, problems) or (None, problems) if any is an error.
+
+    Problems are sorted by position; warnings are included either way.
+    """
+    v = _Validator(filename)
+    ruleset = v.ruleset(root)
+    problems = sorted(v.problems, key=lambda p: (p.line, p.column))
+    if any(p.severity == "error" for p in problems):
+        return None, problems
+    return ruleset, problems
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _did_you_mean(word: str, options: Collection[str]) -> str | None:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    if not close:
+        close = difflib.get_close_matches(word.lower(), [o.lower() for o in options], n=1)
+        if close:
+            return next(o for o in options if o.lower() == close[0])
+    return close[0] if close else None
+
+
+def _two_decimals(value: int | float) -> bool:
+    if isinstance(value, int):
+        return True
+    return Decimal(repr(value)).as_tuple().exponent >= -2  # type: ignore[operator]
+
+
+def _written(node: Node) -> str:
+    return node.text if isinstance(node, ScalarNode) else node.kind
+
+
+def _fmt_number(value: float) -> str:
+    return f"{value:g}" if value != int(value) else str(int(value))
+
+
+class _Validator:
+    def __init__(self, filename: str) -> None:
+        self.file = filename
+        self.problems: list[Problem] = []
+        # Every upstream name written (None where its definition has errors); None when
+        # the section itself is unusable, so references cannot be checked.
+        self.known_upstreams: dict[str, Upstream | None] | None = None
+        self.used_upstreams: set[str] = set()
+
+    # -- reporting ---------------------------------------------------------------------
+
+    def error(self, node: Node, path: str, message: str, hint: str = "") -> None:
+        self.problems.append(Problem(self.file, node.line, node.column, path, message, hint))
+
+    def warn(self, node: Node, path: str, message: str, hint: str = "") -> None:
+        self.problems.append(
+            Problem(self.file, node.line, node.column, path, message, hint, "warning")
+        )
+
+    # -- shapes ------------------------------------------------------------------------
+
+    def mapping(
+        self,
+        node: Node,
+        path: str,
+        allowed: tuple[str, ...],
+        required: tuple[str, ...] = (),
+        example: str = "",
+    ) -> dict[str, Entry] | None:
+        """The known entries of a mapping; unknown keys and missing ones are reported."""
+        if not isinstance(node, MapNode):
+            self.error(
+                node,
+                path or "(file)",
+                f"expected a mapping, found {node.kind}",
+                example or f"write `key: value` lines with keys {', '.join(allowed)}",
+            )
+            return None
+        known: dict[str, Entry] = {}
+        for key, entry in node.items.items():
+            if key in allowed:
+                known[key] = entry
+                continue
+            suggestion = _did_you_mean(key, allowed)
+            hint = (
+                f"did you mean `{suggestion}`?"
+                if suggestion
+                else f"known keys here: {', '.join(allowed)}"
+            )
+            self.error(entry.key, _join(path, key), "unknown key", hint)
+        for key in required:
+            if key not in known:
+                self.error(
+                    node,
+                    _join(path, key),
+                    f"missing `{key}`",
+                    f"add `{key}:` to {path or 'the file'}",
+                )
+        return known
+
+    def seq(self, node: Node, path: str, example: str) -> list[Node] | None:
+        if not isinstance(node, SeqNode):
+            self.error(node, path, f"expected a list, found {node.kind}", f"write {example}")
+            return None
+        return node.items
+
+    def text(self, node: Node, path: str, what: str, numbers_ok: bool = False) -> str | None:
+        """A non-empty text value; with numbers_ok a number counts as the text written."""
+        if isinstance(node, ScalarNode):
+            value = node.value
+            if isinstance(value, str):
+                if value:
+                    return value
+                self.error(node, path, f"empty {what}", f"write the {what}")
+                return None
+            if numbers_ok and isinstance(value, int | float) and not isinstance(value, bool):
+                return node.text
+        found = node.kind
+        self.error(
+            node,
+            path,
+            f"expected {what} (text), found {found}",
+            "put it in quotes" if isinstance(node, ScalarNode) else f"write the {what}",
+        )
+        return None
+
+    def number(self, node: Node, path: str, what: str, example: str) -> int | float | None:
+        if (
+            isinstance(node, ScalarNode)
+            and isinstance(node.value, int | float)
+            and not isinstance(node.value, bool)
+        ):
+            if isinstance(node.value, float) and not math.isfinite(node.value):
+                self.error(node, path, f"{what} must be a finite number", f"write e.g. {example}")
+                return None
+            return node.value
+        shown = f"`{node.text}`" if isinstance(node, ScalarNode) else node.kind
+        self.error(node, path, f"{what} must be a number, found {shown}", f"write e.g. {example}")
+        return None
+
+    def duration(self, node: Node, path: str) -> float | None:
+        seconds: float | None = None
+        if isinstance(node, ScalarNode) and not isinstance(node.value, bool):
+            if isinstance(node.value, int | float):
+                seconds = float(node.value)
+            elif isinstance(node.value, str):
+                try:
+                    seconds = parse_duration(node.value)
+                except ValueError:
+                    seconds = None
+        if seconds is None or not math.isfinite(seconds):
+            shown = f"`{node.text}`" if isinstance(node, ScalarNode) else node.kind
+            self.error(
+                node,
+                path,
+                f"not a duration: {shown}",
+                "write e.g. 1s, 500ms, 2m or a number of seconds",
+            )
+            return None
+        if seconds <= 0:
+            self.error(node, path, "must be longer than 0", "write e.g. 1s or 500ms")
+            return None
+        return seconds
+
+    def size(self, node: Node, path: str) -> int | None:
+        size: int | None = None
+        if isinstance(node, ScalarNode) and not isinstance(node.value, bool):
+            if isinstance(node.value, int) and node.value >= 0:
+                size = node.value
+            elif isinstance(node.value, str):
+                try:
+                    size = parse_size(node.value)
+                except (ValueError, InvalidOperation):
+                    size = None
+        if size is None:
+            shown = f"`{node.text}`" if isinstance(node, ScalarNode) else node.kind
+            self.error(
+                node,
+                path,
+                f"not a size: {shown}",
+                "write e.g. 64KiB, 1MiB, 10KB or a number of bytes",
+            )
+            return None
+        if size > LARGE_BODY_LIMIT:
+            self.warn(
+                node,
+                path,
+                f"{size:,} bytes may be held in memory for every request",
+                "keep body_limit small (e.g. 64KiB); only the part with the user ID is needed",
+            )
+        return size
+
+    # -- the file ----------------------------------------------------------------------
+
+    def ruleset(self, root: Node | None) -> RuleSet | None:
+        if root is None:
+            self.problems.append(
+                Problem(
+                    self.file,
+                    1,
+                    1,
+                    "(file)",
+                    "the rule file is empty",
+                    "start with `format: 1`, then `upstreams:` and `routes:`",
+                )
+            )
+            return None
+        top = self.mapping(
+            root,
+            "",
+            TOP_KEYS,
+            required=("upstreams", "routes"),
+            example="start with `format: 1`, then `upstreams:` and `routes:`",
+        )
+        if top is None:
+            return None
+        assert isinstance(root, MapNode)
+        fmt = self.format(root, top.get("format"))
+        upstreams = self.upstreams(top["upstreams"].value) if "upstreams" in top else None
+        sources: tuple[UserIdSource, ...] | None = ()
+        if "user_id" in top:
+            sources = self.sources(top["user_id"].value, "user_id")
+        body_limit: int | None = DEFAULT_BODY_LIMIT
+        if "body_limit" in top:
+            body_limit = self.size(top["body_limit"].value, "body_limit")
+        routes = self.routes(top["routes"].value) if "routes" in top else None
+
+        if upstreams is not None and routes is not None:
+            # Only when every route was understood: a broken route's references are unknown.
+            self.unused_upstreams(top["upstreams"].value)
+        if (
+            fmt is None
+            or upstreams is None
+            or sources is None
+            or body_limit is None
+            or routes is None
+        ):
+            return None
+        ruleset = RuleSet(fmt, upstreams, sources, body_limit, tuple(r for r, _ in routes))
+        self.route_warnings(ruleset, routes)
+        return ruleset
+
+    def format(self, root: MapNode, entry: Entry | None) -> int | None:
+        if entry is None:
+            self.error(
+                root, "format", "missing `format`", f"add `format: {FORMAT}` as the first line"
+            )
+            return None
+        node = entry.value
+        is_int = (
+            isinstance(node, ScalarNode)
+            and isinstance(node.value, int)
+            and not isinstance(node.value, bool)
+        )
+        if is_int and isinstance(node, ScalarNode) and node.value == FORMAT:
+            return FORMAT
+        if is_int and isinstance(node, ScalarNode):
+            self.error(
+                node,
+                "format",
+                f"unsupported format {node.value}",
+                f"this router reads format {FORMAT}",
+            )
+        else:
+            shown = f"`{node.text}`" if isinstance(node, ScalarNode) else node.kind
+            self.error(
+                node,
+                "format",
+                f"format must be the number {FORMAT}, found {shown}",
+                f"write `format: {FORMAT}`",
+            )
+        return None
+
+    # -- upstreams ---------------------------------------------------------------------
+
+    def upstreams(self, node: Node) -> tuple[Upstream, ...] | None:
+        if not isinstance(node, MapNode):
+            self.error(
+                node,
+                "upstreams",
+                f"expected a mapping of upstreams, found {node.kind}",
+                "write `NAME: {endpoints: [HOST:PORT]}` for each upstream",
+            )
+            return None
+        if not node.items:
+            self.error(node, "upstreams", "no upstreams", "name at least one upstream")
+            return None
+        result: dict[str, Upstream] = {}
+        ok = True
+        for name, entry in node.items.items():
+            upstream = self.upstream(name, entry)
+            if upstream is None:
+                ok = False
+            else:
+                result[name] = upstream
+        # References are checked against every name written, even ones with errors inside,
+        # so one bad endpoint does not also make every route that uses it "unknown".
+        known: dict[str, Upstream | None] = dict.fromkeys(node.items)
+        known.update(result)
+        self.known_upstreams = known
+        return tuple(result.values()) if ok else None
+
+    def upstream(self, name: str, entry: Entry) -> Upstream | None:
+        path = _join("upstreams", name)
+        fields = self.mapping(
+            entry.value,
+            path,
+            UPSTREAM_KEYS,
+            required=("endpoints",),
+            example='write `endpoints: ["127.0.0.1:9001"]` under it',
+        )
+        if fields is None:
+            return None
+        ok = True
+        endpoints: list[tuple[str, int]] = []
+        if "endpoints" in fields:
+            items = self.seq(
+                fields["endpoints"].value,
+                _join(path, "endpoints"),
+                '["127.0.0.1:9001", "127.0.0.1:9002"]',
+            )
+            if items is None:
+                ok = False
+            elif not items:
+                self.error(
+                    fields["endpoints"].value,
+                    _join(path, "endpoints"),
+                    "no endpoints",
+                    'list at least one, e.g. ["127.0.0.1:9001"]',
+                )
+                ok = False
+            else:
+                seen: dict[tuple[str, int], int] = {}
+                for i, item in enumerate(items):
+                    item_path = f"{path}.endpoints[{i}]"
+                    endpoint = self.endpoint(item, item_path)
+                    if endpoint is None:
+                        ok = False
+                        continue
+                    if endpoint in seen:
+                        self.warn(
+                            item,
+                            item_path,
+                            "endpoint listed twice",
+                            f"it is also endpoints[{seen[endpoint]}]; it will get twice "
+                            "the share of requests",
+                        )
+                    seen.setdefault(endpoint, i)
+                    endpoints.append(endpoint)
+        timeouts: dict[str, float | None] = {"connect_timeout": None, "read_timeout": None}
+        for key in timeouts:
+            if key in fields:
+                timeouts[key] = self.duration(fields[key].value, _join(path, key))
+                ok = ok and timeouts[key] is not None
+        health: HealthCheck | None = None
+        if "health_check" in fields:
+            health = self.health_check(fields["health_check"].value, _join(path, "health_check"))
+            ok = ok and health is not None
+        if not ok:
+            return None
+        return Upstream(
+            name, tuple(endpoints), timeouts["connect_timeout"], timeouts["read_timeout"], health
+        )
+
+    def endpoint(self, node: Node, path: str) -> tuple[str, int] | None:
+        text = self.text(node, path, "endpoint")
+        if text is None:
+            return None
+        hint = "write HOST:PORT, e.g. 127.0.0.1:9001 or [::1]:9001"
+        if "://" in text:
+            self.error(
+                node,
+                path,
+                f"`{text}` is a URL, not HOST:PORT",
+                "leave out the scheme (http://) and any path",
+            )
+            return None
+        host, sep, port = text.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        elif ":" in host:
+            self.error(node, path, f"`{text}`: an IPv6 address needs brackets", hint)
+            return None
+        if not sep or not host or not port.isdigit() or not port.isascii():
+            self.error(node, path, f"`{text}` is not HOST:PORT", hint)
+            return None
+        if not 1 <= int(port) <= 65535:
+            self.error(node, path, f"port {port} is out of range", "use a port from 1 to 65535")
+            return None
+        if not _HOST.fullmatch(host):
+            self.error(node, path, f"`{host}` is not a host name or address", hint)
+            return None
+        return host, int(port)
+
+    def health_check(self, node: Node, path: str) -> HealthCheck | None:
+        fields = self.mapping(
+            node, path, HEALTH_KEYS, example="write `{path: /healthz, interval: 5s}`"
+        )
+        if fields is None:
+            return None
+        check_path: str | None = DEFAULT_HEALTH_PATH
+        interval: float | None = DEFAULT_HEALTH_INTERVAL
+        if "path" in fields:
+            check_path = self.text(fields["path"].value, _join(path, "path"), "path")
+            if check_path is not None and not check_path.startswith("/"):
+                self.error(
+                    fields["path"].value,
+                    _join(path, "path"),
+                    f"`{check_path}` does not start with /",
+                    f"write /{check_path}",
+                )
+                check_path = None
+        if "interval" in fields:
+            interval = self.duration(fields["interval"].value, _join(path, "interval"))
+        if check_path is None or interval is None:
+            return None
+        return HealthCheck(check_path, interval)
+
+    def upstream_ref(self, node: Node, path: str) -> str | None:
+        name = self.text(node, path, "upstream name", numbers_ok=True)
+        if name is None:
+            return None
+        return name if self.check_upstream_name(node, path, name) else None
+
+    def check_upstream_name(self, node: Node, path: str, name: str) -> bool:
+        known = self.known_upstreams
+        if known is None:
+            return True  # the upstreams section itself is broken; reported there
+        if name in known:
+            self.used_upstreams.add(name)
+            return True
+        listing = f"known: {', '.join(known)}" if known else "no upstreams are defined"
+        suggestion = _did_you_mean(name, known)
+        hint = f"{listing}; did you mean {suggestion}?" if suggestion else listing
+        self.error(node, path, "unknown upstream", hint)
+        return False
+
+    def unused_upstreams(self, node: Node) -> None:
+        if not isinstance(node, MapNode) or self.known_upstreams is None:
+            return
+        for name, entry in node.items.items():
+            if name not in self.used_upstreams:
+                self.warn(
+                    entry.key,
+                    _join("upstreams", name),
+                    "not used by any route",
+                    "send traffic to it with `to`, a pin or a split, or remove it",
+                )
+
+    # -- user ID sources ---------------------------------------------------------------
+
+    def sources(self, node: Node, path: str) -> tuple[UserIdSource, ...] | None:
+        items = self.seq(node, path, "a list like `- header: X-User-Id`")
+        if items is None:
+            return None
+        result: list[UserIdSource] = []
+        ok = True
+        for i, item in enumerate(items):
+            source = self.source(item, f"{path}[{i}]")
+            if source is None:
+                ok = False
+            else:
+                result.append(source)
+        return tuple(result) if ok else None
+
+    def source(self, node: Node, path: str) -> UserIdSource | None:
+        example = "write one source per item, e.g. `- header: X-User-Id` or `- json: user.id`"
+        if not isinstance(node, MapNode):
+            self.error(
+                node,
+                path,
+                f"expected a source like `header: X-User-Id`, found {node.kind}",
+                example,
+            )
+            return None
+        fields = self.mapping(node, path, SOURCE_KINDS)
+        if fields is None:
+            return None
+        if len(node.items) != 1:
+            if not node.items:
+                self.error(node, path, "empty source", example)
+            elif len(fields) > 1:
+                self.error(node, path, f"one item names {len(fields)} sources", example)
+            return None
+        if len(fields) != 1:
+            return None  # the unknown kind was reported by mapping()
+        ((kind, entry),) = fields.items()
+        value_path = _join(path, kind)
+        name = self.text(entry.value, value_path, f"{kind} name", numbers_ok=kind != "header")
+        if name is None:
+            return None
+        if kind in ("header", "cookie") and not _TOKEN.fullmatch(name):
+            self.error(
+                entry.value,
+                value_path,
+                f"`{name}` is not a valid {kind} name",
+                "use letters, digits and - _ . only",
+            )
+            return None
+        if kind == "json":
+            try:
+                parse_json_path(name)
+            except ValueError as exc:
+                self.error(
+                    entry.value,
+                    value_path,
+                    f"bad JSON path `{name}`: {exc}",
+                    "write a dotted path like user.id or items[0].id",
+                )
+                return None
+        return UserIdSource(kind, name)
+
+    # -- routes ------------------------------------------------------------------------
+
+    def routes(self, node: Node) -> list[tuple[Route, MapNode]] | None:
+        items = self.seq(node, "routes", "a list of routes, each starting with `- name: ...`")
+        if items is None:
+            return None
+        if not items:
+            self.error(
+                node,
+                "routes",
+                "no routes",
+                "add at least one route, e.g. `- {name: all, to: UPSTREAM}`",
+            )
+            return None
+        result: list[tuple[Route, MapNode]] = []
+        names: dict[str, Node] = {}
+        ok = True
+        for i, item in enumerate(items):
+            route = self.route(item, f"routes[{i}]", names)
+            if route is None:
+                ok = False
+            else:
+                assert isinstance(item, MapNode)
+                result.append((route, item))
+        return result if ok else None
+
+    def route(self, node: Node, path: str, names: dict[str, Node]) -> Route | None:
+        fields = self.mapping(
+            node,
+            path,
+            ROUTE_KEYS,
+            required=("name",),
+            example="write `name:`, `match:` and `to:` or `split:` under it",
+        )
+        if fields is None:
+            return None
+        ok = True
+        name: str | None = None
+        if "name" in fields:
+            name_node = fields["name"].value
+            name = self.text(name_node, _join(path, "name"), "route name", numbers_ok=True)
+            if name is not None and name in names:
+                self.error(
+                    name_node,
+                    _join(path, "name"),
+                    f"route name `{name}` is used twice",
+                    f"it is also the name at line {names[name].line}; names must be unique",
+                )
+                ok = False
+            elif name is not None:
+                names[name] = name_node
+        match = Match()
+        if "match" in fields:
+            got = self.match(fields["match"].value, _join(path, "match"))
+            ok = ok and got is not None
+            match = got or match
+        pins: list[Pin] = []
+        if "pins" in fields:
+            got_pins = self.pins(fields["pins"].value, _join(path, "pins"))
+            ok = ok and got_pins is not None
+            pins = got_pins or []
+        to: str | None = None
+        split: Split | None = None
+        if "to" in fields:
+            to = self.upstream_ref(fields["to"].value, _join(path, "to"))
+            ok = ok and to is not None
+        if "split" in fields:
+            split = self.split(fields["split"].value, _join(path, "split"))
+            ok = ok and split is not None
+        if "to" in fields and "split" in fields:
+            second = max(fields["to"], fields["split"], key=lambda e: (e.key.line, e.key.column))
+            self.error(
+                second.key,
+                _join(path, second.key.text),
+                "a route has either `to` or `split`, not both",
+                "keep `to` for one upstream, `split` for weights",
+            )
+            ok = False
+        elif "to" not in fields and "split" not in fields:
+            self.error(
+                node,
+                path,
+                "a route needs `to` or `split`",
+                "add `to: UPSTREAM` for one upstream or `split:` with weights",
+            )
+            ok = False
+        salt = name
+        if "salt" in fields:
+            salt = self.text(fields["salt"].value, _join(path, "salt"), "salt", numbers_ok=True)
+            ok = ok and salt is not None
+        sources: tuple[UserIdSource, ...] | None = None
+        if "user_id" in fields:
+            sources = self.sources(fields["user_id"].value, _join(path, "user_id"))
+            ok = ok and sources is not None
+        body_limit: int | None = None
+        if "body_limit" in fields:
+            body_limit = self.size(fields["body_limit"].value, _join(path, "body_limit"))
+            ok = ok and body_limit is not None
+        if not ok or name is None or salt is None:
+            return None
+        return Route(name, match, tuple(pins), to, split, salt, sources, body_limit)
+
+    def match(self, node: Node, path: str) -> Match | None:
+        fields = self.mapping(
+            node,
+            path,
+            MATCH_KEYS,
+            example="write e.g. `{hosts: [api.example.com], path_prefix: /x}`",
+        )
+        if fields is None:
+            return None
+        ok = True
+        hosts: tuple[str, ...] | None = None
+        if "hosts" in fields:
+            hosts = self.hosts(fields["hosts"].value, _join(path, "hosts"))
+            ok = ok and hosts is not None
+        prefix: str | None = None
+        if "path_prefix" in fields:
+            prefix_node = fields["path_prefix"].value
+            prefix = self.text(prefix_node, _join(path, "path_prefix"), "path prefix")
+            if prefix is not None and not prefix.startswith("/"):
+                self.error(
+                    prefix_node,
+                    _join(path, "path_prefix"),
+                    f"`{prefix}` does not start with /",
+                    f"write /{prefix}",
+                )
+                prefix = None
+            ok = ok and prefix is not None
+        methods: tuple[str, ...] | None = None
+        if "methods" in fields:
+            methods = self.methods(fields["methods"].value, _join(path, "methods"))
+            ok = ok and methods is not None
+        return Match(hosts, prefix, methods) if ok else None
+
+    def hosts(self, node: Node, path: str) -> tuple[str, ...] | None:
+        items = self.seq(node, path, "[api.example.com]")
+        if items is None:
+            return None
+        if not items:
+            self.error(
+                node,
+                path,
+                "empty list: the route would never match",
+                "list at least one host, or remove `hosts` to match every host",
+            )
+            return None
+        result: list[str] = []
+        ok = True
+        for i, item in enumerate(items):
+            item_path = f"{path}[{i}]"
+            host = self.text(item, item_path, "host")
+            if host is None:
+                ok = False
+                continue
+            problem = _host_problem(host)
+            if problem:
+                self.error(item, item_path, problem[0], problem[1])
+                ok = False
+                continue
+            result.append(host.lower().strip("[]"))
+        return tuple(dict.fromkeys(result)) if ok else None
+
+    def methods(self, node: Node, path: str) -> tuple[str, ...] | None:
+        items = self.seq(node, path, "[GET, POST]")
+        if items is None:
+            return None
+        if not items:
+            self.error(
+                node,
+                path,
+                "empty list: the route would never match",
+                "list at least one method, or remove `methods` to match every method",
+            )
+            return None
+        result: list[str] = []
+        ok = True
+        for i, item in enumerate(items):
+            method = self.text(item, f"{path}[{i}]", "method")
+            if method is None:
+                ok = False
+            elif not _TOKEN.fullmatch(method):
+                self.error(
+                    item,
+                    f"{path}[{i}]",
+                    f"`{method}` is not an HTTP method",
+                    "write e.g. GET, POST, PUT, DELETE",
+                )
+                ok = False
+            else:
+                result.append(method.upper())
+        return tuple(dict.fromkeys(result)) if ok else None
+
+    # -- pins --------------------------------------------------------------------------
+
+    def pins(self, node: Node, path: str) -> list[Pin] | None:
+        items = self.seq(node, path, 'a list of pins, each like `- {to: v2, users: ["42"]}`')
+        if items is None:
+            return None
+        result: list[Pin] = []
+        ok = True
+        for i, item in enumerate(items):
+            pin = self.pin(item, f"{path}[{i}]")
+            if pin is None:
+                ok = False
+            else:
+                result.append(pin)
+        return result if ok else None
+
+    def pin(self, node: Node, path: str) -> Pin | None:
+        fields = self.mapping(
+            node, path, PIN_KEYS, required=("to",), example='write e.g. `{to: v2, users: ["42"]}`'
+        )
+        if fields is None:
+            return None
+        ok = True
+        to: str | None = None
+        if "to" in fields:
+            to = self.upstream_ref(fields["to"].value, _join(path, "to"))
+            ok = to is not None
+        if not any(c in fields for c in PIN_CONDITIONS):
+            if isinstance(node, MapNode) and all(k in PIN_KEYS for k in node.items):
+                self.error(
+                    node,
+                    path,
+                    "a pin needs at least one condition",
+                    f"add one of {', '.join(PIN_CONDITIONS)}; to send every request "
+                    "to one upstream use the route's `to`",
+                )
+            return None
+        values: dict[str, object] = {}
+        for cond in PIN_CONDITIONS:
+            if cond not in fields:
+                continue
+            value = getattr(self, f"pin_{cond}")(fields[cond].value, _join(path, cond))
+            if value is None:
+                ok = False
+            values[cond] = value
+        if not ok or to is None:
+            return None
+        return Pin(to, **values)  # type: ignore[arg-type]
+
+    def _nonempty_list(self, node: Node, path: str, example: str) -> list[Node] | None:
+        items = self.seq(node, path, example)
+        if items is not None and not items:
+            self.warn(
+                node,
+                path,
+                "empty list: this pin never holds",
+                "list at least one value, or remove the pin",
+            )
+        return items
+
+    def pin_users(self, node: Node, path: str) -> frozenset[str] | None:
+        items = self._nonempty_list(node, path, '["10086", "42"]')
+        if items is None:
+            return None
+        users: list[str] = []
+        ok = True
+        for i, item in enumerate(items):
+            user = self.text(item, f"{path}[{i}]", "user ID", numbers_ok=True)
+            ok = ok and user is not None
+            if user is not None:
+                users.append(user)
+        return frozenset(users) if ok else None
+
+    def pin_user_ranges(self, node: Node, path: str) -> tuple[tuple[int, int], ...] | None:
+        items = self._nonempty_list(node, path, "[[100000, 199999]]")
+        if items is None:
+            return None
+        ranges: list[tuple[int, int]] = []
+        ok = True
+        for i, item in enumerate(items):
+            item_path = f"{path}[{i}]"
+            pair = item.items if isinstance(item, SeqNode) else None
+            if pair is None or len(pair) != 2:
+                self.error(
+                    item,
+                    item_path,
+                    "expected a pair [low, high]",
+                    "write e.g. [100000, 199999]; both ends are included",
+                )
+                ok = False
+                continue
+            bounds: list[int] = []
+            for j, bound in enumerate(pair):
+                if (
+                    isinstance(bound, ScalarNode)
+                    and isinstance(bound.value, int)
+                    and not isinstance(bound.value, bool)
+                ):
+                    bounds.append(bound.value)
+                else:
+                    shown = f"`{bound.text}`" if isinstance(bound, ScalarNode) else bound.kind
+                    self.error(
+                        bound,
+                        f"{item_path}[{j}]",
+                        f"expected a whole number, found {shown}",
+                        "user ranges compare user IDs as integers",
+                    )
+                    ok = False
+            if len(bounds) == 2:
+                if bounds[0] > bounds[1]:
+                    self.error(
+                        item,
+                        item_path,
+                        f"low end {bounds[0]} is above high end {bounds[1]}",
+                        f"write [{bounds[1]}, {bounds[0]}]",
+                    )
+                    ok = False
+                else:
+                    ranges.append((bounds[0], bounds[1]))
+        return tuple(ranges) if ok else None
+
+    def pin_user_suffixes(self, node: Node, path: str) -> tuple[str, ...] | None:
+        items = self._nonempty_list(node, path, '["07"]')
+        if items is None:
+            return None
+        suffixes = [
+            self.text(item, f"{path}[{i}]", "suffix", numbers_ok=True)
+            for i, item in enumerate(items)
+        ]
+        if any(s is None for s in suffixes):
+            return None
+        return tuple(dict.fromkeys(s for s in suffixes if s is not None))
+
+    def pin_user_pattern(self, node: Node, path: str) -> str | None:
+        return self.regex(node, path, numbers_ok=True)
+
+    def regex(self, node: Node, path: str, numbers_ok: bool = False) -> str | None:
+        pattern = self.text(node, path, "regular expression", numbers_ok=numbers_ok)
+        if pattern is None:
+            return None
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            where = f" at position {exc.pos}" if exc.pos is not None else ""
+            self.error(
+                node,
+                path,
+                f"bad regular expression: {exc.msg}{where}",
+                "check brackets and escapes; in YAML double quotes write \\\\ for \\",
+            )
+            return None
+        return pattern
+
+    def pin_user_percent(self, node: Node, path: str) -> float | None:
+        if (
+            isinstance(node, ScalarNode)
+            and isinstance(node.value, str)
+            and node.value.strip().endswith("%")
+        ):
+            self.error(
+                node,
+                path,
+                f"`{node.text}`: write the number without %",
+                f"write {node.value.strip()[:-1].strip()}",
+            )
+            return None
+        value = self.number(node, path, "user_percent", "5 or 0.5")
+        if value is None:
+            return None
+        if not 0 <= value <= 100:
+            self.error(
+                node,
+                path,
+                f"{_fmt_number(value)} is not between 0 and 100",
+                "write a percentage from 0 to 100",
+            )
+            return None
+        if not _two_decimals(value):
+            self.error(
+                node,
+                path,
+                f"{_written(node)}: at most two decimals",
+                f"write e.g. {round(value, 2):g}",
+            )
+            return None
+        return float(value)
+
+    def pin_headers(self, node: Node, path: str) -> tuple[tuple[str, str], ...] | None:
+        if not isinstance(node, MapNode):
+            self.error(
+                node,
+                path,
+                f"expected a mapping of header: regex, found {node.kind}",
+                'write e.g. {X-App-Version: "^3\\\\."}',
+            )
+            return None
+        if not node.items:
+            self.warn(
+                node,
+                path,
+                "no headers listed: this condition always holds",
+                "list at least one header, or remove `headers`",
+            )
+        result: list[tuple[str, str]] = []
+        ok = True
+        seen: dict[str, str] = {}
+        for name, entry in node.items.items():
+            item_path = _join(path, name)
+            if not _TOKEN.fullmatch(name):
+                self.error(
+                    entry.key,
+                    item_path,
+                    f"`{name}` is not a valid header name",
+                    "use letters, digits and - _ . only",
+                )
+                ok = False
+                continue
+            if name.lower() in seen:
+                self.error(
+                    entry.key,
+                    item_path,
+                    f"header `{name}` is listed twice",
+                    f"header names ignore case (`{seen[name.lower()]}` is the same "
+                    "header); join the two regular expressions",
+                )
+                ok = False
+                continue
+            seen[name.lower()] = name
+            pattern = self.regex(entry.value, item_path, numbers_ok=True)
+            if pattern is None:
+                ok = False
+            else:
+                result.append((name, pattern))
+        return tuple(result) if ok else None
+
+    def pin_client_cidrs(self, node: Node, path: str) -> tuple[str, ...] | None:
+        items = self._nonempty_list(node, path, "[192.168.0.0/16]")
+        if items is None:
+            return None
+        result: list[str] = []
+        ok = True
+        for i, item in enumerate(items):
+            item_path = f"{path}[{i}]"
+            text = self.text(item, item_path, "network")
+            if text is None:
+                ok = False
+                continue
+            try:
+                network = ipaddress.ip_network(text, strict=False)
+            except ValueError:
+                self.error(
+                    item,
+                    item_path,
+                    f"`{text}` is not an address or CIDR",
+                    "write e.g. 192.168.0.0/16, 10.1.2.3 or 2001:db8::/32",
+                )
+                ok = False
+                continue
+            try:
+                ipaddress.ip_network(text, strict=True)
+            except ValueError:
+                self.warn(
+                    item,
+                    item_path,
+                    f"`{text}` has host bits set; it means {network}",
+                    f"write {network}",
+                )
+            result.append(network.with_prefixlen)
+        return tuple(dict.fromkeys(result)) if ok else None
+
+    # -- split -------------------------------------------------------------------------
+
+    def split(self, node: Node, path: str) -> Split | None:
+        example = "write `UPSTREAM: WEIGHT` lines, e.g. `orders-v1: 95` and `orders-v1.1: 5`"
+        if isinstance(node, ScalarNode) and node.value == "replicas":
+            known = self.known_upstreams
+            if known is None:
+                return None
+            if any(u is None for u in known.values()):
+                return None  # an upstream is broken; reported there
+            self.used_upstreams.update(known)
+            return Split(
+                tuple((u.name, float(len(u.endpoints))) for u in known.values() if u is not None),
+                replicas=True,
+            )
+        if not isinstance(node, MapNode):
+            shown = f"`{node.text}`" if isinstance(node, ScalarNode) else node.kind
+            self.error(node, path, f"expected weights or `replicas`, found {shown}", example)
+            return None
+        if not node.items:
+            self.error(node, path, "no upstreams in the split", example)
+            return None
+        weights: list[tuple[str, float]] = []
+        total = Decimal(0)
+        ok = True
+        for name, entry in node.items.items():
+            item_path = _join(path, name)
+            known_name = self.check_upstream_name(entry.key, item_path, name)
+            weight = self.weight(entry.value, item_path, name)
+            if weight is None or not known_name:
+                ok = False
+                continue
+            if weight == 0:
+                self.warn(
+                    entry.value,
+                    item_path,
+                    "weight 0: this upstream gets no requests from this split",
+                    "raise the weight or remove the line",
+                )
+            total += Decimal(repr(weight))
+            weights.append((name, weight))
+        if ok and total <= 0:
+            self.error(
+                node,
+                path,
+                "the weights add up to 0",
+                "give at least one upstream a positive weight",
+            )
+            return None
+        return Split(tuple(weights)) if ok else None
+
+    def weight(self, node: Node, path: str, name: str) -> float | None:
+        if isinstance(node, ScalarNode) and node.value == "replicas":
+            upstream = (self.known_upstreams or {}).get(name)
+            return float(len(upstream.endpoints)) if upstream is not None else None
+        if (
+            isinstance(node, ScalarNode)
+            and isinstance(node.value, str)
+            and node.value.strip().endswith("%")
+        ):
+            self.error(
+                node,
+                path,
+                f"`{node.text}`: write the weight without %",
+                f"write {node.value.strip()[:-1].strip()}",
+            )
+            return None
+        value = self.number(node, path, "a weight", "95 (or `replicas`)")
+        if value is None:
+            return None
+        if value < 0:
+            self.error(
+                node,
+                path,
+                f"negative weight {_fmt_number(value)}",
+                "use 0 or more; 0 sends nothing",
+            )
+            return None
+        if not _two_decimals(value):
+            self.error(
+                node,
+                path,
+                f"weight {_written(node)} has more than two decimals",
+                f"round it, e.g. {round(value, 2):g}",
+            )
+            return None
+        return float(value)
+
+    # -- whole-file warnings -----------------------------------------------------------
+
+    def route_warnings(self, ruleset: RuleSet, routes: list[tuple[Route, MapNode]]) -> None:
+        catch_all: Route | None = None
+        for i, (route, node) in enumerate(routes):
+            path = f"routes[{i}]"
+            if catch_all is not None:
+                self.warn(
+                    node,
+                    path,
+                    f"never used: route `{catch_all.name}` above matches every request",
+                    "move this route above it, or give that one a `match`",
+                )
+            elif route.match.matches_everything:
+                catch_all = route
+            sources = ruleset.sources_of(route)
+            if not sources:
+                for j, pin in enumerate(route.pins):
+                    if pin.needs_user:
+                        self.warn(
+                            node,
+                            f"{path}.pins[{j}]",
+                            "never holds: there is no `user_id` source for this route",
+                            "add `user_id:` to the file or to the route",
+                        )
+            if ruleset.body_limit_of(route) == 0 and any(s.reads_body for s in sources):
+                self.warn(
+                    node,
+                    path,
+                    "body_limit is 0, so json/form sources never yield a user ID",
+                    "raise body_limit, e.g. 64KiB",
+                )
+
+
+def _host_problem(host: str) -> tuple[str, str] | None:
+    if "://" in host or "/" in host:
+        return f"`{host}` is not a host name", "write only the host, e.g. api.example.com"
+    if "*" in host:
+        return (
+            f"`{host}`: wildcards are not supported",
+            "list each host; hosts are matched exactly",
+        )
+    port = f"`{host}` has a port", "leave out the port; hosts are matched without it"
+    if host.startswith("["):
+        if not host.endswith("]"):
+            return port
+    elif host.count(":") == 1:
+        return port
+    if not _HOST.fullmatch(host):
+        return f"`{host}` is not a host name or address", "write e.g. api.example.com"
+    return None
