@@ -8,6 +8,7 @@ written to tmp_path. Waits are polls with a bound, never fixed sleeps.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import re
 import signal
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -211,9 +213,10 @@ async def test_killed_worker_is_replaced(rules: Path, serve_router: Serve) -> No
 
 
 async def test_sighup_reload(
-    rules: Path, upstreams: dict[str, DemoUpstream], serve_router: Serve
+    rules: Path, upstreams: dict[str, DemoUpstream], serve_router: Serve, tmp_path: Path
 ) -> None:
-    router = await serve_router(rules, workers=2)
+    state = tmp_path / "state"
+    router = await serve_router(rules, workers=2, args=("--state-dir", str(state)))
     old = router.ready["rules"]
     assert await versions(router, 4) == ["v1"] * 4
     async with httpx.AsyncClient(timeout=10.0) as client:
@@ -258,6 +261,11 @@ async def test_sighup_reload(
         assert m[("grayroute_rules_reloads_total", "result=failure")] == 1
         assert m[("grayroute_rules_info", f"digest={new}", f"source={rules}")] == 1
         assert router.proc.returncode is None
+    # The state directory keeps the history and the exact bytes of every accepted file.
+    history = [orjson.loads(line) for line in (state / "reloads.jsonl").read_bytes().splitlines()]
+    assert [(h["result"], h["digest"]) for h in history] == [("success", new), ("failure", new)]
+    assert (state / "rules" / f"{old}.yaml").is_file()
+    assert hashlib.sha256((state / "rules" / f"{new}.yaml").read_bytes()).hexdigest() == new
 
 
 async def test_restarted_worker_keeps_the_rules_in_force(

@@ -1,0 +1,298 @@
+"""Metrics: cheap counters in each worker, summed in the supervisor, exposed to Prometheus.
+
+Three parts, in the order data flows:
+
+    WorkerMetrics        one per worker process; the proxy calls `request_done()` and
+                         `upstream_error()` on the hot path (plain dict and list updates,
+                         ~0.2 us). `snapshot()` returns the worker's cumulative totals as a
+                         JSON-able dict; the worker sends one every `metrics_interval`
+                         seconds and at exit (see router.server).
+    MetricsAggregator    in the supervisor: the latest snapshot of every live worker plus
+                         the summed last snapshots of workers that have exited, so that a
+                         sum over all workers never goes down when a worker is replaced.
+    SupervisorMetrics    the supervisor's own counters (reloads, restarts, live workers,
+                         the rule digest) and the one prometheus-client Collector that
+                         renders everything in the Prometheus text format.
+
+Worker snapshots carry cumulative totals, never deltas: a snapshot that is lost or
+skipped (a full pipe) costs nothing, because the next one supersedes it.
+"""
+
+from __future__ import annotations
+
+import logging
+from bisect import bisect_left
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import CollectorRegistry
+
+log = logging.getLogger("grayroute.metrics")
+
+# Upper bounds (seconds) of the request-duration histogram buckets; +Inf is implicit.
+# Sub-millisecond buckets because the router's own overhead is what operators compare.
+DURATION_BUCKETS: tuple[float, ...] = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+_NBUCKETS = len(DURATION_BUCKETS) + 1  # the last one is +Inf
+
+UPSTREAM_ERROR_KINDS = ("connect", "timeout", "reset", "bad_response")
+
+_STATUS_CLASSES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+
+
+def status_class(status: int) -> str:
+    """200 -> "2xx"; anything outside 100-599 (e.g. 0: no response was sent) -> "other"."""
+    return _STATUS_CLASSES.get(status // 100, "other") if status >= 0 else "other"
+
+
+class _Histograms(dict[str, list[Any]]):
+    """upstream -> [count in bucket 0, ..., count in +Inf bucket, sum of seconds].
+
+    Bucket counts are per bucket (not cumulative) so one request touches one slot;
+    they are made cumulative only when rendered.
+    """
+
+    def __missing__(self, upstream: str) -> list[Any]:
+        row: list[Any] = [0] * _NBUCKETS
+        row.append(0.0)
+        self[upstream] = row
+        return row
+
+
+class WorkerMetrics:
+    """Per-worker counters, updated on the hot path. Not thread-safe (one loop per worker)."""
+
+    __slots__ = ("_durations", "_errors", "_requests")
+
+    def __init__(self) -> None:
+        self._requests: defaultdict[tuple[str, str, int], int] = defaultdict(int)
+        self._durations = _Histograms()
+        self._errors: defaultdict[tuple[str, str], int] = defaultdict(int)
+
+    # The two hot-path calls: no allocation but the key tuple, no formatting, no locks.
+    # The status is kept as given; it becomes a status class in the supervisor.
+    def request_done(
+        self,
+        route: str,
+        upstream: str,
+        status: int,
+        seconds: float,
+        _bisect: Callable[[tuple[float, ...], float], int] = bisect_left,
+        _bounds: tuple[float, ...] = DURATION_BUCKETS,
+    ) -> None:
+        self._requests[(route, upstream, status)] += 1
+        row = self._durations[upstream]
+        # bisect_left: a value equal to a bound belongs to that bucket (Prometheus `le`).
+        row[_bisect(_bounds, seconds)] += 1
+        row[-1] += seconds
+
+    def upstream_error(self, upstream: str, kind: str) -> None:
+        self._errors[(upstream, kind)] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """The cumulative totals since this worker started, as plain JSON-able data."""
+        return {
+            "requests": [[r, u, s, n] for (r, u, s), n in self._requests.items()],
+            "durations": [[u, row[:-1], row[-1]] for u, row in self._durations.items()],
+            "errors": [[u, k, n] for (u, k), n in self._errors.items()],
+        }
+
+
+class Totals:
+    """Cumulative totals of one or more workers, with status codes folded into classes."""
+
+    __slots__ = ("durations", "errors", "requests")
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, str], int] = {}
+        # upstream -> (per-bucket counts, sum of seconds)
+        self.durations: dict[str, tuple[list[int], float]] = {}
+        self.errors: dict[tuple[str, str], int] = {}
+
+    @classmethod
+    def from_snapshot(cls, data: Mapping[str, Any]) -> Totals:
+        """Parse a `WorkerMetrics.snapshot()`; raises ValueError on a malformed one."""
+        totals = cls()
+        try:
+            for route, upstream, status, n in data.get("requests", ()):
+                key = (str(route), str(upstream), status_class(int(status)))
+                totals.requests[key] = totals.requests.get(key, 0) + int(n)
+            for upstream, buckets, total in data.get("durations", ()):
+                counts = [int(c) for c in buckets]
+                if len(counts) != _NBUCKETS:
+                    raise ValueError(f"{len(counts)} histogram buckets, expected {_NBUCKETS}")
+                totals._add_duration(str(upstream), counts, float(total))
+            for upstream, kind, n in data.get("errors", ()):
+                key2 = (str(upstream), str(kind))
+                totals.errors[key2] = totals.errors.get(key2, 0) + int(n)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"malformed metrics snapshot: {exc}") from exc
+        return totals
+
+    def _add_duration(self, upstream: str, counts: list[int], total: float) -> None:
+        old = self.durations.get(upstream)
+        if old is None:
+            self.durations[upstream] = (list(counts), total)
+        else:
+            merged = [a + b for a, b in zip(old[0], counts, strict=True)]
+            self.durations[upstream] = (merged, old[1] + total)
+
+    def add(self, other: Totals) -> None:
+        for key, n in other.requests.items():
+            self.requests[key] = self.requests.get(key, 0) + n
+        for upstream, (counts, total) in other.durations.items():
+            self._add_duration(upstream, counts, total)
+        for key2, n in other.errors.items():
+            self.errors[key2] = self.errors.get(key2, 0) + n
+
+
+class MetricsAggregator:
+    """Sums worker totals: the latest snapshot of each live worker + those of dead ones.
+
+    Workers are keyed by an id that is never reused (the supervisor uses the pid and a
+    spawn counter). `retire()` moves a worker's last totals into `retired`, so a counter
+    summed over workers never goes down when one dies and is replaced.
+    """
+
+    def __init__(self) -> None:
+        self.live: dict[str, Totals] = {}
+        self.retired = Totals()
+
+    def update(self, worker: str, data: Mapping[str, Any]) -> None:
+        """Replace `worker`'s totals with a new cumulative snapshot (ignored if malformed)."""
+        try:
+            self.live[worker] = Totals.from_snapshot(data)
+        except ValueError as exc:
+            log.warning("worker %s: %s; keeping its previous totals", worker, exc)
+
+    def retire(self, worker: str) -> None:
+        totals = self.live.pop(worker, None)
+        if totals is not None:
+            self.retired.add(totals)
+
+    def total(self) -> Totals:
+        out = Totals()
+        out.add(self.retired)
+        for totals in self.live.values():
+            out.add(totals)
+        return out
+
+
+class SupervisorMetrics:
+    """The supervisor's view: worker totals plus its own counters, and the registry.
+
+    The registry and its one Collector are created once, here; `render()` reads the
+    current values at scrape time, so nothing is copied into prometheus-client objects
+    between scrapes.
+    """
+
+    def __init__(self, workers_alive: Callable[[], int] | None = None) -> None:
+        self.aggregator = MetricsAggregator()
+        self.reloads = {"success": 0, "failure": 0}
+        self.worker_restarts = 0
+        self.rules_digest = ""
+        self.rules_source = ""
+        self._workers_alive = workers_alive or (lambda: 0)
+        self.registry = _build_registry(self)
+
+    def set_workers_alive(self, fn: Callable[[], int]) -> None:
+        self._workers_alive = fn
+
+    def workers_alive(self) -> int:
+        return self._workers_alive()
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+def _build_registry(state: SupervisorMetrics) -> CollectorRegistry:
+    # prometheus-client is imported here, not at module level: worker processes import
+    # this module for WorkerMetrics only and should not pay for it at start.
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+    )
+    from prometheus_client.registry import Collector, CollectorRegistry
+
+    class GrayrouteCollector(Collector):
+        def collect(self) -> Iterator[Any]:
+            totals = state.aggregator.total()
+
+            requests = CounterMetricFamily(
+                "grayroute_requests",
+                "Requests answered, by route, upstream and status class "
+                "(route and upstream are empty when no route matched).",
+                labels=("route", "upstream", "status_class"),
+            )
+            for (route, upstream, cls), n in sorted(totals.requests.items()):
+                requests.add_metric((route, upstream, cls), n)
+            yield requests
+
+            durations = HistogramMetricFamily(
+                "grayroute_request_duration_seconds",
+                "Time from the first byte of a request to the last byte of its response.",
+                labels=("upstream",),
+            )
+            for upstream, (counts, total) in sorted(totals.durations.items()):
+                cumulative = 0
+                buckets: list[tuple[str, float]] = []
+                for bound, count in zip((*DURATION_BUCKETS, float("inf")), counts, strict=True):
+                    cumulative += count
+                    buckets.append((_float_label(bound), cumulative))
+                durations.add_metric((upstream,), buckets, total)
+            yield durations
+
+            errors = CounterMetricFamily(
+                "grayroute_upstream_errors",
+                "Failures talking to an upstream, by kind: connect, timeout, reset, bad_response.",
+                labels=("upstream", "kind"),
+            )
+            for (upstream, kind), n in sorted(totals.errors.items()):
+                errors.add_metric((upstream, kind), n)
+            yield errors
+
+            workers = GaugeMetricFamily(
+                "grayroute_workers", "Worker processes currently up and accepting."
+            )
+            workers.add_metric((), state.workers_alive())
+            yield workers
+
+            info = GaugeMetricFamily(
+                "grayroute_rules_info",
+                "The rules in force: always 1, labelled with their digest and source file.",
+                labels=("digest", "source"),
+            )
+            if state.rules_digest:
+                info.add_metric((state.rules_digest, state.rules_source), 1)
+            yield info
+
+            reloads = CounterMetricFamily(
+                "grayroute_rules_reloads",
+                "Rule reloads requested (SIGHUP), by result: success or failure.",
+                labels=("result",),
+            )
+            for result in ("success", "failure"):
+                reloads.add_metric((result,), state.reloads[result])
+            yield reloads
+
+            restarts = CounterMetricFamily(
+                "grayroute_worker_restarts",
+                "Worker processes that exited unexpectedly and were replaced.",
+            )
+            restarts.add_metric((), state.worker_restarts)
+            yield restarts
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(GrayrouteCollector())
+    return registry
+
+
+def _float_label(value: float) -> str:
+    """Prometheus spelling of a bucket bound: 0.5 -> "0.5", 1.0 -> "1.0", inf -> "+Inf"."""
+    return "+Inf" if value == float("inf") else repr(float(value))
