@@ -66,6 +66,22 @@ class WorkerMetrics(Protocol):
     def upstream_error(self, upstream: str, kind: str) -> None: ...
 
 
+class AccessLog(Protocol):
+    """One line per answered request; must buffer (it is called on the hot path)."""
+
+    def log(
+        self,
+        client_ip: str,
+        method: bytes,
+        target: bytes,
+        host: bytes | None,
+        status: int,
+        seconds: float,
+        route: str,
+        decision: Decision | None,
+    ) -> None: ...
+
+
 # Request headers the proxy handles itself instead of forwarding as they are.
 _H_HOST, _H_LENGTH, _H_TE, _H_EXPECT, _H_CONNECTION, _H_XFF, _H_XFP, _H_DROP = range(8)
 _SPECIAL_REQUEST_HEADERS: dict[bytes, int] = {
@@ -117,9 +133,16 @@ _TO_CLIENT_NONE, _TO_CLIENT_RAW, _TO_CLIENT_CHUNKED = range(3)
 class Router:
     """Per-worker state shared by every client connection: rules, pools, metrics."""
 
-    def __init__(self, settings: Settings, snapshot: Snapshot, metrics: WorkerMetrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        snapshot: Snapshot,
+        metrics: WorkerMetrics,
+        access_log: AccessLog | None = None,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.access_log = access_log
         self.snapshot = snapshot
         self.pools: dict[str, UpstreamPool] = {}
         self.wanted_headers: frozenset[bytes] = frozenset()
@@ -901,7 +924,13 @@ class HttpProxyProtocol(asyncio.Protocol):
         decision = req.decision
         route = req.route.name if req.route is not None else ""
         upstream = (decision.upstream or "") if decision is not None else ""
-        self.router.metrics.request_done(route, upstream, status, time.monotonic() - req.started)
+        seconds = time.monotonic() - req.started
+        router = self.router
+        router.metrics.request_done(route, upstream, status, seconds)
+        if router.access_log is not None:
+            router.access_log.log(
+                self.peer_ip, req.method, req.url, req.host, status, seconds, route, decision
+            )
 
     def _close_client(self) -> None:
         self.flush_output()
