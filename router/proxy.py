@@ -44,7 +44,7 @@ from router.errors import (
     UpstreamUnavailable,
     error_body,
 )
-from router.rules import RequestView, decide
+from router.rules import RequestView, decide, host_from_header
 from router.upstream import (
     FRAMING_LENGTH,
     FRAMING_NONE,
@@ -580,9 +580,6 @@ class HttpProxyProtocol(asyncio.Protocol):
             query, _, _ = query.partition(b"#")
         else:
             path, query = _absolute_form(req, url)
-        host = req.host or b""
-        if b":" in host and not host.endswith(b"]"):
-            host = host.rpartition(b":")[0]
         client_ip = self.peer_ip
         if self.peer_trusted and req.xff is not None and snapshot.uses_client_ip:
             client_ip = _client_behind_proxies(req.xff, self.router.trusted_networks) or client_ip
@@ -591,7 +588,7 @@ class HttpProxyProtocol(asyncio.Protocol):
             _METHODS.get(method) or method.decode("latin-1"),
             path.decode("latin-1"),
             query.decode("latin-1"),
-            host.decode("latin-1").lower(),
+            host_from_header(req.host.decode("latin-1")) if req.host else "",
             req.wanted,
             client_ip,
         )
