@@ -25,6 +25,7 @@ import logging
 import time
 from collections import deque
 from email.utils import formatdate
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
@@ -83,7 +84,10 @@ class AccessLog(Protocol):
 
 
 # Request headers the proxy handles itself instead of forwarding as they are.
-_H_HOST, _H_LENGTH, _H_TE, _H_EXPECT, _H_CONNECTION, _H_XFF, _H_XFP, _H_DROP = range(8)
+_H_FORWARD, _H_HOST, _H_LENGTH, _H_TE, _H_EXPECT, _H_CONNECTION, _H_XFF, _H_XFP, _H_DROP = range(9)
+# Header names as clients spell them -> (_H_* kind, the name the rules know it by or None).
+_HeaderInfo = tuple[int, str | None]
+_HEADER_INFO_CACHE_SIZE = 512
 _SPECIAL_REQUEST_HEADERS: dict[bytes, int] = {
     b"host": _H_HOST,
     b"content-length": _H_LENGTH,
@@ -106,6 +110,7 @@ _METHODS = {
 _IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 _CRLF = b"\r\n"
+_STATUS_LINES = {s.value: b"HTTP/1.1 %d %b\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 
@@ -125,6 +130,11 @@ _HOLD_CAP = 256 * 1024
 # aborts the upstream connection: the upstream sees a truncated request, never a
 # complete wrong one.
 _CHUNKED_HOLD = 16 * 1024
+
+# The router's clock for timeouts: upstream read timeouts are checked every _TICK
+# seconds (so they fire up to that late), client timeouts once a second.
+_TICK = 0.1
+_TICKS_PER_SECOND = 10
 
 # Client framing of the response body.
 _TO_CLIENT_NONE, _TO_CLIENT_RAW, _TO_CLIENT_CHUNKED = range(3)
@@ -147,6 +157,9 @@ class Router:
         self.pools: dict[str, UpstreamPool] = {}
         self.wanted_headers: frozenset[bytes] = frozenset()
         self.connections: set[HttpProxyProtocol] = set()
+        # Connections whose request waits on an upstream: the ticker checks their read
+        # timeout (a timer per request costs more than the request's own routing).
+        self.awaiting_upstream: set[HttpProxyProtocol] = set()
         self.draining = False
         self.date_header = b""
         self.trusted_networks = tuple(
@@ -182,8 +195,22 @@ class Router:
             for pool in pools.values():
                 pool.start_health_checks()
         self.wanted_headers = frozenset(n.lower().encode("latin-1") for n in snapshot.header_names)
+        # What each header name means, learnt once per spelling instead of lower-casing
+        # every name of every request; reset with the rules (they decide what is wanted).
+        self.header_info: dict[bytes, _HeaderInfo] = {}
+        self.matches_hosts = any(route.model.match.hosts for route in snapshot.routes)
         self.snapshot = snapshot
         self.pools = pools
+
+    def learn_header(self, name: bytes) -> _HeaderInfo:
+        lname = name.lower()
+        info = (
+            _SPECIAL_REQUEST_HEADERS.get(lname, _H_FORWARD),
+            lname.decode("latin-1") if lname in self.wanted_headers else None,
+        )
+        if len(self.header_info) < _HEADER_INFO_CACHE_SIZE:
+            self.header_info[name] = info
+        return info
 
     def protocol_factory(self) -> HttpProxyProtocol:
         if self._ticker is None:
@@ -216,13 +243,19 @@ class Router:
         self.date_header = b"Date: " + formatdate(usegmt=True).encode() + _CRLF
 
     async def _tick(self) -> None:
-        """Once a second: the Date header, and connections idle or slow for too long."""
+        """Every 0.1 s: upstream read timeouts. Every second: the Date header, and client
+        connections idle or slow for too long."""
+        ticks = 0
         while True:
-            await asyncio.sleep(1.0)
-            self._refresh_date()
+            await asyncio.sleep(_TICK)
             now = time.monotonic()
-            for conn in list(self.connections):
-                conn.check_timeouts(now)
+            for conn in list(self.awaiting_upstream):
+                conn.check_read_timeout(now)
+            ticks += 1
+            if ticks % _TICKS_PER_SECOND == 0:
+                self._refresh_date()
+                for conn in list(self.connections):
+                    conn.check_timeouts(now)
 
 
 class _Request:
@@ -252,7 +285,6 @@ class _Request:
         "keep_alive",
         "method",
         "pools",
-        "read_timer",
         "reads_body",
         "response_started",
         "retried",
@@ -300,7 +332,6 @@ class _Request:
         self.pools: dict[str, UpstreamPool] = {}
         self.conn: UpstreamConnection | None = None
         self.connect_task: asyncio.Task[None] | None = None
-        self.read_timer: asyncio.TimerHandle | None = None
         self.continue_sent = False
         self.response_started = False
         self.retried = False
@@ -449,9 +480,9 @@ class HttpProxyProtocol(asyncio.Protocol):
             raise HeadersTooLarge(f"header section over {settings.max_header_bytes} bytes")
         if req.header_count > settings.max_header_count:
             raise HeadersTooLarge(f"more than {settings.max_header_count} header fields")
-        lname = name.lower()
-        special = _SPECIAL_REQUEST_HEADERS.get(lname)
-        if special is None:
+        info = self.router.header_info.get(name) or self.router.learn_header(name)
+        special = info[0]
+        if special == _H_FORWARD:
             req.headers.append((name, value))
         elif special == _H_HOST:
             if req.host is not None:
@@ -476,10 +507,9 @@ class HttpProxyProtocol(asyncio.Protocol):
             req.xff = value if req.xff is None else req.xff + b", " + value
         elif special == _H_XFP:
             req.xfp = value
-        if lname in self.router.wanted_headers:
-            key = lname.decode("latin-1")
-            if key not in req.wanted:
-                req.wanted[key] = value.decode("latin-1")
+        key = info[1]
+        if key is not None and key not in req.wanted:
+            req.wanted[key] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         req = self.parsing
@@ -588,7 +618,9 @@ class HttpProxyProtocol(asyncio.Protocol):
             _METHODS.get(method) or method.decode("latin-1"),
             path.decode("latin-1"),
             query.decode("latin-1"),
-            host_from_header(req.host.decode("latin-1")) if req.host else "",
+            host_from_header(req.host.decode("latin-1"))
+            if req.host and self.router.matches_hosts
+            else "",
             req.wanted,
             client_ip,
         )
@@ -690,8 +722,7 @@ class HttpProxyProtocol(asyncio.Protocol):
             self._send_continue(req)
         if self.write_paused and conn.transport is not None:
             conn.transport.pause_reading()
-        timeout = conn.pool.read_timeout
-        req.read_timer = self.loop.call_later(timeout, self._check_read_timeout, req, timeout)
+        self.router.awaiting_upstream.add(self)
 
     def _send_continue(self, req: _Request) -> None:
         req.continue_sent = True
@@ -699,17 +730,17 @@ class HttpProxyProtocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.write(_CONTINUE)
 
-    def _check_read_timeout(self, req: _Request, timeout: float) -> None:
-        conn = req.conn
-        if req is not self.active or conn is None or req.state != _STREAMING:
+    def check_read_timeout(self, now: float) -> None:
+        """Called by the router's ticker while this connection waits on an upstream."""
+        req = self.active
+        conn = req.conn if req is not None else None
+        if req is None or conn is None or req.state != _STREAMING:
+            self.router.awaiting_upstream.discard(self)
             return
-        quiet = time.monotonic() - conn.last_io
-        if quiet < timeout:
-            req.read_timer = self.loop.call_later(
-                timeout - quiet, self._check_read_timeout, req, timeout
-            )
+        timeout = conn.pool.read_timeout
+        if now - conn.last_io < timeout:
             return
-        req.read_timer = None
+        self.router.awaiting_upstream.discard(self)
         self.router.metrics.upstream_error(conn.pool.name, "timeout")
         req.conn = None
         conn.abort()
@@ -727,20 +758,15 @@ class HttpProxyProtocol(asyncio.Protocol):
 
     # -- upstream: response back (ResponseSink) ----------------------------------------
     def response_head(
-        self,
-        status: int,
-        reason: bytes,
-        headers: list[tuple[bytes, bytes]],
-        framing: int,
-        content_length: bytes | None,
+        self, status: int, header_lines: list[bytes], framing: int, content_length: bytes | None
     ) -> None:
         req = self.active
         assert req is not None
         req.response_started = True
         req.status = status
-        parts = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
-        for name, value in headers:
-            parts += (name, b": ", value, _CRLF)
+        parts = header_lines
+        status_line = _STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status
+        parts.insert(0, status_line)
         if framing == FRAMING_NONE:
             req.to_client = _TO_CLIENT_NONE
             if content_length is not None and status != 204:
@@ -777,9 +803,7 @@ class HttpProxyProtocol(asyncio.Protocol):
         assert req is not None
         if req.to_client == _TO_CLIENT_CHUNKED:
             self.out.append(_LAST_CHUNK)
-        if req.read_timer is not None:
-            req.read_timer.cancel()
-            req.read_timer = None
+        self.router.awaiting_upstream.discard(self)
         conn = req.conn
         req.conn = None
         if conn is not None:
@@ -803,9 +827,7 @@ class HttpProxyProtocol(asyncio.Protocol):
             return
         conn = req.conn
         req.conn = None
-        if req.read_timer is not None:
-            req.read_timer.cancel()
-            req.read_timer = None
+        self.router.awaiting_upstream.discard(self)
         assert conn is not None
         pool = conn.pool
         kind = "bad_response" if isinstance(error, UpstreamBadResponse) else "reset"
@@ -907,9 +929,7 @@ class HttpProxyProtocol(asyncio.Protocol):
             self._serving_next = False
 
     def _drop_upstream(self, req: _Request) -> None:
-        if req.read_timer is not None:
-            req.read_timer.cancel()
-            req.read_timer = None
+        self.router.awaiting_upstream.discard(self)
         if req.connect_task is not None:
             req.connect_task.cancel()
             req.connect_task = None

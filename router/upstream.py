@@ -50,6 +50,30 @@ HOP_BY_HOP = frozenset(
     }
 )
 
+# What the proxy does with a response header, by name. The names upstreams send most,
+# in their usual spellings, are looked up as they come; others are lower-cased first.
+_FORWARD, _LENGTH, _CHUNKED, _DROP = range(4)
+_RESPONSE_HEADER_KIND: dict[bytes, int] = {
+    b"content-length": _LENGTH,
+    b"transfer-encoding": _CHUNKED,
+}
+_RESPONSE_HEADER_KIND.update({name: _DROP for name in HOP_BY_HOP if name != b"transfer-encoding"})
+_KNOWN_RESPONSE_NAMES: dict[bytes, int] = {}
+for _lower in (
+    *_RESPONSE_HEADER_KIND,
+    *(
+        b"server date content-type cache-control etag last-modified vary set-cookie expires "
+        b"location content-encoding content-language accept-ranges age pragma "
+        b"access-control-allow-origin x-request-id x-version".split()
+    ),
+):
+    _kind = _RESPONSE_HEADER_KIND.get(_lower, _FORWARD)
+    _KNOWN_RESPONSE_NAMES[_lower] = _kind
+    _KNOWN_RESPONSE_NAMES[_lower.title()] = _kind
+    _KNOWN_RESPONSE_NAMES[_lower.upper()] = _kind
+_KNOWN_RESPONSE_NAMES[b"ETag"] = _FORWARD
+_KNOWN_RESPONSE_NAMES[b"WWW-Authenticate"] = _FORWARD
+
 FRAMING_LENGTH = 1  # Content-Length given
 FRAMING_CHUNKED = 2  # Transfer-Encoding: chunked
 FRAMING_CLOSE = 3  # body runs until the upstream closes
@@ -60,12 +84,7 @@ class ResponseSink(Protocol):
     """What an upstream connection tells the request it serves."""
 
     def response_head(
-        self,
-        status: int,
-        reason: bytes,
-        headers: list[tuple[bytes, bytes]],
-        framing: int,
-        content_length: bytes | None,
+        self, status: int, header_lines: list[bytes], framing: int, content_length: bytes | None
     ) -> None: ...
 
     def response_body(self, data: bytes) -> None: ...
@@ -95,8 +114,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._head_only = False
         self._started = False  # some response bytes arrived for the current request
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._reason = b""
+        self._header_lines: list[bytes] = []  # "name: value\r\n" pieces, to be joined
         self._content_length: bytes | None = None
         self._chunked = False
         self._framing_error = False
@@ -180,28 +198,29 @@ class UpstreamConnection(asyncio.Protocol):
     _headers_done = False
 
     def on_message_begin(self) -> None:
-        self._headers = []
-        self._reason = b""
+        self._header_lines = []
         self._content_length = None
         self._chunked = False
         self._headers_done = False
         self._framing = FRAMING_NONE
 
-    def on_status(self, status: bytes) -> None:
-        self._reason += status
+    # No on_status: the reason phrase is the standard one for the status (as in
+    # nginx), and httptools skips callbacks a parser object does not have.
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        lname = name.lower()
-        if lname == b"content-length":
+        kind = _KNOWN_RESPONSE_NAMES.get(name)
+        if kind is None:
+            kind = _RESPONSE_HEADER_KIND.get(name.lower(), _FORWARD)
+        if kind == _FORWARD:
+            self._header_lines += (name, b": ", value, b"\r\n")
+        elif kind == _LENGTH:
             if self._content_length is not None and self._content_length != value:
                 self._framing_error = True
             self._content_length = value
-        elif lname == b"transfer-encoding":
+        elif kind == _CHUNKED:
             if value.strip().lower() != b"chunked" or self._chunked:
                 self._framing_error = True
             self._chunked = True
-        elif lname not in HOP_BY_HOP:
-            self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -226,7 +245,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._framing = framing
         sink = self.sink
         if sink is not None:
-            sink.response_head(status, self._reason, self._headers, framing, self._content_length)
+            sink.response_head(status, self._header_lines, framing, self._content_length)
             if self._head_only:
                 # llhttp does not know the request was HEAD and would wait for a body
                 # of Content-Length bytes; finish here and never reuse the connection.
