@@ -4,6 +4,8 @@
   of the body they received (and can be told to stall, fail or stream).
 - `proxy`: the real router (router.proxy.Router) in this test's event loop, on an
   ephemeral port, with a metrics recorder.
+- `threaded_proxy`: a backend and the router on an event loop in a thread of their own,
+  for synchronous clients (hypothesis drives the router through blocking sockets).
 - `serve`: `grayroute serve` as a real subprocess (supervisor + workers).
 """
 
@@ -12,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -169,6 +173,86 @@ async def proxy() -> AsyncIterator[Callable[..., Any]]:
         rp.server.close()
         await rp.router.drain(0.5)
         await rp.server.wait_closed()
+
+
+class ThreadedProxy:
+    """A backend and the router serving from a thread; errors they log are collected."""
+
+    def __init__(self, rules_template: str, **settings: Any) -> None:
+        self.rules_template = rules_template
+        self.settings = settings
+        self.backend = Backend("v1")
+        self.metrics = RecordingMetrics()
+        self.port = 0
+        self.errors: list[str] = []
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="threaded-proxy", daemon=True)
+
+    def __enter__(self) -> ThreadedProxy:
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise AssertionError("threaded proxy did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._loop is not None and self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        loop = uvloop.new_event_loop()
+        self._loop = loop
+        loop.set_exception_handler(
+            lambda _loop, ctx: self.errors.append(f"{ctx.get('message')}: {ctx.get('exception')!r}")
+        )
+        try:
+            loop.run_until_complete(self._main())
+        finally:
+            loop.close()
+
+    async def _main(self) -> None:
+        self._stop = asyncio.Event()
+        runner = web.AppRunner(_backend_app(self.backend), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        assert site._server is not None
+        self.backend.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        rules = textwrap.dedent(self.rules_template.format(v1=self.backend.endpoint))
+        router = Router(
+            Settings(**self.settings), load_snapshot_text(rules, "rules.yaml"), self.metrics
+        )
+        server = await asyncio.get_running_loop().create_server(
+            router.protocol_factory, "127.0.0.1", 0
+        )
+        self.port = server.sockets[0].getsockname()[1]
+        handler = _ErrorCollector(self.errors)
+        logging.getLogger("grayroute").addHandler(handler)
+        self._ready.set()
+        try:
+            await self._stop.wait()
+        finally:
+            logging.getLogger("grayroute").removeHandler(handler)
+            server.close()
+            await router.drain(0.5)
+            await runner.cleanup()
+
+
+class _ErrorCollector(logging.Handler):
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__(logging.ERROR)
+        self.errors = errors
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.errors.append(self.format(record))
+
+
+@pytest.fixture
+def threaded_proxy() -> Callable[..., ThreadedProxy]:
+    """`with threaded_proxy(rules_template, **settings) as tp:`; `{v1}` is the backend."""
+    return ThreadedProxy
 
 
 # -- the router as a real process ------------------------------------------------------------

@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import resource
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from conftest import ThreadedProxy
 from http_corpus import MALFORMED
 
 RULES = """
@@ -429,3 +433,137 @@ async def test_max_connections_per_worker(backends: Any, proxy: Any) -> None:
     writer.close()
     for _, w in held:
         w.close()
+
+
+# -- fuzzing: no input crashes the router, every valid request is served ------------------
+_TOKEN = st.text(
+    alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_",
+    min_size=1,
+    max_size=12,
+)
+_VALUE = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40).map(
+    str.strip
+)
+_PATH = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-._~/%=&", max_size=30)
+_RESERVED = {"host", "content-length", "transfer-encoding", "expect", "connection", "upgrade",
+             "keep-alive", "te", "trailer", "proxy-connection", "proxy-authorization",
+             "proxy-authenticate", "x-forwarded-for", "x-forwarded-proto",
+             "content-type"}  # fmt: skip
+
+
+@st.composite
+def valid_requests(draw: st.DrawFn) -> tuple[bytes, bytes]:
+    """A well-formed request (random method, target, headers, framing) and its body."""
+    method = draw(st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]))
+    target = "/" + draw(_PATH)
+    if draw(st.booleans()):
+        target += "?userId=" + draw(_TOKEN)
+    headers = [("Host", draw(_TOKEN))]
+    for name, value in draw(st.lists(st.tuples(_TOKEN, _VALUE), max_size=8)):
+        if name.lower() not in _RESERVED:
+            headers.append((name, value))
+    body = draw(st.binary(max_size=3000))
+    if draw(st.booleans()):
+        headers.append(("Content-Type", "application/json"))
+        body = draw(st.sampled_from([b'{"user": {"id": 42}}', body, b"{" + body]))
+    framing = draw(st.sampled_from(["length", "chunked"] if body else ["none", "length"]))
+    if framing == "length":
+        headers.append(("Content-Length", str(len(body))))
+        payload = body
+    elif framing == "chunked":
+        headers.append(("Transfer-Encoding", "chunked"))
+        cut = draw(st.integers(0, len(body)))
+        payload = b"".join(
+            b"%x\r\n%b\r\n" % (len(part), part) for part in (body[:cut], body[cut:]) if part
+        )
+        payload += b"0\r\n\r\n"
+    else:
+        payload = b""
+    head = f"{method} {target} HTTP/1.1\r\n" + "".join(f"{n}: {v}\r\n" for n, v in headers)
+    return head.encode() + b"Connection: close\r\n\r\n" + payload, body
+
+
+def _blocking_exchange(port: int, data: bytes, timeout: float = 2.0) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        try:
+            sock.sendall(data)
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except (TimeoutError, ConnectionError):
+            pass  # an incomplete request waits for more; a refused one may be reset
+        return b"".join(chunks) if "chunks" in locals() else b""
+
+
+FUZZ_RULES = """
+format: 1
+upstreams:
+  v1: {{endpoints: ["{v1}"]}}
+user_id: [{{header: X-User-Id}}, {{query: userId}}, {{json: user.id}}]
+routes:
+  - name: all
+    to: v1
+"""
+
+
+@pytest.fixture(scope="module")
+def fuzz_proxy() -> Iterator[ThreadedProxy]:
+    # One router for all the examples of a test: what one input leaves behind (a stuck
+    # parser, a leaked connection) must not hurt the next.
+    with ThreadedProxy(FUZZ_RULES, header_timeout=1.0) as tp:
+        yield tp
+
+
+def _fuzz(examples: int) -> settings:
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )
+
+
+@_fuzz(200)
+@given(request=valid_requests())
+def test_fuzz_every_valid_request_is_forwarded_intact(
+    fuzz_proxy: ThreadedProxy, request: tuple[bytes, bytes]
+) -> None:
+    raw, body = request
+    answer = _blocking_exchange(fuzz_proxy.port, raw)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+    info = orjson.loads(answer.partition(b"\r\n\r\n")[2])
+    assert info["body_sha256"] == hashlib.sha256(body).hexdigest()
+    assert fuzz_proxy.errors == []
+
+
+@st.composite
+def mangled_requests(draw: st.DrawFn) -> bytes:
+    """A valid request with a few bytes inserted, deleted or replaced, or plain noise."""
+    if draw(st.integers(0, 9)) == 0:
+        return draw(st.binary(min_size=1, max_size=300))
+    raw = bytearray(draw(valid_requests())[0])
+    for _ in range(draw(st.integers(1, 4))):
+        at = draw(st.integers(0, len(raw) - 1))
+        what = draw(st.sampled_from(["insert", "delete", "replace"]))
+        byte = draw(st.sampled_from([0, 9, 10, 13, 32, 44, 58, 59, 127, 255, *b"aZ0-"]))
+        if what == "insert":
+            raw.insert(at, byte)
+        elif what == "delete":
+            del raw[at]
+        else:
+            raw[at] = byte
+    return bytes(raw)
+
+
+@_fuzz(300)
+@given(raw=mangled_requests())
+def test_fuzz_mangled_requests_never_crash_the_router(
+    fuzz_proxy: ThreadedProxy, raw: bytes
+) -> None:
+    answer = _blocking_exchange(fuzz_proxy.port, raw, timeout=0.3)
+    # Our own refusals are 4xx; a 5xx could only be a fault of ours here.
+    assert not answer[9:12].startswith(b"5"), answer[:300]
+    alive = _blocking_exchange(
+        fuzz_proxy.port, b"GET /alive HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
+    assert alive.startswith(b"HTTP/1.1 200 ")
+    assert fuzz_proxy.errors == []

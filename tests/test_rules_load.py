@@ -5,8 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from router.errors import RulesError
+from router.rules import load_snapshot_text
 from router.rules.load import (
     MapNode,
     ScalarNode,
@@ -92,14 +96,7 @@ def test_duplicate_keys_are_problems_at_the_second_key() -> None:
 
 
 def test_anchors_aliases_and_merge_keys() -> None:
-    root = load(
-        "base: &b {x: 1, y: 2}\n"
-        "users: &u ['1', '2']\n"
-        "m:\n"
-        "  <<: *b\n"
-        "  y: 3\n"
-        "l: *u\n"
-    )
+    root = load("base: &b {x: 1, y: 2}\nusers: &u ['1', '2']\nm:\n  <<: *b\n  y: 3\nl: *u\n")
     merged = root.items["m"].value
     assert isinstance(merged, MapNode)
     values = {k: e.value.value for k, e in merged.items.items()}  # type: ignore[attr-defined]
@@ -112,7 +109,8 @@ def test_merge_of_a_list_of_mappings() -> None:
     merged = root.items["c"].value
     assert isinstance(merged, MapNode)
     assert {k: e.value.value for k, e in merged.items.items()} == {  # type: ignore[attr-defined]
-        "x": 1, "y": 2
+        "x": 1,
+        "y": 2,
     }
 
 
@@ -147,20 +145,38 @@ def test_unsupported_tag() -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("a: 1\n  b: 2\n", "r.yaml:2:4: yaml: not valid YAML: mapping values are not allowed in "
-                           "this context (check the indentation, or quote a value that "
-                           "contains ': ')"),
-        ("a: [1, 2\n", "r.yaml:2:1: yaml: not valid YAML: did not find expected ',' or ']' "
-                       "(while parsing a flow sequence at line 1) (check the indentation and "
-                       "quoting near here)"),
-        ("a: *nope\n", "r.yaml:1:4: yaml: not valid YAML: found undefined alias "
-                       "(define the anchor (&name) before using it (*name))"),
-        ("a: 1\n---\nb: 2\n", "r.yaml:2:1: yaml: more than one YAML document (`---`) "
-                              "(keep one document per rule file)"),
-        ("a:\n\t- b\n", "r.yaml:2:1: yaml: not valid YAML: found character that cannot "
-                        "start any token (indent with spaces, not tabs)"),
-        ("a: @x\n", "r.yaml:1:4: yaml: not valid YAML: found character that cannot start any "
-                    "token (quote a value that starts with one of @ ` % * & ! |)"),
+        (
+            "a: 1\n  b: 2\n",
+            "r.yaml:2:4: yaml: not valid YAML: mapping values are not allowed in "
+            "this context (check the indentation, or quote a value that "
+            "contains ': ')",
+        ),
+        (
+            "a: [1, 2\n",
+            "r.yaml:2:1: yaml: not valid YAML: did not find expected ',' or ']' "
+            "(while parsing a flow sequence at line 1) (check the indentation and "
+            "quoting near here)",
+        ),
+        (
+            "a: *nope\n",
+            "r.yaml:1:4: yaml: not valid YAML: found undefined alias "
+            "(define the anchor (&name) before using it (*name))",
+        ),
+        (
+            "a: 1\n---\nb: 2\n",
+            "r.yaml:2:1: yaml: more than one YAML document (`---`) "
+            "(keep one document per rule file)",
+        ),
+        (
+            "a:\n\t- b\n",
+            "r.yaml:2:1: yaml: not valid YAML: found character that cannot "
+            "start any token (indent with spaces, not tabs)",
+        ),
+        (
+            "a: @x\n",
+            "r.yaml:1:4: yaml: not valid YAML: found character that cannot start any "
+            "token (quote a value that starts with one of @ ` % * & ! |)",
+        ),
     ],
 )
 def test_syntax_errors_have_a_position_and_a_hint(text: str, expected: str) -> None:
@@ -201,3 +217,43 @@ def test_columns_count_characters_not_bytes() -> None:
     seq = root.items["名前"].value
     assert isinstance(seq, SeqNode)
     assert [(n.line, n.column) for n in seq.items] == [(1, 6), (1, 9)]
+
+
+# -- fuzzing: any text is either a snapshot or a RulesError, nothing else -----------------
+_yaml_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=12)
+)
+_yaml_trees = st.recursive(
+    _yaml_scalars,
+    lambda children: st.one_of(
+        st.lists(children, max_size=4),
+        st.dictionaries(
+            st.sampled_from(
+                ["format", "upstreams", "routes", "user_id", "body_limit", "name", "to",
+                 "split", "pins", "match", "endpoints", "users", "hosts", "salt", "x"]
+            ) | st.text(max_size=6),
+            children,
+            max_size=5,
+        ),
+    ),
+    max_leaves=25,
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(tree=_yaml_trees)
+def test_fuzz_any_yaml_tree_is_a_snapshot_or_a_rules_error(tree: object) -> None:
+    text = yaml.safe_dump(tree)
+    try:
+        load_snapshot_text(text, "fuzz.yaml")
+    except RulesError as exc:
+        assert all(p.file == "fuzz.yaml" and p.line >= 1 for p in exc.problems)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(max_size=300))
+def test_fuzz_any_text_is_a_snapshot_or_a_rules_error(text: str) -> None:
+    try:
+        load_snapshot_text(text, "fuzz.yaml")
+    except RulesError as exc:
+        assert exc.problems
