@@ -272,6 +272,10 @@ class ServeProcess:
     def admin_url(self) -> str:
         return f"http://{self.admin}"
 
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import resource
+import signal
 import socket
+import textwrap
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import httptools
 import httpx
 import orjson
 import pytest
@@ -567,3 +570,102 @@ def test_fuzz_mangled_requests_never_crash_the_router(
     )
     assert alive.startswith(b"HTTP/1.1 200 ")
     assert fuzz_proxy.errors == []
+
+
+# -- stickiness through real worker processes -------------------------------------------------
+SPLIT_RULES = """
+format: 1
+upstreams:
+  v1: {{endpoints: ["{v1}"]}}
+  v1.1: {{endpoints: ["{v11}"]}}
+user_id: [{{header: X-User-Id}}]
+routes:
+  - name: api
+    split: {{v1: {w1}, v1.1: {w11}}}
+"""
+
+
+class _VersionCollector:
+    """httptools callbacks: the X-Version of each response, in order."""
+
+    def __init__(self) -> None:
+        self.versions: list[str] = []
+        self._version = ""
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() == b"x-version":
+            self._version = value.decode()
+
+    def on_message_complete(self) -> None:
+        self.versions.append(self._version)
+
+
+async def _versions(port: int, users: range, fresh_connections: bool) -> dict[int, str]:
+    """The version each user got. A raw client: httpx would be the bottleneck here."""
+    got: dict[int, str] = {}
+
+    async def ask(batch: list[int], close: bool) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        collector = _VersionCollector()
+        parser = httptools.HttpResponseParser(collector)
+        writer.write(
+            b"".join(
+                b"GET / HTTP/1.1\r\nHost: a\r\nX-User-Id: %d\r\n%b\r\n"
+                % (user, b"Connection: close\r\n" if close else b"")
+                for user in batch
+            )
+        )
+        while len(collector.versions) < len(batch):
+            data = await asyncio.wait_for(reader.read(65536), 10)
+            assert data, "connection closed early"
+            parser.feed_data(data)
+        writer.close()
+        got.update(zip(batch, collector.versions, strict=True))
+
+    ids = list(users)
+    if fresh_connections:
+        for start in range(0, len(ids), 50):
+            await asyncio.gather(*(ask([u], True) for u in ids[start : start + 50]))
+    else:
+        for start in range(0, len(ids), 2000):
+            chunk = ids[start : start + 2000]
+            await asyncio.gather(*(ask(chunk[i::20], False) for i in range(20)))
+    return got
+
+
+async def test_same_user_same_upstream_in_every_worker(backends: Any, serve: Any) -> None:
+    v1, v11 = await backends("v1", "v1.1")
+    router = serve(SPLIT_RULES.format(v1=v1.endpoint, v11=v11.endpoint, w1=50, w11=50), workers=2)
+    users = range(1000)
+    # A new connection per request: the kernel spreads them over both workers.
+    first = await _versions(router.port, users, fresh_connections=True)
+    second = await _versions(router.port, users, fresh_connections=True)
+    assert first == second
+    assert 400 < sum(1 for v in first.values() if v == "v1") < 600
+
+
+@pytest.mark.slow
+async def test_split_proportions_and_minimal_movement_on_reweight(
+    backends: Any, serve: Any
+) -> None:
+    v1, v11 = await backends("v1", "v1.1")
+    router = serve(SPLIT_RULES.format(v1=v1.endpoint, v11=v11.endpoint, w1=90, w11=10), workers=2)
+    users = range(100_000, 120_000)
+    before = await _versions(router.port, users, fresh_connections=False)
+    share = sum(1 for v in before.values() if v == "v1.1") / len(users)
+    assert abs(share - 0.10) <= 0.01
+
+    router.rules_path.write_text(
+        textwrap.dedent(SPLIT_RULES.format(v1=v1.endpoint, v11=v11.endpoint, w1=80, w11=20))
+    )
+    router.signal(signal.SIGHUP)
+    deadline = asyncio.get_running_loop().time() + 10
+    while asyncio.get_running_loop().time() < deadline:  # until every worker has the new rules
+        await asyncio.sleep(0.2)
+        seen = await _versions(router.port, range(100_000, 100_400), fresh_connections=True)
+        if sum(1 for v in seen.values() if v == "v1.1") > 0.15 * len(seen):
+            break
+    after = await _versions(router.port, users, fresh_connections=False)
+    moved = [u for u in users if before[u] != after[u]]
+    assert all(before[u] == "v1" and after[u] == "v1.1" for u in moved)
+    assert 0.09 <= len(moved) / len(users) <= 0.11
