@@ -669,3 +669,40 @@ async def test_split_proportions_and_minimal_movement_on_reweight(
     moved = [u for u in users if before[u] != after[u]]
     assert all(before[u] == "v1" and after[u] == "v1.1" for u in moved)
     assert 0.09 <= len(moved) / len(users) <= 0.11
+
+
+# -- client timeouts ----------------------------------------------------------------------------
+async def test_slow_request_head_gets_408_after_the_header_timeout(
+    backends: Any, proxy: Any
+) -> None:
+    (v1,) = await backends("v1")
+    rp = await proxy(CATCH_ALL.format(v1=v1.endpoint), header_timeout=1.0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", rp.port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: a\r\n")  # and never the end of the head
+    began = asyncio.get_running_loop().time()
+    answer = await asyncio.wait_for(reader.read(-1), 5)
+    waited = asyncio.get_running_loop().time() - began
+    writer.close()
+    await writer.wait_closed()
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert 0.9 <= waited <= 2.5
+    assert v1.seen == []
+
+
+async def test_idle_keepalive_connection_is_closed_after_the_keepalive_timeout(
+    backends: Any, proxy: Any
+) -> None:
+    (v1,) = await backends("v1")
+    rp = await proxy(CATCH_ALL.format(v1=v1.endpoint), keepalive_timeout=1.0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", rp.port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200 ")
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    await reader.readexactly(length)
+    began = asyncio.get_running_loop().time()
+    assert await asyncio.wait_for(reader.read(-1), 5) == b""  # closed by the router
+    assert 0.5 <= asyncio.get_running_loop().time() - began <= 2.5
+    writer.close()
+    await writer.wait_closed()
+    assert len(rp.router.connections) == 0

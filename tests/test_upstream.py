@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -224,3 +226,38 @@ async def test_connect_timeout_is_504(proxy: Any) -> None:
     for s in fillers:
         s.close()
     listener.close()
+
+
+async def _one_shot_upstream(behave: Callable[[asyncio.StreamWriter], None]) -> asyncio.Server:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        behave(writer)
+        await reader.read()  # until the router lets go
+        writer.close()
+        await writer.wait_closed()
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+def _half_close(writer: asyncio.StreamWriter) -> None:
+    writer.write_eof()
+
+
+@pytest.mark.parametrize("behave", [_reset, _half_close], ids=["reset", "half-close"])
+async def test_upstream_that_resets_or_half_closes_before_answering_is_502(
+    proxy: Any, behave: Callable[[asyncio.StreamWriter], None]
+) -> None:
+    server = await _one_shot_upstream(behave)
+    rp = await proxy(rules(server.sockets[0].getsockname()[1]))
+    async with httpx.AsyncClient(base_url=rp.url, timeout=5) as client:
+        r = await client.post("/", content=b"payload")
+    server.close()
+    assert r.status_code == 502
+    assert r.json()["error"] == "upstream_unavailable"
+    assert rp.metrics.errors[("app", "reset")] == 1
