@@ -445,8 +445,13 @@ class HttpProxyProtocol(asyncio.Protocol):
 
     def check_timeouts(self, now: float) -> None:
         settings = self.router.settings
-        if self.active is not None:
-            return  # upstream timeouts govern requests in flight
+        active = self.active
+        if active is not None:
+            # A body we hold before routing that stops coming (upstream timeouts govern
+            # the rest of a request in flight).
+            if active.state == _READING_BODY and now - self.last_activity > settings.header_timeout:
+                self._reject(HeaderTimeout(f"no request body bytes in {settings.header_timeout}s"))
+            return
         if self.parsing is not None and not self.parsing.head_done:
             if now - self.parsing.started > settings.header_timeout:
                 self._reject(

@@ -706,3 +706,16 @@ async def test_idle_keepalive_connection_is_closed_after_the_keepalive_timeout(
     writer.close()
     await writer.wait_closed()
     assert len(rp.router.connections) == 0
+
+
+async def test_body_that_stops_coming_before_routing_gets_408(backends: Any, proxy: Any) -> None:
+    (v1,) = await backends("v1")
+    rp = await proxy(CATCH_ALL.format(v1=v1.endpoint), header_timeout=1.0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", rp.port)
+    # Chunked bodies are held (16 KiB) before anything goes upstream: this one stalls.
+    writer.write(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+    answer = await asyncio.wait_for(reader.read(-1), 5)
+    writer.close()
+    await writer.wait_closed()
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert v1.seen == []
