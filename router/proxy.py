@@ -647,8 +647,8 @@ class HttpProxyProtocol(asyncio.Protocol):
         req.decision = decision
         upstream = decision.upstream
         pool = req.pools.get(upstream) if upstream is not None else None
-        if pool is None:
-            self._answer_error(req, UpstreamUnavailable(f"upstream {upstream!r} is not defined"))
+        if pool is None or not pool.endpoints:
+            self._answer_error(req, UpstreamUnavailable(f"upstream {upstream!r} has no endpoints"))
             return
         endpoint = pool.next_endpoint()
         conn = pool.take_idle(endpoint)

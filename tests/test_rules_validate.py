@@ -297,9 +297,11 @@ def test_endpoints_parse_hosts_and_ipv6() -> None:
 
 
 def test_endpoints_missing_or_empty() -> None:
+    # An empty list is allowed (a version scaled to zero), but nothing may send to it.
     assert only(edit('    endpoints: ["127.0.0.1:9001"]', "    endpoints: []")) == (
-        'rules.yaml:4:16: upstreams.v1.endpoints: no endpoints '
-        '(list at least one, e.g. ["127.0.0.1:9001"])'
+        "rules.yaml:15:11: routes[0].split.v1: `v1` has no endpoints, so the requests this "
+        "split gives it would fail (list its endpoints, or set its weight to 0 or `replicas` "
+        "while it has none)"
     )
     assert only(edit('    endpoints: ["127.0.0.1:9001"]', "    read_timeout: 1s")) == (
         "rules.yaml:4:5: upstreams.v1.endpoints: missing `endpoints` "

@@ -52,7 +52,9 @@ class HealthCheck:
 @dataclass(frozen=True, slots=True)
 class Upstream:
     name: str
-    endpoints: tuple[tuple[str, int], ...]  # (host, port); IPv6 hosts without brackets
+    # (host, port); IPv6 hosts without brackets. Empty for a version scaled to zero:
+    # validate.py then lets no `to`, pin or positive split weight send requests to it.
+    endpoints: tuple[tuple[str, int], ...]
     connect_timeout: float | None = None  # seconds; None = the server's default
     read_timeout: float | None = None  # seconds; None = the server's default
     health_check: HealthCheck | None = None

@@ -48,7 +48,7 @@ from router.rules.model import (
 from router.rules.user_id import parse_json_path
 
 if TYPE_CHECKING:
-    from collections.abc import Collection
+    from collections.abc import Callable, Collection
 
 __all__ = ["parse_duration", "parse_size", "validate"]
 
@@ -63,6 +63,11 @@ PIN_KEYS = ("to", *PIN_CONDITIONS)
 
 # Bodies held in memory per request above this are most likely a typo (MB for KB).
 LARGE_BODY_LIMIT = 16 * 1024 * 1024
+
+# Finding routes and pins that never decide compares every earlier one with every later
+# one. Past this many pairs (about 450 routes, or 450 pins in all) the search would slow
+# every reload, so it stops: a missing warning is better than a slow load.
+MAX_SHADOW_PAIRS = 100_000
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)?", re.IGNORECASE)
@@ -147,6 +152,7 @@ class _Validator:
         # the section itself is unusable, so references cannot be checked.
         self.known_upstreams: dict[str, Upstream | None] | None = None
         self.used_upstreams: set[str] = set()
+        self.pairs_left = MAX_SHADOW_PAIRS  # see route_warnings
 
     # -- reporting ---------------------------------------------------------------------
 
@@ -412,7 +418,7 @@ class _Validator:
         )
         if fields is None:
             return None
-        ok = True
+        ok = "endpoints" in fields  # missing: reported by mapping()
         endpoints: list[tuple[str, int]] = []
         if "endpoints" in fields:
             items = self.seq(
@@ -420,15 +426,9 @@ class _Validator:
                 _join(path, "endpoints"),
                 '["127.0.0.1:9001", "127.0.0.1:9002"]',
             )
+            # An empty list is a version scaled to zero: allowed as long as nothing can
+            # send it a request (checked where it is named: to, pins, split).
             if items is None:
-                ok = False
-            elif not items:
-                self.error(
-                    fields["endpoints"].value,
-                    _join(path, "endpoints"),
-                    "no endpoints",
-                    'list at least one, e.g. ["127.0.0.1:9001"]',
-                )
                 ok = False
             else:
                 seen: dict[tuple[str, int], int] = {}
@@ -518,10 +518,23 @@ class _Validator:
         return HealthCheck(check_path, interval)
 
     def upstream_ref(self, node: Node, path: str) -> str | None:
+        """The upstream of a `to` (route or pin): every request sent there must find one."""
         name = self.text(node, path, "upstream name", numbers_ok=True)
-        if name is None:
+        if name is None or not self.check_upstream_name(node, path, name):
             return None
-        return name if self.check_upstream_name(node, path, name) else None
+        if self.has_no_endpoints(name):
+            self.error(
+                node,
+                path,
+                f"upstream `{name}` has no endpoints, so the requests sent to it would fail",
+                f"list its endpoints under upstreams.{name}, or send them to another upstream",
+            )
+            return None
+        return name
+
+    def has_no_endpoints(self, name: str) -> bool:
+        upstream = (self.known_upstreams or {}).get(name)
+        return upstream is not None and not upstream.endpoints
 
     def check_upstream_name(self, node: Node, path: str, name: str) -> bool:
         known = self.known_upstreams
@@ -1085,10 +1098,19 @@ class _Validator:
             if any(u is None for u in known.values()):
                 return None  # an upstream is broken; reported there
             self.used_upstreams.update(known)
-            return Split(
-                tuple((u.name, float(len(u.endpoints))) for u in known.values() if u is not None),
-                replicas=True,
-            )
+            upstreams = [u for u in known.values() if u is not None]
+            if all(not u.endpoints for u in upstreams):
+                self.error(
+                    node,
+                    path,
+                    "no upstream has endpoints, so `split: replicas` has nowhere to send requests",
+                    "list the endpoints of at least one upstream",
+                )
+                return None
+            for upstream in upstreams:
+                if not upstream.endpoints:
+                    self.warn_replicas_of_nothing(node, path, upstream.name)
+            return Split(tuple((u.name, float(len(u.endpoints))) for u in upstreams), replicas=True)
         if not isinstance(node, MapNode):
             shown = f"`{node.text}`" if isinstance(node, ScalarNode) else node.kind
             self.error(node, path, f"expected weights or `replicas`, found {shown}", example)
@@ -1106,7 +1128,19 @@ class _Validator:
             if weight is None or not known_name:
                 ok = False
                 continue
-            if weight == 0:
+            if weight > 0 and self.has_no_endpoints(name):
+                self.error(
+                    entry.value,
+                    item_path,
+                    f"`{name}` has no endpoints, so the requests this split gives it would fail",
+                    "list its endpoints, or set its weight to 0 or `replicas` while it has none",
+                )
+                ok = False
+                continue
+            replicas = isinstance(entry.value, ScalarNode) and entry.value.value == "replicas"
+            if weight == 0 and replicas:
+                self.warn_replicas_of_nothing(entry.value, item_path, name)
+            elif weight == 0:
                 self.warn(
                     entry.value,
                     item_path,
@@ -1124,6 +1158,16 @@ class _Validator:
             )
             return None
         return Split(tuple(weights)) if ok else None
+
+    def warn_replicas_of_nothing(self, node: Node, path: str, name: str) -> None:
+        self.warn(
+            node,
+            path,
+            f"`{name}` has no endpoints, so `replicas` gives it weight 0: "
+            "it gets no requests from this split",
+            f"fine while it is scaled to zero; list endpoints under upstreams.{name} "
+            "to send it traffic",
+        )
 
     def weight(self, node: Node, path: str, name: str) -> float | None:
         if isinstance(node, ScalarNode) and node.value == "replicas":
@@ -1165,18 +1209,38 @@ class _Validator:
     # -- whole-file warnings -----------------------------------------------------------
 
     def route_warnings(self, ruleset: RuleSet, routes: list[tuple[Route, MapNode]]) -> None:
+        compare_routes = len(routes) * (len(routes) - 1) // 2 <= MAX_SHADOW_PAIRS
+        self.pairs_left = MAX_SHADOW_PAIRS  # for pins
         catch_all: Route | None = None
         for i, (route, node) in enumerate(routes):
             path = f"routes[{i}]"
-            if catch_all is not None:
+            above = catch_all
+            if compare_routes:
+                above = next(
+                    (
+                        r
+                        for r, _ in routes[:i]
+                        if r.match.matches_everything or _match_covers(r.match, route.match)
+                    ),
+                    None,
+                )
+            if catch_all is None and route.match.matches_everything:
+                catch_all = route
+            if above is not None and above.match.matches_everything:
                 self.warn(
                     node,
                     path,
-                    f"never used: route `{catch_all.name}` above matches every request",
+                    f"never used: route `{above.name}` above matches every request",
                     "move this route above it, or give that one a `match`",
                 )
-            elif route.match.matches_everything:
-                catch_all = route
+            elif above is not None:
+                self.warn(
+                    node,
+                    path,
+                    f"never used: route `{above.name}` above matches every request this one "
+                    "matches",
+                    "move this route above it, or narrow that one's `match`",
+                )
             sources = ruleset.sources_of(route)
             if not sources:
                 for j, pin in enumerate(route.pins):
@@ -1187,6 +1251,7 @@ class _Validator:
                             "never holds: there is no `user_id` source for this route",
                             "add `user_id:` to the file or to the route",
                         )
+            self.shadowed_pins(route, node, path, has_user=bool(sources))
             if ruleset.body_limit_of(route) == 0 and any(s.reads_body for s in sources):
                 self.warn(
                     node,
@@ -1194,6 +1259,172 @@ class _Validator:
                     "body_limit is 0, so json/form sources never yield a user ID",
                     "raise body_limit, e.g. 64KiB",
                 )
+
+    def shadowed_pins(self, route: Route, node: MapNode, path: str, has_user: bool) -> None:
+        """A pin that holds only where an earlier pin of the route already holds."""
+        live = [(j, pin) for j, pin in enumerate(route.pins) if not _never_holds(pin, has_user)]
+        self.pairs_left -= len(live) * (len(live) - 1) // 2
+        if self.pairs_left < 0:
+            return
+        for k, (j, pin) in enumerate(live):
+            above = next(((i, p) for i, p in live[:k] if _pin_covers(p, pin)), None)
+            if above is None:
+                continue
+            i, first = above
+            if first.to == pin.to:
+                hint = f"both send to {pin.to}; remove this pin"
+            else:
+                hint = f"pins[{i}] sends them to {first.to}; move this pin above it, or remove it"
+            self.warn(
+                _list_item(node, "pins", j),
+                f"{path}.pins[{j}]",
+                f"never used: pins[{i}] above ({'+'.join(first.conditions)}) holds for every "
+                "request this pin holds for",
+                hint,
+            )
+
+
+# -- shadowing: what surely holds wherever something later holds -------------------------
+# These only feed warnings, so they must never guess: each answers True only when the
+# earlier rule certainly holds for every request the later one holds for.
+
+
+def _list_item(node: MapNode, key: str, index: int) -> Node:
+    entry = node.items.get(key)
+    if entry is not None and isinstance(entry.value, SeqNode) and index < len(entry.value.items):
+        return entry.value.items[index]
+    return node
+
+
+def _match_covers(first: Match, later: Match) -> bool:
+    """Every request that `later` matches, `first` matches too."""
+    return (
+        (first.hosts is None or (later.hosts is not None and set(later.hosts) <= set(first.hosts)))
+        and (
+            first.methods is None
+            or (later.methods is not None and set(later.methods) <= set(first.methods))
+        )
+        and (
+            first.path_prefix is None
+            or (later.path_prefix is not None and later.path_prefix.startswith(first.path_prefix))
+        )
+    )
+
+
+def _never_holds(pin: Pin, has_user: bool) -> bool:
+    """An empty list, user_percent 0, or a user condition without user ID sources."""
+    lists = (pin.users, pin.user_ranges, pin.user_suffixes, pin.client_cidrs)
+    return (
+        any(v is not None and not v for v in lists)
+        or pin.user_percent == 0
+        or (pin.needs_user and not has_user)
+    )
+
+
+def _pin_covers(first: Pin, later: Pin) -> bool:
+    """`first` holds wherever `later` holds: each of its conditions follows from `later`'s.
+
+    Both pins are of one route (one salt, one user ID), and neither is empty (see
+    _never_holds). A condition on the user ID follows only from one on the user ID, so a
+    pin that can hold without a user ID is never shadowed by one that cannot.
+    """
+    return all(_COVERED[c](first, later) for c in first.conditions)
+
+
+def _users_covered(first: Pin, later: Pin) -> bool:
+    assert first.users is not None
+    return later.users is not None and later.users <= first.users
+
+
+def _ranges_covered(first: Pin, later: Pin) -> bool:
+    assert first.user_ranges is not None
+    merged: list[tuple[int, int]] = []
+    for lo, hi in sorted(first.user_ranges):
+        if merged and lo <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+        else:
+            merged.append((lo, hi))
+
+    def inside(lo: int, hi: int) -> bool:
+        return any(a <= lo and hi <= b for a, b in merged)
+
+    if later.user_ranges is not None:
+        return all(inside(lo, hi) for lo, hi in later.user_ranges)
+    if later.users is not None:
+        numbers = [_id_number(u) for u in later.users]
+        return all(n is not None and inside(n, n) for n in numbers)
+    return False
+
+
+def _id_number(user: str) -> int | None:
+    """The number user_ranges read from an ID: ASCII digits only (leading zeros allowed)."""
+    if not (user.isdigit() and user.isascii()) or len(user.lstrip("0")) > 4000:
+        return None  # 4000: below int()'s digit limit; no range bound is that long
+    return int(user)
+
+
+def _suffixes_covered(first: Pin, later: Pin) -> bool:
+    assert first.user_suffixes is not None
+    ends = first.user_suffixes
+    if later.user_suffixes is not None:
+        return all(s.endswith(ends) for s in later.user_suffixes)
+    return later.users is not None and all(u.endswith(ends) for u in later.users)
+
+
+def _pattern_covered(first: Pin, later: Pin) -> bool:
+    assert first.user_pattern is not None
+    if later.user_pattern == first.user_pattern:
+        return True
+    if later.users is None:
+        return False
+    fullmatch = re.compile(first.user_pattern).fullmatch
+    return all(fullmatch(u) is not None for u in later.users)
+
+
+def _percent_covered(first: Pin, later: Pin) -> bool:
+    assert first.user_percent is not None
+    if first.user_percent >= 100:  # every bucket: holds for any user ID
+        return later.needs_user
+    return later.user_percent is not None and later.user_percent <= first.user_percent
+
+
+def _headers_covered(first: Pin, later: Pin) -> bool:
+    assert first.headers is not None
+    written = {name.lower(): regex for name, regex in later.headers or ()}
+    return all(written.get(name.lower()) == regex for name, regex in first.headers)
+
+
+def _cidrs_covered(first: Pin, later: Pin) -> bool:
+    assert first.client_cidrs is not None
+    if later.client_cidrs is None:
+        return False
+    outer = [ipaddress.ip_network(c) for c in first.client_cidrs]
+    return all(
+        any(_subnet(ipaddress.ip_network(c), net) for net in outer) for c in later.client_cidrs
+    )
+
+
+def _subnet(
+    inner: ipaddress.IPv4Network | ipaddress.IPv6Network,
+    outer: ipaddress.IPv4Network | ipaddress.IPv6Network,
+) -> bool:
+    if isinstance(inner, ipaddress.IPv4Network) and isinstance(outer, ipaddress.IPv4Network):
+        return inner.subnet_of(outer)
+    if isinstance(inner, ipaddress.IPv6Network) and isinstance(outer, ipaddress.IPv6Network):
+        return inner.subnet_of(outer)
+    return False
+
+
+_COVERED: dict[str, Callable[[Pin, Pin], bool]] = {
+    "users": _users_covered,
+    "user_ranges": _ranges_covered,
+    "user_suffixes": _suffixes_covered,
+    "user_pattern": _pattern_covered,
+    "user_percent": _percent_covered,
+    "headers": _headers_covered,
+    "client_cidrs": _cidrs_covered,
+}
+assert set(_COVERED) == set(PIN_CONDITIONS)
 
 
 def _host_problem(host: str) -> tuple[str, str] | None:

@@ -1,0 +1,490 @@
+"""The JSON Schema of the rule file (format 1), and the key tables of docs/rules.md.
+
+Editors read rules/schema.json to complete keys, show what each one means and flag
+unknown or misplaced keys while a rule file is written (VS Code with the YAML extension,
+JetBrains IDEs, any yaml-language-server client). It is generated, never edited:
+
+    python -m router.rules.schema > rules/schema.json
+    python -m router.rules.schema --docs docs/rules.md    rewrite the generated key tables
+
+What each key means is written once, in the tables below, and feeds both the schema's
+`description`s and the docs' key tables, so the two cannot disagree. The key sets are the
+validator's own (validate.TOP_KEYS, ROUTE_KEYS, ...): a key added there without a line
+here stops the build with a message saying so, and tests/test_rules_schema.py fails
+until the schema and the docs are regenerated.
+
+The schema checks shape only; `grayroute check` stays the authority. It cannot know which
+upstream names a file defines, whether a regular expression compiles or a duration is
+above 0, and it knows nothing of the warnings.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from router.rules.model import SOURCE_KINDS, USER_CONDITIONS
+from router.rules.validate import (
+    FORMAT,
+    HEALTH_KEYS,
+    MATCH_KEYS,
+    PIN_KEYS,
+    ROUTE_KEYS,
+    TOP_KEYS,
+    UPSTREAM_KEYS,
+)
+
+__all__ = ["build_schema", "docs_tables", "main", "schema_text", "update_docs"]
+
+Schema = dict[str, Any]
+
+DRAFT = "https://json-schema.org/draft/2020-12/schema"
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """One key of a mapping: what it means, its default as the docs show it, its shape."""
+
+    text: str
+    default: str
+    schema: Schema
+
+
+@dataclass(frozen=True, slots=True)
+class Section:
+    title: str  # how the docs' table names the key column
+    keys: tuple[str, ...]  # the validator's table, in its order
+    required: tuple[str, ...]
+    docs: dict[str, Key]
+    defaults: bool = True  # the docs' table has `required` and `default` columns
+
+
+# -- shapes shared by several keys -----------------------------------------------------
+
+_TOKEN = "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"  # header and cookie names, methods
+_NAME: Schema = {"type": ["string", "number"]}  # text; a bare number counts as written
+_REF = {name: {"$ref": f"#/$defs/{name}"} for name in ("duration", "size", "user_id")}
+_UPSTREAM_NAME: Schema = {"$ref": "#/$defs/upstream_name"}
+
+DEFS: Schema = {
+    "duration": {
+        "description": "1s, 500ms, 2m, 1h, or a number of seconds; more than 0.",
+        "anyOf": [
+            {"type": "number", "exclusiveMinimum": 0},
+            {
+                "type": "string",
+                "pattern": r"^\s*(\d+(\.\d+)?|\.\d+)\s*([mM][sS]|[sSmMhH])?\s*$",
+            },
+        ],
+    },
+    "size": {
+        "description": "A number of bytes, or a number with a unit: B, KB (1000 bytes), "
+        "KiB (1024 bytes), MB, MiB, GB, GiB.",
+        "anyOf": [
+            {"type": "integer", "minimum": 0},
+            {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*([bB]|[kKmMgG][iI]?[bB])?\s*$"},
+        ],
+    },
+    "upstream_name": {
+        "description": "The name of an upstream defined under `upstreams`.",
+        "type": ["string", "number"],
+    },
+    "user_id": {
+        "description": "Where the user ID is found: sources tried in order; the first that "
+        "yields a non-empty value wins.",
+        "type": "array",
+        "items": {"$ref": "#/$defs/source"},
+    },
+    "weight": {
+        "description": "A number of 0 or more with at most two decimals, or `replicas` "
+        "(the upstream's number of endpoints).",
+        "anyOf": [{"type": "number", "minimum": 0}, {"const": "replicas"}],
+    },
+}
+
+
+def _list(items: Schema, min_items: int = 0) -> Schema:
+    schema: Schema = {"type": "array", "items": items}
+    if min_items:
+        schema["minItems"] = min_items
+    return schema
+
+
+# -- what every key means ----------------------------------------------------------------
+
+FILE = Section(
+    "key",
+    TOP_KEYS,
+    ("format", "upstreams", "routes"),
+    {
+        "format": Key("The format version; must be `1`.", "", {"const": FORMAT}),
+        "upstreams": Key(
+            "Named pools of endpoints, one per service version (at least one).",
+            "",
+            {
+                "type": "object",
+                "minProperties": 1,
+                "additionalProperties": {"$ref": "#/$defs/upstream"},
+            },
+        ),
+        "user_id": Key(
+            "Where the user ID is found, in order: `- header: NAME`, `- cookie: NAME`, "
+            "`- query: NAME`, `- json: PATH`, `- form: NAME`.",
+            "no sources",
+            _REF["user_id"],
+        ),
+        "body_limit": Key(
+            "At most this much of a request body is held to find the user ID; a larger "
+            "body yields no ID from the body and is still forwarded whole.",
+            "`64KiB`",
+            _REF["size"],
+        ),
+        "routes": Key(
+            "The routes, checked in order; the first whose `match` holds decides (at least one).",
+            "",
+            _list({"$ref": "#/$defs/route"}, min_items=1),
+        ),
+    },
+)
+
+UPSTREAM = Section(
+    "key",
+    UPSTREAM_KEYS,
+    ("endpoints",),
+    {
+        "endpoints": Key(
+            "`HOST:PORT` list; IPv6 addresses in brackets. Requests go round-robin over the "
+            "healthy ones. An endpoint listed twice gets twice the share (a warning). Empty "
+            "while a version is scaled to zero: then no `to`, pin or split weight above 0 "
+            "may name it.",
+            "",
+            _list(
+                {
+                    "type": "string",
+                    "pattern": r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):[0-9]{1,5}$",
+                }
+            ),
+        ),
+        "connect_timeout": Key(
+            "Time to open a connection to an endpoint.",
+            "the server's `--connect-timeout` (2 s)",
+            _REF["duration"],
+        ),
+        "read_timeout": Key(
+            "Time to wait for the upstream's answer.",
+            "the server's `--read-timeout` (30 s)",
+            _REF["duration"],
+        ),
+        "health_check": Key(
+            "*Extension*: probe every endpoint with `GET path` every `interval`; an endpoint "
+            "that fails is skipped until it passes again.",
+            "none",
+            {"$ref": "#/$defs/health_check"},
+        ),
+    },
+)
+
+HEALTH_CHECK = Section(
+    "key",
+    HEALTH_KEYS,
+    (),
+    {
+        "path": Key(
+            "The path probed; a 2xx or 3xx answer counts as healthy.",
+            "`/healthz`",
+            {"type": "string", "pattern": "^/"},
+        ),
+        "interval": Key("Time between two probes of an endpoint.", "`5s`", _REF["duration"]),
+    },
+)
+
+SOURCE = Section(
+    "source",
+    SOURCE_KINDS,
+    (),
+    {
+        "header": Key(
+            "A request header (the name ignores case); of repeated headers, the first.",
+            "",
+            {"type": "string", "pattern": _TOKEN},
+        ),
+        "cookie": Key(
+            "A cookie in the Cookie header.", "", {"type": ["string", "number"], "pattern": _TOKEN}
+        ),
+        "query": Key("A query parameter, URL-decoded.", "", _NAME),
+        "json": Key(
+            "A field of a JSON body, by a dotted path (`user.id`, `items[0].id`): a JSON "
+            "string as it is, a JSON integer as its digits.",
+            "",
+            _NAME,
+        ),
+        "form": Key(
+            "A field of an `application/x-www-form-urlencoded` body, URL-decoded.", "", _NAME
+        ),
+    },
+    defaults=False,
+)
+
+ROUTE = Section(
+    "key",
+    ROUTE_KEYS,
+    ("name",),
+    {
+        "name": Key(
+            "Unique; metrics, logs and `explain` report it. The default `salt`.", "", _NAME
+        ),
+        "match": Key(
+            "Conditions on the request (`hosts`, `path_prefix`, `methods`); every one given "
+            "must hold.",
+            "every request",
+            {"$ref": "#/$defs/match"},
+        ),
+        "pins": Key(
+            "Major versions, by user: checked first, in order; the first pin that holds "
+            "sends the request to its `to`.",
+            "none",
+            _list({"$ref": "#/$defs/pin"}),
+        ),
+        "to": Key(
+            "The one upstream for every request of the route that no pin took. A route has "
+            "exactly one of `to` and `split`.",
+            "",
+            _UPSTREAM_NAME,
+        ),
+        "split": Key(
+            "Minor versions, by weight: `UPSTREAM: WEIGHT` lines, or `replicas` to weigh "
+            "every upstream by its number of endpoints. Sticky: a user ID always gets the "
+            "same upstream.",
+            "",
+            {
+                "anyOf": [
+                    {"const": "replicas"},
+                    {
+                        "type": "object",
+                        "minProperties": 1,
+                        "additionalProperties": {"$ref": "#/$defs/weight"},
+                    },
+                ]
+            },
+        ),
+        "salt": Key(
+            "Feeds the hash of `split` and `user_percent`; a new salt picks a fresh sample "
+            "of users.",
+            "the route's `name`",
+            _NAME,
+        ),
+        "user_id": Key(
+            "This route's own sources; they replace the file's `user_id` (`[]`: no user ID).",
+            "the file's",
+            _REF["user_id"],
+        ),
+        "body_limit": Key(
+            "*Extension*: replaces the file's `body_limit` for this route.",
+            "the file's",
+            _REF["size"],
+        ),
+    },
+)
+
+MATCH = Section(
+    "condition",
+    MATCH_KEYS,
+    (),
+    {
+        "hosts": Key(
+            "The Host header, lower-cased and without its port, is one of these: exact "
+            "names, no wildcards.",
+            "any host",
+            _list({"type": "string"}, min_items=1),
+        ),
+        "path_prefix": Key(
+            "The path (without the query) starts with this text. A plain prefix: `/api` also "
+            "matches `/apiary`; write `/api/` for the folder. Case matters.",
+            "any path",
+            {"type": "string", "pattern": "^/"},
+        ),
+        "methods": Key(
+            "The method is one of these, compared upper-case.",
+            "any method",
+            _list({"type": "string", "pattern": _TOKEN}, min_items=1),
+        ),
+    },
+)
+
+_NO_ID = " Never holds for a request without a user ID."
+
+PIN = Section(
+    "key",
+    PIN_KEYS,
+    ("to",),
+    {
+        "to": Key("Required: the upstream this pin sends requests to.", "", _UPSTREAM_NAME),
+        "users": Key("Holds when the user ID is one of these (exact text).", "", _list(_NAME)),
+        "user_ranges": Key(
+            "Holds when the user ID is all ASCII digits and its value is inside one "
+            "`[low, high]` range, both ends included (`007` is 7).",
+            "",
+            _list({"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 2}),
+        ),
+        "user_suffixes": Key("Holds when the user ID ends with one of these.", "", _list(_NAME)),
+        "user_pattern": Key(
+            "Holds when this regular expression matches the whole user ID.", "", _NAME
+        ),
+        "user_percent": Key(
+            "Holds when the user's bucket, from a stable hash of the salt and the user ID, is "
+            "below this percentage (0-100, at most two decimals); raising it only adds users.",
+            "",
+            {"type": "number", "minimum": 0, "maximum": 100},
+        ),
+        "headers": Key(
+            "Holds when every listed header is present and its regular expression is found "
+            "in its value.",
+            "",
+            {
+                "type": "object",
+                "propertyNames": {"pattern": _TOKEN},
+                "additionalProperties": _NAME,
+            },
+        ),
+        "client_cidrs": Key(
+            "Holds when the client address is in one of these networks: the peer's, or with "
+            "`--trusted-proxy` the first untrusted hop of `X-Forwarded-For`.",
+            "",
+            _list({"type": "string"}),
+        ),
+    },
+    defaults=False,
+)
+
+SECTIONS: dict[str, Section] = {
+    "file": FILE,
+    "upstream": UPSTREAM,
+    "health_check": HEALTH_CHECK,
+    "source": SOURCE,
+    "route": ROUTE,
+    "match": MATCH,
+    "pin": PIN,
+}
+
+
+def _meaning(name: str, key: str) -> str:
+    text = SECTIONS[name].docs[key].text
+    return text + _NO_ID if name == "pin" and key in USER_CONDITIONS else text
+
+
+def _description(name: str, key: str) -> str:
+    default = SECTIONS[name].docs[key].default
+    text = _meaning(name, key)
+    return f"{text} Default: {default.replace('`', '')}." if default else text
+
+
+def _object(name: str) -> Schema:
+    section = SECTIONS[name]
+    missing = [k for k in section.keys if k not in section.docs]
+    extra = [k for k in section.docs if k not in section.keys]
+    if missing or extra:
+        raise RuntimeError(
+            f"router/rules/schema.py is out of step with the validator ({name}): "
+            f"describe {missing or 'nothing more'}, remove {extra or 'nothing'}"
+        )
+    schema: Schema = {"type": "object"}
+    if section.required:
+        schema["required"] = list(section.required)
+    schema["properties"] = {
+        key: {"description": _description(name, key), **section.docs[key].schema}
+        for key in section.keys
+    }
+    schema["additionalProperties"] = False  # a misspelt key is an error, never ignored
+    return schema
+
+
+def build_schema() -> Schema:
+    """The JSON Schema (draft 2020-12) of a rule file, as a dict ready for json.dumps."""
+    top = _object("file")
+    defs: Schema = dict(DEFS)
+    defs["upstream"] = _object("upstream")
+    defs["health_check"] = _object("health_check")
+    defs["source"] = {
+        **_object("source"),
+        "description": "One source per item, e.g. `header: X-User-Id`.",
+        "minProperties": 1,
+        "maxProperties": 1,
+    }
+    defs["route"] = {
+        **_object("route"),
+        "oneOf": [{"required": ["to"]}, {"required": ["split"]}],
+    }
+    defs["match"] = _object("match")
+    defs["pin"] = {
+        **_object("pin"),
+        "description": "Holds when all the conditions it names hold; it names at least one.",
+        "minProperties": 2,  # `to` and at least one condition
+    }
+    return {
+        "$schema": DRAFT,
+        "title": f"Grayroute rule file (format {FORMAT})",
+        "description": "Where each request goes: upstreams, user ID sources and routes. "
+        "Check a file with `grayroute check`; the format is described in docs/rules.md.",
+        **top,
+        "$defs": dict(sorted(defs.items())),
+    }
+
+
+def schema_text() -> str:
+    """rules/schema.json as it must be, byte for byte."""
+    return json.dumps(build_schema(), indent=2, ensure_ascii=False) + "\n"
+
+
+# -- the docs' key tables ----------------------------------------------------------------
+
+_BEGIN = "<!-- BEGIN keys:{} (generated: python -m router.rules.schema --docs docs/rules.md) -->"
+_END = "<!-- END keys:{} -->"
+_BLOCK = re.compile(r"<!-- BEGIN keys:(\w+) .*?-->\n.*?<!-- END keys:\1 -->", re.DOTALL)
+
+
+def docs_tables() -> dict[str, str]:
+    """Each section's Markdown table, between its markers, by section name."""
+    tables: dict[str, str] = {}
+    for name, section in SECTIONS.items():
+        if section.defaults:
+            rows = [
+                f"| {section.title} | required | default | meaning |",
+                "| --- | --- | --- | --- |",
+            ]
+            for key in section.keys:
+                required = "yes" if key in section.required else "no"
+                default = section.docs[key].default
+                rows.append(f"| `{key}` | {required} | {default} | {_meaning(name, key)} |")
+        else:
+            rows = [f"| {section.title} | meaning |", "| --- | --- |"]
+            rows += [f"| `{key}` | {_meaning(name, key)} |" for key in section.keys]
+        tables[name] = "\n".join([_BEGIN.format(name), *rows, _END.format(name)])
+    return tables
+
+
+def update_docs(text: str) -> str:
+    """`text` with every generated table replaced by its current version."""
+    tables = docs_tables()
+    return _BLOCK.sub(lambda m: tables[m.group(1)], text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        sys.stdout.write(schema_text())
+        return 0
+    if len(args) == 2 and args[0] == "--docs":
+        with open(args[1], encoding="utf-8") as f:
+            text = f.read()
+        with open(args[1], "w", encoding="utf-8") as f:
+            f.write(update_docs(text))
+        return 0
+    print("usage: python -m router.rules.schema [--docs docs/rules.md]", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
