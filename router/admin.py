@@ -4,6 +4,9 @@
     GET /healthz   200 "ok" while the supervisor runs (liveness)
     GET /readyz    200 when every worker is up and accepting, else 503 (readiness)
     GET /rules     JSON: the rules in force and the result of the last reload
+    GET /rules/history[?limit=N]
+                   JSON: the last N (default 50) entries of the audit log: starts,
+                   reloads and rollbacks, who/when/hash/result
 
 When a token is configured every endpoint but /healthz and /readyz requires
 `Authorization: Bearer TOKEN`; probes stay open so orchestrators need no secret. The app
@@ -44,6 +47,10 @@ class AdminSource(Protocol):
 
     def rules_info(self) -> dict[str, Any]: ...
 
+    def rules_history(self, limit: int) -> dict[str, Any]:
+        """The newest `limit` audit entries, oldest first."""
+        ...
+
 
 def build_app(source: AdminSource, token: str = "") -> web.Application:
     middlewares = [_bearer_auth(token)] if token else []
@@ -65,10 +72,27 @@ def build_app(source: AdminSource, token: str = "") -> web.Application:
         body = orjson.dumps(source.rules_info(), option=orjson.OPT_INDENT_2)
         return web.Response(body=body, content_type="application/json")
 
+    async def rules_history(request: web.Request) -> web.Response:
+        try:
+            limit = int(request.query.get("limit", "50"))
+        except ValueError:
+            limit = -1
+        if limit < 1:
+            return web.Response(
+                status=400,
+                body=orjson.dumps(
+                    {"error": "bad limit", "detail": "give ?limit=N with N a positive integer"}
+                ),
+                content_type="application/json",
+            )
+        body = orjson.dumps(source.rules_history(limit), option=orjson.OPT_INDENT_2)
+        return web.Response(body=body, content_type="application/json")
+
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/rules", rules)
+    app.router.add_get("/rules/history", rules_history)
     return app
 
 

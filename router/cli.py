@@ -4,6 +4,9 @@ grayroute serve RULES --listen HOST:PORT --admin HOST:PORT --workers N
 grayroute demo
 grayroute check RULES [--strict]
 grayroute explain RULES [REQUESTS.jsonl]
+grayroute diff OLD NEW (--requests FILE | --access-log FILE) [--json] [--fail-on-move]
+grayroute history RULES [--state-dir DIR] [--json]
+grayroute rollback RULES [--to HASH] [--state-dir DIR] [--print]
 """
 
 from __future__ import annotations
@@ -46,7 +49,20 @@ def _build_parser() -> argparse.ArgumentParser:
         dest="trusted_proxies",
         help="address or CIDR whose X-Forwarded-For is believed (repeatable)",
     )
-    serve.add_argument("--state-dir", default="", help="directory for state (default: a temp dir)")
+    serve.add_argument(
+        "--state-dir",
+        default="",
+        help="rules history and audit log (default: .grayroute-state/ next to RULES)",
+    )
+    serve.add_argument(
+        "--access-log", default="", help="JSON-lines access log file (default: none)"
+    )
+    serve.add_argument(
+        "--watch-interval",
+        type=float,
+        default=defaults.watch_interval,
+        help="seconds between checks of RULES for changes; 0: reload only on SIGHUP",
+    )
     serve.add_argument("--admin-token", default="", help="bearer token for the admin address")
     serve.add_argument("--log-level", default=defaults.log_level)
 
@@ -59,6 +75,36 @@ def _build_parser() -> argparse.ArgumentParser:
     explain = sub.add_parser("explain", help="which upstream would each request get, and why")
     explain.add_argument("rules")
     explain.add_argument("requests", nargs="?", default="-", help="JSON lines file (default stdin)")
+
+    diff = sub.add_parser("diff", help="which users would move between upstreams, OLD -> NEW")
+    diff.add_argument("old")
+    diff.add_argument("new")
+    sample = diff.add_mutually_exclusive_group(required=True)
+    sample.add_argument("--requests", help="JSON lines as `explain` reads them (- for stdin)")
+    sample.add_argument("--access-log", help="the router's JSON-lines access log")
+    diff.add_argument("--json", action="store_true", help="one JSON document instead of tables")
+    diff.add_argument("--fail-on-move", action="store_true", help="exit 1 when anyone moves")
+    diff.add_argument(
+        "--fail-on-broken-promise",
+        action="store_true",
+        help="exit 1 when a user moves between two upstreams whose weights did not change",
+    )
+
+    history = sub.add_parser("history", help="rules versions in force, and the audit log")
+    history.add_argument("rules")
+    history.add_argument("--state-dir", default="", help="as given to `grayroute serve`")
+    history.add_argument("--json", action="store_true")
+
+    rollback = sub.add_parser("rollback", help="put the previous rules version back in force")
+    rollback.add_argument("rules")
+    rollback.add_argument("--to", default="", metavar="HASH", help="a kept version (a prefix)")
+    rollback.add_argument("--state-dir", default="", help="as given to `grayroute serve`")
+    rollback.add_argument(
+        "--print", action="store_true", help="write the version to stdout, change nothing"
+    )
+    rollback.add_argument(
+        "--wait", type=float, default=10.0, help="seconds to wait for the router to confirm"
+    )
     return parser
 
 
@@ -85,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                 max_connections=args.max_connections,
                 trusted_proxies=args.trusted_proxies,
                 state_dir=args.state_dir,
+                access_log=args.access_log,
+                watch_interval=args.watch_interval,
                 admin_token=args.admin_token,
                 log_level=args.log_level,
             )
@@ -102,6 +150,29 @@ def main(argv: list[str] | None = None) -> int:
             from router.explain import run_explain
 
             return run_explain(args.rules, args.requests, out=sys.stdout.buffer)
+        if args.command == "diff":
+            from router.diff import run_diff
+
+            return run_diff(
+                args.old,
+                args.new,
+                requests=args.requests,
+                access_log=args.access_log,
+                as_json=args.json,
+                fail_on_move=args.fail_on_move,
+                fail_on_broken_promise=args.fail_on_broken_promise,
+                out=sys.stdout,
+            )
+        if args.command == "history":
+            from router.history import run_history
+
+            return run_history(args.rules, args.state_dir, args.json, out=sys.stdout)
+        if args.command == "rollback":
+            from router.history import run_rollback
+
+            return run_rollback(
+                args.rules, args.to, args.state_dir, print_only=args.print, wait=args.wait
+            )
     except ConfigError as exc:
         print(f"grayroute: {exc}", file=sys.stderr)
         return 1

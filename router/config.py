@@ -60,8 +60,13 @@ class Settings:
     trusted_proxies: list[str] = field(default_factory=list)
     # How long SIGTERM waits for requests in flight (seconds).
     drain_timeout: float = 10.0
-    # Where reload history, worker metrics and other state live.
+    # Where the rules history (kept versions, audit log) lives; "" = the default next to
+    # the rule file (router.history.resolve_state_dir).
     state_dir: str = ""
+    # JSON-lines access log shared by all workers; "" = off.
+    access_log: str = ""
+    # How often the rule file is checked for changes (seconds); 0 = only on SIGHUP.
+    watch_interval: float = 0.25
     # Bearer token the admin address requires (all but /healthz and /readyz); required
     # when the admin address is not loopback.
     admin_token: str = ""
@@ -89,6 +94,8 @@ class Settings:
             )
         if self.drain_timeout < 0:
             raise ConfigError("--drain-timeout: must be zero or a positive number")
+        if self.watch_interval < 0:
+            raise ConfigError("--watch-interval: must be 0 (off) or a positive number")
         if self.metrics_interval <= 0:
             raise ConfigError("metrics_interval: must be a positive number")
         for name in ("max_header_bytes", "max_header_count", "max_target_bytes"):

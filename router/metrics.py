@@ -11,7 +11,8 @@ Three parts, in the order data flows:
                          the summed last snapshots of workers that have exited, so that a
                          sum over all workers never goes down when a worker is replaced.
     SupervisorMetrics    the supervisor's own counters (reloads, restarts, live workers,
-                         the rule digest) and the one prometheus-client Collector that
+                         the rules in force: digest, load time, whether the last reload
+                         took) and the one prometheus-client Collector that
                          renders everything in the Prometheus text format.
 
 Worker snapshots carry cumulative totals, never deltas: a snapshot that is lost or
@@ -195,6 +196,8 @@ class SupervisorMetrics:
         self.worker_restarts = 0
         self.rules_digest = ""
         self.rules_source = ""
+        self.rules_loaded_at = 0.0  # unix time the rules in force were loaded; 0 = none yet
+        self.last_reload_ok = True  # False while the last reload attempt failed
         self._workers_alive = workers_alive or (lambda: 0)
         self.registry = _build_registry(self)
 
@@ -272,14 +275,32 @@ def _build_registry(state: SupervisorMetrics) -> CollectorRegistry:
                 info.add_metric((state.rules_digest, state.rules_source), 1)
             yield info
 
+            if state.rules_loaded_at:
+                loaded = GaugeMetricFamily(
+                    "grayroute_rules_loaded_timestamp_seconds",
+                    "When the rules in force were loaded (at start or by the last successful "
+                    "reload), in seconds since the Unix epoch.",
+                )
+                loaded.add_metric((), state.rules_loaded_at)
+                yield loaded
+
             reloads = CounterMetricFamily(
                 "grayroute_rules_reloads",
-                "Rule reloads requested (SIGHUP), by result: success or failure.",
+                "Rule reloads (SIGHUP, a changed rule file, a rollback), by result: success "
+                "or failure (the rules in force were kept).",
                 labels=("result",),
             )
             for result in ("success", "failure"):
                 reloads.add_metric((result,), state.reloads[result])
             yield reloads
+
+            last_ok = GaugeMetricFamily(
+                "grayroute_rules_last_reload_successful",
+                "1 when the last reload took (or none was tried), 0 when it failed and the "
+                "rule file on disk is not the rules in force.",
+            )
+            last_ok.add_metric((), 1 if state.last_reload_ok else 0)
+            yield last_ok
 
             restarts = CounterMetricFamily(
                 "grayroute_worker_restarts",

@@ -266,6 +266,7 @@ class _Request:
         "body_parts",
         "body_total",
         "chunked",
+        "client_ip",
         "complete",
         "conn",
         "connect_task",
@@ -302,6 +303,7 @@ class _Request:
 
     def __init__(self, started: float) -> None:
         self.started = started
+        self.client_ip = ""
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.wanted: dict[str, str] = {}
@@ -616,8 +618,9 @@ class HttpProxyProtocol(asyncio.Protocol):
         else:
             path, query = _absolute_form(req, url)
         client_ip = self.peer_ip
-        if self.peer_trusted and req.xff is not None and snapshot.uses_client_ip:
+        if self.peer_trusted and req.xff is not None:
             client_ip = _client_behind_proxies(req.xff, self.router.trusted_networks) or client_ip
+        req.client_ip = client_ip
         method = req.method
         return RequestView(
             _METHODS.get(method) or method.decode("latin-1"),
@@ -951,7 +954,14 @@ class HttpProxyProtocol(asyncio.Protocol):
         router.metrics.request_done(route, upstream, status, seconds)
         if router.access_log is not None:
             router.access_log.log(
-                self.peer_ip, req.method, req.url, req.host, status, seconds, route, decision
+                req.client_ip or self.peer_ip,
+                req.method,
+                req.url,
+                req.host,
+                status,
+                seconds,
+                route,
+                decision,
             )
 
     def _close_client(self) -> None:

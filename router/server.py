@@ -7,7 +7,8 @@
       bound, never listening)                        socket on that port, Router(...)
     start N workers, restart any that dies   ─►    serve on uvloop
     admin app: /metrics /healthz /readyz /rules    every metrics_interval: send totals
-    SIGHUP: reload, then tell workers        ─►    reload, router.install(snapshot)
+    SIGHUP or a changed file (RulesWatcher):       reload, router.install(snapshot)
+      reload, then tell workers              ─►
     SIGTERM/SIGINT: tell workers to drain    ─►    stop accepting, router.drain(), flush, exit
 
 Workers are separate interpreters started with fork+exec (subprocess), not bare forks of
@@ -32,6 +33,12 @@ accepted under STATE_DIR/rules/DIGEST.yaml and gives each worker the digest in f
 worker that finds a different file on disk (edited but not yet reloaded, or now invalid)
 starts with that copy instead, so a restarted worker never routes differently from its
 siblings and a broken edit cannot put workers into a restart loop.
+
+Reload triggers all take one path (`Supervisor._request_reload`): SIGHUP, the rule file
+changing on disk (`RulesWatcher`: polls os.stat through symlinks, waits until the file
+has been still for a moment, compares content hashes), and `grayroute rollback`, which
+writes a kept version over the file and sends SIGHUP. Every start and reload is appended
+to STATE_DIR/audit.jsonl (see router.history).
 """
 
 from __future__ import annotations
@@ -40,14 +47,15 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import hashlib
 import logging
+import math
 import os
-import shutil
 import signal
 import socket
 import sys
-import tempfile
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -59,6 +67,7 @@ from router.errors import ConfigError, RulesError
 from router.metrics import WorkerMetrics
 
 if TYPE_CHECKING:
+    from router.access_log import AccessLogWriter
     from router.metrics import SupervisorMetrics
     from router.rules import Snapshot
 
@@ -171,10 +180,15 @@ def run_serve(settings: Settings) -> int:
     for warning in snapshot.warnings:
         log.warning("%s", warning)
 
-    temp_state = not settings.state_dir
-    state_dir = settings.state_dir or tempfile.mkdtemp(prefix="grayroute-")
+    from router.history import resolve_state_dir
+
     try:
-        (Path(state_dir) / "rules").mkdir(parents=True, exist_ok=True)
+        state_dir = str(resolve_state_dir(settings.rules_path, settings.state_dir))
+        log.info("state directory: %s", state_dir)
+        if settings.access_log:
+            from router.access_log import check_writable
+
+            check_writable(settings.access_log)  # one clear line now, not N worker failures
         host, port = settings.listen_addr
         try:
             # Held for the supervisor's whole life: for `:0` this is what picks the port
@@ -190,9 +204,6 @@ def run_serve(settings: Settings) -> int:
     except ConfigError as exc:
         print(f"grayroute: {exc}", file=sys.stderr)
         return 1
-    finally:
-        if temp_state:
-            shutil.rmtree(state_dir, ignore_errors=True)
 
 
 @dataclasses.dataclass(eq=False)
@@ -228,8 +239,9 @@ class Supervisor:
         self._announced = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reload_task: asyncio.Task[None] | None = None
-        self._reload_again = False
+        self._reload_again: str | None = None  # the trigger of a reload asked for meanwhile
         self.last_reload: dict[str, Any] | None = None
+        self.watcher: RulesWatcher | None = None
         self._stop = asyncio.Event()  # SIGTERM/SIGINT, or a fatal start-up failure
         self._all_ready = asyncio.Event()
         self._accept(snapshot, raw)
@@ -255,11 +267,18 @@ class Supervisor:
             "upstreams": describe_upstreams(snap, self.settings),
             "routes": describe_routes(snap),
             "last_reload": self.last_reload,
+            "state_dir": self.state_dir,
+            "watch_interval": self.settings.watch_interval,
             "workers": {
                 str(w.slot): {"pid": w.proc.pid, "ready": w.ready, "digest": w.digest}
                 for w in sorted(self.workers.values(), key=lambda w: w.slot)
             },
         }
+
+    def rules_history(self, limit: int) -> dict[str, Any]:
+        from router.history import read_audit
+
+        return {"state_dir": self.state_dir, "events": read_audit(self.state_dir)[-limit:]}
 
     def _ready_count(self) -> int:
         return sum(1 for w in self.workers.values() if w.ready)
@@ -272,7 +291,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._request_stop, sig)
-        loop.add_signal_handler(signal.SIGHUP, self._request_reload)
+        loop.add_signal_handler(signal.SIGHUP, self._request_reload, "sighup")
 
         admin_host, admin_port = self.settings.admin_addr
         admin = AdminServer(self, admin_host, admin_port, self.settings.admin_token)
@@ -284,12 +303,26 @@ class Supervisor:
             )
             return 1
         try:
+            # Only once SIGHUP is handled may `grayroute rollback` find us (its default
+            # action would end the process).
+            self._write_pidfile()
             slots = [self._keep(self._slot_loop(slot)) for slot in range(self.settings.workers)]
+            if self.settings.watch_interval > 0:
+                self.watcher = RulesWatcher(
+                    self.settings.rules_path,
+                    lambda: self.snapshot.digest,
+                    lambda: self._request_reload("watch"),
+                    self.settings.watch_interval,
+                )
+                self._keep(self.watcher.run())
             if await self._wait_ready():
                 self._announce(admin_host, admin_port)
             await self._stop.wait()
             await self._shutdown(slots)
         finally:
+            from router.history import remove_pidfile
+
+            remove_pidfile(self.state_dir)
             await admin.close()
             for task in list(self._tasks):
                 task.cancel()
@@ -323,6 +356,9 @@ class Supervisor:
 
     def _announce(self, admin_host: str, admin_port: int) -> None:
         self._announced = True
+        # Recorded once traffic is served: the audit log lists versions that took effect.
+        digest = self.snapshot.digest
+        self._audit("start", "start", "success", previous=None, attempted=digest)
         line = {
             "event": "ready",
             "listen": format_hostport(self.listen_host, self.listen_port),
@@ -416,6 +452,8 @@ class Supervisor:
         settings = dataclasses.asdict(self.settings)
         settings["listen"] = format_hostport(self.listen_host, self.listen_port)
         settings["state_dir"] = self.state_dir
+        if self.settings.access_log:
+            settings["access_log"] = os.path.abspath(self.settings.access_log)
         settings["admin_token"] = ""  # workers never need it; keep it out of their env
         env = dict(os.environ)
         env[WORKER_ENV] = orjson.dumps(
@@ -505,28 +543,32 @@ class Supervisor:
         self.loaded_at = _now_iso()
         self.metrics.rules_digest = snapshot.digest
         self.metrics.rules_source = str(snapshot.source)
+        self.metrics.rules_loaded_at = time.time()
         if raw is not None:
             _write_atomic(rules_copy_path(self.state_dir, snapshot.digest), raw)
 
-    def _request_reload(self) -> None:
+    def _request_reload(self, trigger: str) -> None:
+        """Reload the rule file (trigger: "sighup" or "watch"); merged while one runs."""
         if self._stop.is_set():
             return
         if self._reload_task is not None and not self._reload_task.done():
-            self._reload_again = True  # signals during a reload coalesce into one more
+            self._reload_again = trigger  # requests during a reload coalesce into one more
             return
-        self._reload_task = self._keep(self._reload())
+        self._reload_task = self._keep(self._reload(trigger))
 
-    async def _reload(self) -> None:
+    async def _reload(self, trigger: str) -> None:
         while True:
-            self._reload_again = False
-            await self._reload_once()
-            if not self._reload_again or self._stop.is_set():
+            self._reload_again = None
+            await self._reload_once(trigger)
+            if self._reload_again is None or self._stop.is_set():
                 return
+            trigger = self._reload_again
 
-    async def _reload_once(self) -> None:
+    async def _reload_once(self, trigger: str) -> None:
         path = self.settings.rules_path
         loop = asyncio.get_running_loop()
-        log.info("SIGHUP: reloading %s", path)
+        log.info("%s: reloading %s", "SIGHUP" if trigger == "sighup" else "file changed", path)
+        old = self.snapshot.digest
         try:
             snapshot, raw = await loop.run_in_executor(None, load_rules_stable, path)
         except RulesError as exc:
@@ -534,48 +576,206 @@ class Supervisor:
             errors = sum(1 for p in exc.problems if p.severity != "warning") or 1
             log.error(
                 "reload failed; keeping rules %s (%d error%s)",
-                self.snapshot.digest[:12],
+                old[:12],
                 errors,
                 "" if errors == 1 else "s",
             )
             _log_problems(exc)
-            self._reload_failed(problems)
+            self._reload_failed(trigger, problems, _digest_of_file(path))
             return
         except Exception as exc:  # a bug, not a bad file: keep the traceback
-            log.exception("reload crashed; keeping rules %s", self.snapshot.digest[:12])
-            self._reload_failed([f"internal error: {exc!r}"])
+            log.exception("reload crashed; keeping rules %s", old[:12])
+            self._reload_failed(trigger, [f"internal error: {exc!r}"], _digest_of_file(path))
             return
         for warning in snapshot.warnings:
             log.warning("%s", warning)
-        old = self.snapshot.digest
         self._accept(snapshot, raw)
         self.metrics.reloads["success"] += 1
+        self.metrics.last_reload_ok = True
         self.last_reload = {
             "result": "success",
             "at": self.loaded_at,
+            "trigger": trigger,
             "problems": [],
             "previous_digest": old,
         }
-        self._record_reload()
-        log.info("reload ok: rules %s -> %s", old[:12], snapshot.digest[:12])
+        from router.history import take_intent
+
+        intent = take_intent(self.state_dir, snapshot.digest)
+        if intent is not None:
+            log.info(
+                "rollback by %s@%s: rules %s -> %s",
+                intent.get("user"),
+                intent.get("host"),
+                old[:12],
+                snapshot.digest[:12],
+            )
+            who = {k: intent.get(k) for k in ("user", "host", "pid")}
+            self._audit("rollback", trigger, "success", old, snapshot.digest, who=who)
+        else:
+            log.info("reload ok: rules %s -> %s", old[:12], snapshot.digest[:12])
+            self._audit("reload", trigger, "success", old, snapshot.digest)
         for worker in list(self.workers.values()):
             self._send(worker, {"cmd": "reload", "digest": snapshot.digest})
 
-    def _reload_failed(self, problems: list[str]) -> None:
+    def _reload_failed(self, trigger: str, problems: list[str], attempted: str | None) -> None:
         self.metrics.reloads["failure"] += 1
-        self.last_reload = {"result": "failure", "at": _now_iso(), "problems": problems}
-        self._record_reload()
+        self.metrics.last_reload_ok = False
+        self.last_reload = {
+            "result": "failure",
+            "at": _now_iso(),
+            "trigger": trigger,
+            "problems": problems,
+            "attempted_digest": attempted,
+        }
+        from router.history import take_intent
 
-    def _record_reload(self) -> None:
-        """Append the reload result to STATE_DIR/reloads.jsonl (history for operators)."""
+        # A refused rollback is recorded as one, with who asked for it.
+        intent = take_intent(self.state_dir, attempted) if attempted else None
+        action, who = "reload", None
+        if intent is not None:
+            action, who = "rollback", {k: intent.get(k) for k in ("user", "host", "pid")}
+        digest = self.snapshot.digest
+        self._audit(action, trigger, "failure", digest, attempted, problems=problems, who=who)
+
+    def _audit(
+        self,
+        action: str,
+        trigger: str,
+        result: str,
+        previous: str | None,
+        attempted: str | None,
+        problems: list[str] | None = None,
+        who: dict[str, Any] | None = None,
+    ) -> None:
+        """One line in STATE_DIR/audit.jsonl; `who` defaults to this process."""
+        from router.history import actor, append_audit, file_owner, now_iso
+
+        path = self.settings.rules_path
+        entry = {
+            "at": now_iso(),
+            "action": action,
+            "trigger": trigger,
+            "result": result,
+            "digest": self.snapshot.digest,  # in force after the event
+            "previous": previous,
+            "attempted": attempted,
+            "source": path,
+            **(who or actor()),
+            "router_pid": os.getpid(),
+            "file_owner": file_owner(path),
+            "problems": problems or [],
+        }
         try:
-            with open(Path(self.state_dir) / "reloads.jsonl", "ab") as f:
-                f.write(
-                    orjson.dumps({**(self.last_reload or {}), "digest": self.snapshot.digest})
-                    + b"\n"
-                )
+            append_audit(self.state_dir, entry)
         except OSError as exc:
-            log.warning("cannot record reload history: %s", exc)
+            log.warning("cannot append to the audit log in %s: %s", self.state_dir, exc)
+
+    def _write_pidfile(self) -> None:
+        from router.history import write_pidfile
+
+        try:
+            write_pidfile(self.state_dir, self.settings.rules_path)
+        except OSError as exc:
+            log.warning("cannot write the pid file (rollback cannot signal us): %s", exc)
+
+
+def _digest_of_file(path: str) -> str | None:
+    """sha256 of the file as it is now (what a failed reload tried), None if unreadable."""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+class RulesWatcher:
+    """Polls the rule file and asks for a reload when its content has changed and settled.
+
+    Each tick stats the path *through* symlinks: (realpath, device, inode, size, mtime,
+    ctime). Any change restarts the wait; once that signature has stayed the same for
+    `settle` seconds the file is read and hashed, and a reload is asked for only when the
+    content differs from the rules in force and from the last content tried. This covers:
+
+      editors         that truncate and write in pieces, or write a backup and rename:
+                      nothing is read until the file has been still for `settle`
+      atomic rename   (mv new rules.yaml): a new inode
+      ConfigMap swap  (rules.yaml -> ..data/rules.yaml, ..data -> ..2024_01_05_10_00):
+                      the realpath and the inode change when kubelet swaps `..data`
+      missing file    (between an editor's delete and create): waited out, logged once
+
+    A bad file is tried once: it is not read again until it changes again. Every
+    `recheck` seconds the content is hashed even without a stat change, for the rare edit
+    that keeps size and timestamps. Costs one stat() per tick.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        in_force: Callable[[], str],
+        on_change: Callable[[], None],
+        interval: float,
+        settle: float = 0.2,
+        recheck: float = 5.0,
+    ) -> None:
+        self.path = path
+        self.in_force = in_force
+        self.on_change = on_change
+        self.interval = interval
+        self.settle = settle
+        self.recheck = recheck
+        self.tried = in_force()  # content hash last acted on
+        self._signature: tuple[Any, ...] | None = None
+        self._changed_at = -math.inf
+        self._pending = True  # compare the content once at start: it may predate us
+        self._missing_logged = False
+
+    def signature(self) -> tuple[Any, ...] | None:
+        try:
+            st = os.stat(self.path)  # follows symlinks
+        except OSError:
+            return None
+        real = os.path.realpath(self.path)
+        return (real, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def tick(self, now: float) -> bool:
+        """One poll; True when it asked for a reload."""
+        signature = self.signature()
+        if signature != self._signature:
+            self._signature = signature
+            self._changed_at = now
+            self._pending = True
+            return False
+        if signature is None:
+            if not self._missing_logged:
+                log.warning("%s is missing; keeping the rules in force", self.path)
+                self._missing_logged = True
+            return False
+        self._missing_logged = False
+        if not self._pending and now - self._changed_at < self.recheck:
+            return False
+        if self._pending and now - self._changed_at < self.settle:
+            return False
+        self._pending = False
+        self._changed_at = now  # the next recheck is `recheck` from now
+        try:
+            digest = hashlib.sha256(Path(self.path).read_bytes()).hexdigest()
+        except OSError:
+            return False
+        if digest == self.tried or digest == self.in_force():
+            self.tried = digest
+            return False
+        self.tried = digest
+        self.on_change()
+        return True
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                self.tick(loop.time())
+            except Exception:  # never let a surprise stop watching
+                log.exception("watching %s failed; trying again", self.path)
+            await asyncio.sleep(self.interval)
 
 
 def _log_problems(exc: RulesError) -> None:
@@ -702,6 +902,7 @@ class Worker:
         self.expected_digest = digest
         self.report_fd = report_fd
         self.metrics = WorkerMetrics()
+        self.access_log: AccessLogWriter | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def run(self) -> int:
@@ -724,7 +925,18 @@ class Worker:
 
         from router.proxy import Router
 
-        self.router = Router(self.settings, snapshot, self.metrics)
+        access_log = None
+        if self.settings.access_log:
+            from router.access_log import AccessLogWriter
+
+            try:
+                access_log = AccessLogWriter(self.settings.access_log)
+            except OSError as exc:
+                log.error("cannot open the access log %s: %s", self.settings.access_log, exc)
+                await self.report.close(2.0)
+                return EXIT_WORKER_SETUP
+        self.access_log = access_log
+        self.router = Router(self.settings, snapshot, self.metrics, access_log=access_log)
         self.digest = snapshot.digest
         host, port = parse_hostport(self.settings.listen, "--listen")
         try:
@@ -741,6 +953,8 @@ class Worker:
 
         self._keep(self._read_commands())
         self._keep(self._flush_metrics())
+        if self.access_log is not None:
+            self._keep(self.access_log.run())
         self.report.send({"ev": "ready", "pid": os.getpid(), "digest": self.digest})
         log.debug("accepting on %s", self.settings.listen)
 
@@ -762,6 +976,8 @@ class Worker:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.access_log is not None:
+            self.access_log.close()  # the last lines, after every request has finished
         self.report.send({"ev": "metrics", "data": self.metrics.snapshot()})
         self.report.send({"ev": "bye"})
         await self.report.close(2.0)

@@ -29,6 +29,10 @@ class FakeSource:
     def rules_info(self) -> dict[str, Any]:
         return {"digest": "d" * 64, "source": "rules.yaml", "last_reload": None}
 
+    def rules_history(self, limit: int) -> dict[str, Any]:
+        events = [{"action": "reload", "n": i} for i in range(5)]
+        return {"state_dir": "/state", "events": events[-limit:]}
+
 
 Start = Callable[..., Awaitable[tuple[FakeSource, str]]]
 
@@ -66,6 +70,12 @@ async def test_endpoints_without_token(admin: Start) -> None:
         rules = await client.get(f"{url}/rules")
         assert rules.headers["content-type"].startswith("application/json")
         assert rules.json()["digest"] == "d" * 64
+        history = await client.get(f"{url}/rules/history", params={"limit": "2"})
+        assert [e["n"] for e in history.json()["events"]] == [3, 4]
+        assert len((await client.get(f"{url}/rules/history")).json()["events"]) == 5
+        for bad in ("0", "x"):
+            resp = await client.get(f"{url}/rules/history", params={"limit": bad})
+            assert resp.status_code == 400 and "limit" in resp.json()["detail"]
         assert (await client.get(f"{url}/nope")).status_code == 404
 
 
@@ -87,7 +97,7 @@ async def test_token_guards_all_but_probes(
     _, url = await admin(token="s3cret")
     headers = {"Authorization": authorization} if authorization else {}
     async with httpx.AsyncClient(headers=headers) as client:
-        for path in ("/metrics", "/rules"):
+        for path in ("/metrics", "/rules", "/rules/history"):
             resp = await client.get(f"{url}{path}")
             assert resp.status_code == status, path
             if status == 401:

@@ -139,6 +139,8 @@ def test_exposition_has_every_metric() -> None:
     state.reloads["success"] = 2
     state.reloads["failure"] = 1
     state.worker_restarts = 4
+    state.rules_loaded_at = 1767607200.25
+    state.last_reload_ok = False
     m = WorkerMetrics()
     m.request_done("orders", "orders-v1", 200, 0.002)
     m.request_done("", "", 404, 0.0001)
@@ -156,6 +158,8 @@ def test_exposition_has_every_metric() -> None:
     assert s[("grayroute_rules_reloads_total", "result=success")] == 2
     assert s[("grayroute_rules_reloads_total", "result=failure")] == 1
     assert s[("grayroute_worker_restarts_total",)] == 4
+    assert s[("grayroute_rules_loaded_timestamp_seconds",)] == 1767607200.25
+    assert s[("grayroute_rules_last_reload_successful",)] == 0
 
     text = state.render().decode()
     for name, kind in [
@@ -166,8 +170,17 @@ def test_exposition_has_every_metric() -> None:
         ("grayroute_rules_info", "gauge"),
         ("grayroute_rules_reloads_total", "counter"),
         ("grayroute_worker_restarts_total", "counter"),
+        ("grayroute_rules_loaded_timestamp_seconds", "gauge"),
+        ("grayroute_rules_last_reload_successful", "gauge"),
     ]:
         assert f"# TYPE {name} {kind}\n" in text
+
+
+def test_rules_gauges_before_any_rules_and_before_any_reload() -> None:
+    s = samples(SupervisorMetrics())
+    assert ("grayroute_rules_loaded_timestamp_seconds",) not in s  # no rules yet: no sample
+    assert s[("grayroute_rules_last_reload_successful",)] == 1  # nothing has failed
+    assert s[("grayroute_rules_reloads_total", "result=failure")] == 0
 
 
 def test_render_twice_uses_the_same_collectors() -> None:

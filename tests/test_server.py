@@ -23,6 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from router.demo import DemoUpstream, RouterProcess, RouterStartError, start_upstream
+from router.server import RulesWatcher
 
 Serve = Callable[..., Awaitable[RouterProcess]]
 
@@ -216,7 +217,9 @@ async def test_sighup_reload(
     rules: Path, upstreams: dict[str, DemoUpstream], serve_router: Serve, tmp_path: Path
 ) -> None:
     state = tmp_path / "state"
-    router = await serve_router(rules, workers=2, args=("--state-dir", str(state)))
+    # Watching is off: this is about SIGHUP alone (the watcher is tested below).
+    args = ("--state-dir", str(state), "--watch-interval", "0")
+    router = await serve_router(rules, workers=2, args=args)
     old = router.ready["rules"]
     assert await versions(router, 4) == ["v1"] * 4
     async with httpx.AsyncClient(timeout=10.0) as client:
@@ -238,6 +241,7 @@ async def test_sighup_reload(
         info = await poll(switched)
         new = info["digest"]
         assert info["last_reload"]["result"] == "success"
+        assert info["last_reload"]["trigger"] == "sighup"
         assert await versions(router, 10) == ["v2"] * 10
 
         # An invalid file: the old rules stay, /rules names the problem with FILE:LINE:COL.
@@ -262,8 +266,16 @@ async def test_sighup_reload(
         assert m[("grayroute_rules_info", f"digest={new}", f"source={rules}")] == 1
         assert router.proc.returncode is None
     # The state directory keeps the history and the exact bytes of every accepted file.
-    history = [orjson.loads(line) for line in (state / "reloads.jsonl").read_bytes().splitlines()]
-    assert [(h["result"], h["digest"]) for h in history] == [("success", new), ("failure", new)]
+    history = [orjson.loads(line) for line in (state / "audit.jsonl").read_bytes().splitlines()]
+    assert [(h["action"], h["result"], h["digest"]) for h in history] == [
+        ("start", "success", old),
+        ("reload", "success", new),
+        ("reload", "failure", new),
+    ]
+    assert history[2]["attempted"] == hashlib.sha256(rules.read_bytes()).hexdigest()
+    assert history[2]["problems"] == info["last_reload"]["problems"]
+    assert {h["trigger"] for h in history[1:]} == {"sighup"}
+    assert all(h["user"] and h["host"] and h["router_pid"] == router.pid for h in history)
     assert (state / "rules" / f"{old}.yaml").is_file()
     assert hashlib.sha256((state / "rules" / f"{new}.yaml").read_bytes()).hexdigest() == new
 
@@ -333,3 +345,285 @@ async def test_listen_port_in_use_exit_1(rules: Path, tmp_path: Path, serve_rout
     assert info.value.returncode == 1
     log = (tmp_path / "router.log").read_text()
     assert f"--listen 127.0.0.1:{port}" in log and "Traceback" not in log
+
+
+# -- the rule-file watcher, tick by tick (no processes) ------------------------------------
+
+
+class Recorder:
+    def __init__(self, watcher_path: Path, in_force: str) -> None:
+        self.in_force = in_force
+        self.calls = 0
+        self.watcher = RulesWatcher(
+            str(watcher_path), lambda: self.in_force, self.on_change, interval=0.25
+        )
+
+    def on_change(self) -> None:
+        self.calls += 1
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_watcher_waits_until_the_file_is_still(tmp_path: Path) -> None:
+    path = tmp_path / "rules.yaml"
+    path.write_bytes(b"one")
+    rec = Recorder(path, sha(b"one"))
+    w = rec.watcher
+    assert not w.tick(0.0)  # first sight: the signature is new
+    assert not w.tick(0.25)  # still, and the content is the rules in force
+    path.write_bytes(b"two, half")
+    assert not w.tick(0.5)  # changed: wait
+    path.write_bytes(b"two, whole")
+    os.utime(path, ns=(1, 1))  # make sure the signature moves even on a coarse clock
+    assert not w.tick(0.6)  # changed again: the wait starts over
+    assert not w.tick(0.7)  # still for 0.1 s only
+    assert w.tick(0.85)  # still for 0.25 s: one reload
+    assert rec.calls == 1
+    assert not w.tick(1.1) and not w.tick(3.0)  # nothing new
+    assert rec.calls == 1
+
+
+def test_watcher_ignores_touch_and_tries_a_bad_file_once(tmp_path: Path) -> None:
+    path = tmp_path / "rules.yaml"
+    path.write_bytes(b"good")
+    rec = Recorder(path, sha(b"good"))
+    w = rec.watcher
+    w.tick(0.0)
+    w.tick(0.3)
+    os.utime(path, ns=(5, 5))  # touched, same content
+    assert not w.tick(1.0) and not w.tick(1.3)
+    path.write_bytes(b"bad")  # the reload will fail: rules in force stay "good"
+    w.tick(2.0)
+    assert w.tick(2.3) and rec.calls == 1
+    assert not w.tick(2.6) and not w.tick(9.0)  # not retried until it changes again
+    rec.in_force = sha(b"fixed")  # e.g. SIGHUP got there first
+    path.write_bytes(b"fixed")
+    w.tick(10.0)
+    assert not w.tick(10.3) and rec.calls == 1
+
+
+def test_watcher_survives_a_missing_file_and_follows_symlink_swaps(tmp_path: Path) -> None:
+    data = tmp_path / "..2026_01_01"
+    data.mkdir()
+    (data / "rules.yaml").write_bytes(b"v1")
+    (tmp_path / "..data").symlink_to(data.name)
+    path = tmp_path / "rules.yaml"
+    path.symlink_to("..data/rules.yaml")
+    rec = Recorder(path, sha(b"v1"))
+    w = rec.watcher
+    w.tick(0.0)
+    w.tick(0.3)
+    # kubelet: a new directory, a new ..data link renamed over the old one
+    new = tmp_path / "..2026_01_02"
+    new.mkdir()
+    (new / "rules.yaml").write_bytes(b"v1")  # the same bytes: nothing to do
+    (tmp_path / "..data_tmp").symlink_to(new.name)
+    os.replace(tmp_path / "..data_tmp", tmp_path / "..data")
+    assert not w.tick(1.0) and not w.tick(1.3)
+    newer = tmp_path / "..2026_01_03"
+    newer.mkdir()
+    (newer / "rules.yaml").write_bytes(b"v2")
+    (tmp_path / "..data_tmp").symlink_to(newer.name)
+    os.replace(tmp_path / "..data_tmp", tmp_path / "..data")
+    w.tick(2.0)
+    assert w.tick(2.3) and rec.calls == 1
+    (tmp_path / "..data").unlink()  # gone (mid-swap, or deleted)
+    assert not w.tick(3.0) and not w.tick(3.3) and not w.tick(3.6)
+    (tmp_path / "..data").symlink_to(newer.name)  # back, the same content
+    w.tick(4.0)
+    assert not w.tick(4.3) and rec.calls == 1
+
+
+# -- reloads under load (real processes) ------------------------------------------------------
+
+
+class Load:
+    """Clients sending requests until stopped: half keep-alive, half a new connection each.
+
+    Every answer is recorded as (monotonic time, version); anything but a 200 from an
+    upstream is a failure.
+    """
+
+    def __init__(self, url: str, clients: int = 4) -> None:
+        self.url = url
+        self.answers: list[tuple[float, str]] = []
+        self.failures: list[str] = []
+        self._stop = asyncio.Event()
+        self._tasks = [asyncio.ensure_future(self._client(i)) for i in range(clients)]
+
+    async def _client(self, i: int) -> None:
+        limits = httpx.Limits(max_keepalive_connections=1 if i % 2 else 0)
+        async with httpx.AsyncClient(timeout=10.0, limits=limits) as client:
+            n = 0
+            while not self._stop.is_set():
+                n += 1
+                try:
+                    resp = await client.get(f"{self.url}/load", headers={"X-User-Id": f"{i}-{n}"})
+                except httpx.HTTPError as exc:
+                    self.failures.append(repr(exc))
+                    continue
+                if resp.status_code != 200:
+                    self.failures.append(f"{resp.status_code} {resp.text[:200]}")
+                else:
+                    self.answers.append((time.monotonic(), resp.json()["version"]))
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+
+    def last_answer(self, version: str) -> float:
+        return max((t for t, v in self.answers if v == version), default=-1.0)
+
+
+def _write_in_place(path: Path, data: bytes) -> None:
+    """As an editor that rewrites the file itself: truncate, then two writes 50 ms apart."""
+    with open(path, "r+b") as f:
+        f.truncate(0)
+        f.write(data[: len(data) // 2])
+        f.flush()
+        time.sleep(0.05)  # a reader now would see half a file: the watcher must not
+        f.write(data[len(data) // 2 :])
+
+
+def _write_renamed(path: Path, data: bytes) -> None:
+    tmp = path.with_name(".rules.yaml.swp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _configmap(root: Path, data: bytes, generation: int) -> Path:
+    """The layout kubelet gives a ConfigMap volume; a new generation swaps `..data`."""
+    gen = root / f"..2026_01_01_00_00_0{generation}.000000001"
+    gen.mkdir()
+    (gen / "rules.yaml").write_bytes(data)
+    link = root / "..data"
+    if not link.exists():
+        link.symlink_to(gen.name)
+        (root / "rules.yaml").symlink_to("..data/rules.yaml")
+    else:
+        old = os.readlink(link)
+        (root / "..data_tmp").symlink_to(gen.name)
+        os.replace(root / "..data_tmp", link)
+        for stale in (root / old).iterdir():
+            stale.unlink()
+        (root / old).rmdir()
+    return root / "rules.yaml"
+
+
+@pytest.mark.parametrize("how", ["sighup", "in-place", "rename", "configmap"])
+async def test_reload_under_load(
+    how: str, upstreams: dict[str, DemoUpstream], serve_router: Serve, tmp_path: Path
+) -> None:
+    """Routing switches in every worker within 2 s, and not one request fails."""
+    v1 = RULES.format(v1=upstreams["v1"].endpoint, v2=upstreams["v2"].endpoint, to="v1")
+    v2 = v1.replace("    to: v1\n", "    to: v2\n").encode()
+    if how == "configmap":
+        (tmp_path / "cm").mkdir()
+        rules = _configmap(tmp_path / "cm", v1.encode(), 1)
+    else:
+        rules = tmp_path / "rules.yaml"
+        rules.write_text(v1)
+    args = ("--watch-interval", "0") if how == "sighup" else ()
+    router = await serve_router(rules, workers=2, args=args)
+    load = Load(router.url)
+    try:
+        async with httpx.AsyncClient(timeout=10.0) as client:
+            await poll(lambda: asyncio.sleep(0.3, len(load.answers) > 20))
+            changed = time.monotonic()
+            wall = time.time()
+            if how == "sighup":
+                rules.write_bytes(v2)
+                router.signal(signal.SIGHUP)
+            elif how == "in-place":
+                await asyncio.to_thread(_write_in_place, rules, v2)
+            elif how == "rename":
+                _write_renamed(rules, v2)
+            else:
+                _configmap(tmp_path / "cm", v2, 2)
+            new = hashlib.sha256(v2).hexdigest()
+
+            async def everywhere() -> bool:
+                info = (await client.get(f"{router.admin_url}/rules")).json()
+                return {w["digest"] for w in info["workers"].values()} == {new}
+
+            await poll(everywhere, timeout=5.0)
+            in_force = time.monotonic() - changed
+            # and traffic shows it: v2 only, from then on
+            await poll(lambda: asyncio.sleep(0.1, load.last_answer("v2") > changed + in_force))
+            await asyncio.sleep(0.3)
+            await load.stop()
+            switched = load.last_answer("v1") - changed
+            print(f"{how}: all workers on the new rules after {in_force:.3f} s; last v1 answer "
+                  f"{switched:.3f} s after the change; {len(load.answers)} requests")  # fmt: skip
+            assert load.failures == []
+            assert in_force < 2.0 and switched < 2.0
+            m = await scrape(client, router)
+            info = (await client.get(f"{router.admin_url}/rules")).json()
+    finally:
+        await load.stop()
+    assert m[("grayroute_rules_reloads_total", "result=success")] == 1
+    assert m[("grayroute_rules_reloads_total", "result=failure")] == 0  # no half file read
+    assert m[("grayroute_rules_info", f"digest={new}", f"source={rules}")] == 1
+    assert m[("grayroute_rules_loaded_timestamp_seconds",)] >= wall - 0.01
+    assert m[("grayroute_rules_last_reload_successful",)] == 1
+    assert info["last_reload"]["trigger"] == ("sighup" if how == "sighup" else "watch")
+
+
+async def test_invalid_edit_changes_nothing_and_is_reported(
+    upstreams: dict[str, DemoUpstream], serve_router: Serve, tmp_path: Path
+) -> None:
+    rules = write_rules(tmp_path / "rules.yaml", upstreams)
+    good = rules.read_bytes()
+    router = await serve_router(rules, workers=2)
+    old = router.ready["rules"]
+    load = Load(router.url)
+    try:
+        async with httpx.AsyncClient(timeout=10.0) as client:
+            await poll(lambda: asyncio.sleep(0.3, len(load.answers) > 20))
+            bad = good.replace(b"    to: v1\n", b"    to: v7\n")
+            _write_renamed(rules, bad)
+            bad_line = bad.decode().splitlines().index("    to: v7") + 1
+
+            async def failed() -> dict[str, Any] | None:
+                info: dict[str, Any] = (await client.get(f"{router.admin_url}/rules")).json()
+                last = info["last_reload"]
+                return info if last and last["result"] == "failure" else None
+
+            info = await poll(failed, timeout=5.0)
+            await asyncio.sleep(0.5)  # traffic goes on, on the old rules
+            await load.stop()
+            assert load.failures == []
+            assert {v for _, v in load.answers} == {"v1"}
+            # /rules: the rules in force are the old ones; the problem with FILE:LINE:COL
+            assert info["digest"] == old
+            assert {w["digest"] for w in info["workers"].values()} == {old}
+            assert info["last_reload"]["trigger"] == "watch"
+            assert info["last_reload"]["attempted_digest"] == hashlib.sha256(bad).hexdigest()
+            problems = "\n".join(info["last_reload"]["problems"])
+            assert f"{rules}:{bad_line}:" in problems and "unknown upstream" in problems
+            # metrics
+            m = await scrape(client, router)
+            assert m[("grayroute_rules_reloads_total", "result=failure")] == 1
+            assert m[("grayroute_rules_reloads_total", "result=success")] == 0
+            assert m[("grayroute_rules_last_reload_successful",)] == 0
+            assert m[("grayroute_rules_info", f"digest={old}", f"source={rules}")] == 1
+            # the log
+            log = (tmp_path / "router.log").read_text()
+            assert "reload failed; keeping rules" in log
+            assert re.search(rf"ERROR .*{re.escape(str(rules))}:{bad_line}:\d+: ", log), log
+
+            # fixed: in force, and the failure gauge clears
+            _write_renamed(rules, good.replace(b"    to: v1\n", b"    to: v2\n"))
+
+            async def fixed() -> bool:
+                m = await scrape(client, router)
+                return m.get(("grayroute_rules_reloads_total", "result=success")) == 1
+
+            await poll(fixed, timeout=5.0)
+            m = await scrape(client, router)
+            assert m[("grayroute_rules_last_reload_successful",)] == 1
+        assert await versions(router, 4) == ["v2"] * 4
+    finally:
+        await load.stop()
