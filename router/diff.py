@@ -31,8 +31,6 @@ sample cannot be read.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import sys
 import time
 from collections import Counter
@@ -43,6 +41,7 @@ from urllib.parse import quote_plus
 import orjson
 
 from router.errors import RulesError
+from router.explain import BadRequestLine, text_field, view_from_request
 from router.rules import (
     NO_ROUTE_REASON,
     Decision,
@@ -67,10 +66,6 @@ BROKEN_USERS_LISTED = 1000  # user IDs listed per broken-promise move in --json
 _SKIPPED_LISTED = 10
 
 MoveKey = tuple[str, str, str | None]  # (from upstream, to upstream, new route if different)
-
-
-class _BadLine(ValueError):
-    pass
 
 
 @dataclass(slots=True)
@@ -450,51 +445,11 @@ class _Comparer:
 # -- reading the sample ------------------------------------------------------------------------
 
 
-def view_from_request(request: object) -> tuple[RequestView, bytes | None]:
-    """A request line as `grayroute explain` reads it -> (view, body).
-
-    Every header is kept (lower-case name, first value), not only those one rule file
-    reads, because the view is decided by two rule files.
-    """
-    if not isinstance(request, dict):
-        raise _BadLine('expected a JSON object like {"method": "GET", "path": "/"}')
-    method = _text(request, "method", "GET")
-    path, query = split_target(_text(request, "path", "/"))
-    headers: dict[str, str] = {}
-    host = ""
-    raw_headers = request.get("headers", [])
-    if not isinstance(raw_headers, list):
-        raise _BadLine('"headers" must be a list of [name, value] pairs')
-    for pair in raw_headers:
-        if (
-            not isinstance(pair, list)
-            or len(pair) != 2
-            or not isinstance(pair[0], str)
-            or not isinstance(pair[1], str)
-        ):
-            raise _BadLine(f'"headers": {pair!r} is not a [name, value] pair of strings')
-        name = pair[0].lower()
-        if name == "host" and not host:
-            host = host_from_header(pair[1])
-        if name not in headers:
-            headers[name] = pair[1]
-    body: bytes | None = None
-    if "body_base64" in request:
-        try:
-            body = base64.b64decode(_text(request, "body_base64", ""), validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise _BadLine(f'"body_base64" is not base64: {exc}') from exc
-    elif "body" in request:
-        body = _text(request, "body", "").encode("utf-8", "surrogatepass")
-    client_ip = _text(request, "client_ip", "")
-    return RequestView(method, path, query, host, headers, client_ip), body
-
-
 def view_from_access_log(record: object) -> tuple[RequestView, bytes | None]:
     """An access-log line -> (view, body), the user ID put back where it was found."""
     if not isinstance(record, dict):
-        raise _BadLine("expected a JSON object (a line of the router's access log)")
-    path, query = split_target(_text(record, "path", "/"))
+        raise BadRequestLine("expected a JSON object (a line of the router's access log)")
+    path, query = split_target(text_field(record, "path", "/"))
     headers: dict[str, str] = {}
     body: bytes | None = None
     user_id = record.get("user_id")
@@ -516,12 +471,12 @@ def view_from_access_log(record: object) -> tuple[RequestView, bytes | None]:
             body = f"{quote_plus(name)}={quote_plus(user_id)}".encode()
     return (
         RequestView(
-            _text(record, "method", "") or "GET",
+            text_field(record, "method", "") or "GET",
             path,
             query,
-            host_from_header(_text(record, "host", "")),
+            host_from_header(text_field(record, "host", "")),
             headers,
-            _text(record, "client", ""),
+            text_field(record, "client", ""),
         ),
         body,
     )
@@ -537,15 +492,6 @@ def _json_at(path: str, value: str) -> object:
     for step in reversed(steps):
         doc = [None] * step + [doc] if isinstance(step, int) else {step: doc}
     return doc
-
-
-def _text(record: dict[str, object], key: str, default: str) -> str:
-    value = record.get(key, default)
-    if value is None:
-        return default
-    if not isinstance(value, str):
-        raise _BadLine(f'"{key}" must be a string')
-    return value
 
 
 def diff_lines(
@@ -575,7 +521,7 @@ def diff_lines(
         except orjson.JSONDecodeError as exc:
             _skip(result, number, f"not JSON: {exc}")
             continue
-        except _BadLine as exc:
+        except BadRequestLine as exc:
             _skip(result, number, str(exc))
             continue
         result.requests += 1

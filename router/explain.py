@@ -46,7 +46,7 @@ __all__ = ["explain_line", "run_explain"]
 _FLUSH_EVERY = 1024  # output lines per write
 
 
-class _BadRequest(ValueError):
+class BadRequestLine(ValueError):
     pass
 
 
@@ -101,10 +101,10 @@ def explain_line(snapshot: Snapshot, line: bytes, number: int = 1) -> bytes:
 def _explain(snapshot: Snapshot, line: bytes, number: int) -> tuple[bytes, bool]:
     try:
         request = orjson.loads(line)
-        view, body = _view(snapshot, request)
+        view, body = view_from_request(request, snapshot.header_names)
     except orjson.JSONDecodeError as exc:
         return _error(number, f"not JSON: {exc}"), False
-    except _BadRequest as exc:
+    except BadRequestLine as exc:
         return _error(number, str(exc)), False
     route = snapshot.match_route(view)
     if route is not None and body is not None and route.wants_body(view):
@@ -118,18 +118,24 @@ def _error(number: int, message: str) -> bytes:
     return orjson.dumps({"line": number, "error": message}) + b"\n"
 
 
-def _view(snapshot: Snapshot, request: object) -> tuple[RequestView, bytes | None]:
+def view_from_request(
+    request: object, header_names: frozenset[str] | None = None
+) -> tuple[RequestView, bytes | None]:
+    """A request line as `explain` reads it -> (view, body), the view as the proxy builds it.
+
+    The view keeps the first value of each header in `header_names` (lower-case), or of
+    every header when None (`diff` decides one view by two rule files).
+    """
     if not isinstance(request, dict):
-        raise _BadRequest('expected a JSON object like {"method": "GET", "path": "/"}')
-    method = _text(request, "method", "GET")
-    path, query = split_target(_text(request, "path", "/"))
-    client_ip = _text(request, "client_ip", "")
-    wanted = snapshot.header_names
+        raise BadRequestLine('expected a JSON object like {"method": "GET", "path": "/"}')
+    method = text_field(request, "method", "GET")
+    path, query = split_target(text_field(request, "path", "/"))
+    client_ip = text_field(request, "client_ip", "")
     headers: dict[str, str] = {}
     host = ""
     raw_headers = request.get("headers", [])
     if not isinstance(raw_headers, list):
-        raise _BadRequest('"headers" must be a list of [name, value] pairs')
+        raise BadRequestLine('"headers" must be a list of [name, value] pairs')
     for pair in raw_headers:
         if (
             not isinstance(pair, list)
@@ -137,27 +143,27 @@ def _view(snapshot: Snapshot, request: object) -> tuple[RequestView, bytes | Non
             or not isinstance(pair[0], str)
             or not isinstance(pair[1], str)
         ):
-            raise _BadRequest(f'"headers": {pair!r} is not a [name, value] pair of strings')
+            raise BadRequestLine(f'"headers": {pair!r} is not a [name, value] pair of strings')
         name = pair[0].lower()
         if name == "host" and not host:
             host = host_from_header(pair[1])
-        if name in wanted and name not in headers:  # the first of repeated headers
+        if (header_names is None or name in header_names) and name not in headers:
             headers[name] = pair[1]
     body: bytes | None = None
     if "body_base64" in request:
         try:
-            body = base64.b64decode(_text(request, "body_base64", ""), validate=True)
+            body = base64.b64decode(text_field(request, "body_base64", ""), validate=True)
         except (binascii.Error, ValueError) as exc:
-            raise _BadRequest(f'"body_base64" is not base64: {exc}') from exc
+            raise BadRequestLine(f'"body_base64" is not base64: {exc}') from exc
     elif "body" in request:
-        body = _text(request, "body", "").encode("utf-8", "surrogatepass")
+        body = text_field(request, "body", "").encode("utf-8", "surrogatepass")
     return RequestView(method, path, query, host, headers, client_ip), body
 
 
-def _text(request: dict[str, object], key: str, default: str) -> str:
+def text_field(request: dict[str, object], key: str, default: str) -> str:
     value = request.get(key, default)
     if value is None:
         return default
     if not isinstance(value, str):
-        raise _BadRequest(f'"{key}" must be a string')
+        raise BadRequestLine(f'"{key}" must be a string')
     return value
