@@ -6,22 +6,20 @@
   ephemeral port, with a metrics recorder.
 - `threaded_proxy`: a backend and the router on an event loop in a thread of their own,
   for synchronous clients (hypothesis drives the router through blocking sockets).
-- `serve`: `grayroute serve` as a real subprocess (supervisor + workers).
+- `upstreams`: the demo upstreams v1 and v2 (router.demo).
+- `serve_router`: `grayroute serve` as a real subprocess (supervisor + workers); `poll`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
-import signal
-import subprocess
-import sys
 import textwrap
 import threading
+import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ import uvloop
 from aiohttp import web
 
 from router.config import Settings
+from router.demo import DemoUpstream, RouterProcess, start_upstream
 from router.proxy import Router
 from router.rules import load_snapshot_text
 
@@ -255,69 +254,46 @@ def threaded_proxy() -> Callable[..., ThreadedProxy]:
     return ThreadedProxy
 
 
-# -- the router as a real process ------------------------------------------------------------
-@dataclass
-class ServeProcess:
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-    listen: str
-    admin: str
-    rules_path: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.listen}"
-
-    @property
-    def admin_url(self) -> str:
-        return f"http://{self.admin}"
-
-    @property
-    def port(self) -> int:
-        return int(self.listen.rpartition(":")[2])
-
-    def signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)
+# -- the router as a real process ---------------------------------------------------------
+Serve = Callable[..., Awaitable[RouterProcess]]
 
 
 @pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
-    """`serve(rules_yaml, workers=2, extra_args=[...])` runs `grayroute serve` for real."""
-    procs: list[subprocess.Popen[bytes]] = []
+async def upstreams() -> AsyncIterator[dict[str, DemoUpstream]]:
+    """The demo upstreams `v1` and `v2` (router.demo), on ephemeral ports."""
+    ups = {name: await start_upstream(name) for name in ("v1", "v2")}
+    yield ups
+    for up in ups.values():
+        await up.close()
 
-    def start(
-        rules_yaml: str, workers: int = 1, extra_args: list[str] | None = None
-    ) -> ServeProcess:
-        rules_path = tmp_path / f"rules-{len(procs)}.yaml"
-        rules_path.write_text(textwrap.dedent(rules_yaml))
-        cmd = [
-            sys.executable, "-m", "router.cli", "serve", str(rules_path),
-            "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
-            "--workers", str(workers), "--state-dir", str(tmp_path / f"state-{len(procs)}"),
-            *(extra_args or []),
-        ]  # fmt: skip
-        # The log goes to a file: a pipe nobody reads would stall the router once full.
-        log_path = tmp_path / f"serve-{len(procs)}.log"
-        with log_path.open("wb") as log_file:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, cwd=ROOT)
-        procs.append(proc)
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line:
-            proc.wait(timeout=10)
-            raise AssertionError(f"grayroute serve did not start: {log_path.read_text()}")
-        ready = json.loads(line)
-        assert ready["event"] == "ready", ready
-        return ServeProcess(proc, log_path, ready["listen"], ready["admin"], rules_path)
+
+@pytest.fixture
+async def serve_router(tmp_path: Path) -> AsyncIterator[Serve]:
+    """`await serve_router(rules_path, workers=2, args=())` runs `grayroute serve` for real;
+    stopped (SIGTERM, then SIGKILL) at teardown, its log printed (shown when a test fails)."""
+    started: list[RouterProcess] = []
+    log = tmp_path / "router.log"
+
+    async def start(rules: Path, workers: int = 2, args: tuple[str, ...] = ()) -> RouterProcess:
+        with open(log, "ab") as stderr:
+            router = await RouterProcess.start(rules, workers=workers, args=args, stderr=stderr)
+        started.append(router)
+        return router
 
     yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+    for router in started:
+        await router.stop(timeout=10)
+    if log.exists():
+        print(log.read_text())
+
+
+async def poll(check: Callable[[], Awaitable[Any]], timeout: float = 8.0) -> Any:
+    """Call `check` until it returns something true; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"condition not met within {timeout} s (last: {last!r})")

@@ -7,7 +7,6 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -15,7 +14,7 @@ import orjson
 import pytest
 
 from router.access_log import AccessLogWriter
-from router.demo import DemoUpstream, RouterProcess, start_upstream
+from router.demo import DemoUpstream, RouterProcess
 from router.diff import diff_lines
 from router.rules import Decision, load_snapshot
 
@@ -135,14 +134,6 @@ def test_cost_per_request(tmp_path: Path) -> None:
 
 
 # -- end to end ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def upstreams() -> AsyncIterator[dict[str, DemoUpstream]]:
-    ups = {name: await start_upstream(name) for name in ("v1", "v2")}
-    yield ups
-    for up in ups.values():
-        await up.close()
 
 
 RULES = """\

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import httpx
 import orjson
 import pytest
 
-from router.demo import DemoUpstream, RouterProcess, start_upstream
+from router.demo import DemoUpstream, RouterProcess
 from router.errors import ConfigError
 from router.history import (
     append_audit,
@@ -38,6 +37,8 @@ from router.history import (
     write_intent,
     write_pidfile,
 )
+
+from conftest import poll
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -249,14 +250,6 @@ def test_history_lists_events_and_kept_versions(tmp_path: Path) -> None:
 # -- rollback end to end -----------------------------------------------------------------------
 
 
-@pytest.fixture
-async def upstreams() -> AsyncIterator[dict[str, DemoUpstream]]:
-    ups = {name: await start_upstream(name) for name in ("v1", "v2")}
-    yield ups
-    for up in ups.values():
-        await up.close()
-
-
 USERS = [str(u) for u in range(0, 3000, 15)]  # 200 users
 
 
@@ -328,13 +321,6 @@ async def test_rollback_restores_the_exact_previous_decisions(
     assert not (Path(history["state_dir"]) / "supervisor.json").exists()
     done = await asyncio.to_thread(cli, "history", str(rules), "--json")
     assert orjson.loads(done.stdout)["in_force"] == sha(b)
-
-
-async def poll(check: Any, timeout: float = 8.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await check():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
 
 
 def test_rollback_reports_a_router_that_refuses_or_does_not_answer(tmp_path: Path) -> None:

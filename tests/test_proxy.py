@@ -7,8 +7,8 @@ import hashlib
 import resource
 import signal
 import socket
-import textwrap
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import httptools
@@ -18,7 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ThreadedProxy
+from router.demo import RouterProcess
+
+from conftest import Serve, ThreadedProxy
 from http_corpus import MALFORMED
 
 RULES = """
@@ -633,39 +635,49 @@ async def _versions(port: int, users: range, fresh_connections: bool) -> dict[in
     return got
 
 
-async def test_same_user_same_upstream_in_every_worker(backends: Any, serve: Any) -> None:
+def _listen_port(router: RouterProcess) -> int:
+    return int(router.ready["listen"].rpartition(":")[2])
+
+
+async def test_same_user_same_upstream_in_every_worker(
+    backends: Any, serve_router: Serve, tmp_path: Path
+) -> None:
     v1, v11 = await backends("v1", "v1.1")
-    router = serve(SPLIT_RULES.format(v1=v1.endpoint, v11=v11.endpoint, w1=50, w11=50), workers=2)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(SPLIT_RULES.format(v1=v1.endpoint, v11=v11.endpoint, w1=50, w11=50))
+    router = await serve_router(rules, workers=2)
     users = range(1000)
     # A new connection per request: the kernel spreads them over both workers.
-    first = await _versions(router.port, users, fresh_connections=True)
-    second = await _versions(router.port, users, fresh_connections=True)
+    first = await _versions(_listen_port(router), users, fresh_connections=True)
+    second = await _versions(_listen_port(router), users, fresh_connections=True)
     assert first == second
     assert 400 < sum(1 for v in first.values() if v == "v1") < 600
 
 
 @pytest.mark.slow
 async def test_split_proportions_and_minimal_movement_on_reweight(
-    backends: Any, serve: Any
+    backends: Any, serve_router: Serve, tmp_path: Path
 ) -> None:
     v1, v11 = await backends("v1", "v1.1")
-    router = serve(SPLIT_RULES.format(v1=v1.endpoint, v11=v11.endpoint, w1=90, w11=10), workers=2)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(SPLIT_RULES.format(v1=v1.endpoint, v11=v11.endpoint, w1=90, w11=10))
+    router = await serve_router(rules, workers=2)
     users = range(100_000, 120_000)
-    before = await _versions(router.port, users, fresh_connections=False)
+    before = await _versions(_listen_port(router), users, fresh_connections=False)
     share = sum(1 for v in before.values() if v == "v1.1") / len(users)
     assert abs(share - 0.10) <= 0.01
 
-    router.rules_path.write_text(
-        textwrap.dedent(SPLIT_RULES.format(v1=v1.endpoint, v11=v11.endpoint, w1=80, w11=20))
-    )
+    rules.write_text(SPLIT_RULES.format(v1=v1.endpoint, v11=v11.endpoint, w1=80, w11=20))
     router.signal(signal.SIGHUP)
     deadline = asyncio.get_running_loop().time() + 10
     while asyncio.get_running_loop().time() < deadline:  # until every worker has the new rules
         await asyncio.sleep(0.2)
-        seen = await _versions(router.port, range(100_000, 100_400), fresh_connections=True)
+        seen = await _versions(
+            _listen_port(router), range(100_000, 100_400), fresh_connections=True
+        )
         if sum(1 for v in seen.values() if v == "v1.1") > 0.15 * len(seen):
             break
-    after = await _versions(router.port, users, fresh_connections=False)
+    after = await _versions(_listen_port(router), users, fresh_connections=False)
     moved = [u for u in users if before[u] != after[u]]
     assert all(before[u] == "v1" and after[u] == "v1.1" for u in moved)
     assert 0.09 <= len(moved) / len(users) <= 0.11

@@ -13,7 +13,6 @@ import os
 import re
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +21,10 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from router.demo import DemoUpstream, RouterProcess, RouterStartError, start_upstream
+from router.demo import DemoUpstream, RouterProcess, RouterStartError
 from router.server import RulesWatcher
 
-Serve = Callable[..., Awaitable[RouterProcess]]
+from conftest import Serve, poll
 
 RULES = """\
 format: 1
@@ -54,35 +53,8 @@ def write_rules(path: Path, ups: dict[str, DemoUpstream], to: str = "v1") -> Pat
 
 
 @pytest.fixture
-async def upstreams() -> AsyncIterator[dict[str, DemoUpstream]]:
-    ups = {name: await start_upstream(name) for name in ("v1", "v2")}
-    yield ups
-    for up in ups.values():
-        await up.close()
-
-
-@pytest.fixture
 def rules(tmp_path: Path, upstreams: dict[str, DemoUpstream]) -> Path:
     return write_rules(tmp_path / "rules.yaml", upstreams)
-
-
-@pytest.fixture
-async def serve_router(tmp_path: Path) -> AsyncIterator[Serve]:
-    """Start `grayroute serve`; stopped (SIGTERM, then SIGKILL) at teardown."""
-    started: list[RouterProcess] = []
-    log = tmp_path / "router.log"
-
-    async def start(rules: Path, workers: int = 2, args: tuple[str, ...] = ()) -> RouterProcess:
-        with open(log, "ab") as stderr:
-            router = await RouterProcess.start(rules, workers=workers, args=args, stderr=stderr)
-        started.append(router)
-        return router
-
-    yield start
-    for router in started:
-        await router.stop(timeout=10)
-    if log.exists():
-        print(log.read_text())  # shown by pytest when the test failed
 
 
 def fresh_client(**kwargs: Any) -> httpx.AsyncClient:
@@ -90,18 +62,6 @@ def fresh_client(**kwargs: Any) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         limits=httpx.Limits(max_keepalive_connections=0), timeout=10.0, **kwargs
     )
-
-
-async def poll(check: Callable[[], Awaitable[Any]], timeout: float = 8.0) -> Any:
-    """Call `check` until it returns something true; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"condition not met within {timeout} s (last: {last!r})")
 
 
 async def scrape(client: httpx.AsyncClient, router: RouterProcess) -> dict[tuple[str, ...], float]:
