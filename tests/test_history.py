@@ -294,13 +294,15 @@ async def test_rollback_restores_the_exact_previous_decisions(
             done = await asyncio.to_thread(cli, "rollback", str(rules))
             assert done.returncode == 0, done.stderr
             assert "in force in the router" in done.stdout
-            assert await in_force(sha(a))
+            # every worker applies it within moments of the supervisor's audit line
+            await poll(lambda: in_force(sha(a)), timeout=2.0)
             assert await decisions(client, router.url) == before
             assert rules.read_bytes() == a
 
             # and forward again, to a version chosen by hash
             done = await asyncio.to_thread(cli, "rollback", str(rules), "--to", sha(b)[:10])
             assert done.returncode == 0, done.stderr
+            await poll(lambda: in_force(sha(b)), timeout=2.0)
             assert await decisions(client, router.url) == during
 
             history = (await client.get(f"{router.admin_url}/rules/history")).json()
