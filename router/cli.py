@@ -7,6 +7,7 @@ grayroute explain RULES [REQUESTS.jsonl]
 grayroute diff OLD NEW (--requests FILE | --access-log FILE) [--json] [--fail-on-move]
 grayroute history RULES [--state-dir DIR] [--json]
 grayroute rollback RULES [--to HASH] [--state-dir DIR] [--print]
+grayroute import-nginx NGINX.CONF [-o RULES] [--scripts-dir DIR]
 """
 
 from __future__ import annotations
@@ -105,6 +106,15 @@ def _build_parser() -> argparse.ArgumentParser:
     rollback.add_argument(
         "--wait", type=float, default=10.0, help="seconds to wait for the router to confirm"
     )
+
+    imp = sub.add_parser(
+        "import-nginx", help="write a rule file from nginx.conf; list what was not translated"
+    )
+    imp.add_argument("nginx_conf")
+    imp.add_argument("-o", "--output", default="-", help="rule file to write (default stdout)")
+    imp.add_argument(
+        "--scripts-dir", default="scripts", help="where *_by_lua_block code is written"
+    )
     return parser
 
 
@@ -173,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_rollback(
                 args.rules, args.to, args.state_dir, print_only=args.print, wait=args.wait
             )
+        if args.command == "import-nginx":
+            from lua_compat.nginx_import import run_import
+
+            return run_import(args.nginx_conf, args.output, args.scripts_dir)
     except ConfigError as exc:
         print(f"grayroute: {exc}", file=sys.stderr)
         return 1

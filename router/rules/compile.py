@@ -10,10 +10,12 @@ began with. What is precomputed, so a request pays only for what depends on it:
                     integer networks; every `reason` string
     split           per-upstream 64-bit seeds and 1/weight (sticky, by user), cumulative
                     weights (random, without a user ID); every `reason` string
+    split_clients   nginx's cumulative thresholds; lua: the script compiled into this
+                    worker's LuaJIT state (lua_routes.py builds both as `action`)
 
 The proxy relies on: Snapshot.source, .digest, .upstreams (name -> UpstreamSpec),
-.header_names, .uses_client_ip, .routes, .match_route(view); CompiledRoute.name,
-.body_limit, .wants_body(view).
+.header_names, .uses_client_ip, .routes, .match_route(view), .wants_raw_headers;
+CompiledRoute.name, .body_limit, .wants_body(view).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from random import random
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
+from router.rules import lua_routes
 from router.rules.hashing import prepared
 from router.rules.model import Pin, Route, RuleSet, Split, Upstream
 from router.rules.user_id import (
@@ -45,7 +48,7 @@ if TYPE_CHECKING:
     from hashlib import blake2b
 
     from router.errors import Problem
-    from router.rules.decide import RequestView
+    from router.rules.decide import Decision, RequestView
 
 __all__ = [
     "CompiledPin",
@@ -129,13 +132,21 @@ class CompiledRoute:
     model: Route = field(repr=False)
     # body kind (JSON/FORM) -> the head sources listed before the first source of that kind
     body_heads: Mapping[int, tuple[Source, ...]] = field(repr=False)
+    # split_clients / lua: (route, view, user_id, source) -> Decision (lua_routes.py)
+    action: Callable[[CompiledRoute, RequestView, str | None, str | None], Decision] | None = (
+        field(default=None, repr=False)
+    )
+    action_reads_body: bool = False  # a Lua script that reads the request body
 
     def wants_body(self, view: RequestView) -> bool:
         """True only when holding the body could change this route's decision.
 
         That is: a json/form source of this route fits the request's Content-Type, and no
-        header/cookie/query source listed before it already yields a user ID.
+        header/cookie/query source listed before it already yields a user ID; or the
+        route's Lua script reads the body.
         """
+        if self.action_reads_body:
+            return True
         heads = self.body_heads
         if not heads:
             return False
@@ -166,6 +177,8 @@ class Snapshot:
     warnings: tuple[Problem, ...] = field(default=(), repr=False)
     by_host: dict[str, _MethodIndex] = field(default_factory=dict, repr=False)
     other_host: _MethodIndex = field(default=({}, ()), repr=False)
+    # A Lua script may read any header: give RequestView.raw_headers (all, in order).
+    wants_raw_headers: bool = False
 
     def match_route(self, view: RequestView) -> CompiledRoute | None:
         """The first route (file order) whose match holds for the request, or None."""
@@ -190,8 +203,14 @@ class Snapshot:
 def compile_ruleset(
     ruleset: RuleSet, source: str, digest: str, warnings: tuple[Problem, ...] = ()
 ) -> Snapshot:
-    routes = tuple(_compile_route(ruleset, r) for r in ruleset.routes)
+    lua_routes.declare_shared_dicts(ruleset)
     header_names: set[str] = set()
+    actions: dict[str, tuple[object, bool, frozenset[str], bool]] = {}
+    for r in ruleset.routes:
+        if r.lua is not None or r.split_clients is not None:
+            actions[r.name] = got = lua_routes.compile_action(ruleset, r)
+            header_names.update(got[2])
+    routes = tuple(_compile_route(ruleset, r, actions.get(r.name)) for r in ruleset.routes)
     uses_client_ip = False
     for route, compiled in zip(ruleset.routes, routes, strict=True):
         for src in compiled.sources:
@@ -217,6 +236,7 @@ def compile_ruleset(
         warnings=warnings,
         by_host=by_host,
         other_host=other_host,
+        wants_raw_headers=any(a[3] for a in actions.values()),
     )
 
 
@@ -224,9 +244,15 @@ def _fmt(weight: float) -> str:
     return str(int(weight)) if weight == int(weight) else f"{weight:g}"
 
 
-def _compile_route(ruleset: RuleSet, route: Route) -> CompiledRoute:
+def _compile_route(
+    ruleset: RuleSet, route: Route, action: tuple[object, bool, frozenset[str], bool] | None
+) -> CompiledRoute:
     sources = compile_sources(ruleset.sources_of(route))
     body_limit = ruleset.body_limit_of(route)
+    if action is not None and action[1] and route.lua is not None:
+        # nginx holds in memory a body shorter than 1.25 x client_body_buffer_size
+        size = route.lua.client_body_buffer_size
+        body_limit = max(body_limit, size + (size >> 2))
     percent_hasher = prepared("%", route.salt)
     pins = tuple(_compile_pin(i, p, percent_hasher) for i, p in enumerate(route.pins))
     split = _compile_split(route.split, route.salt) if route.split is not None else None
@@ -247,6 +273,8 @@ def _compile_route(ruleset: RuleSet, route: Route) -> CompiledRoute:
         salt=route.salt,
         model=route,
         body_heads=MappingProxyType(body_heads),
+        action=None if action is None else action[0],  # type: ignore[arg-type]
+        action_reads_body=action is not None and action[1],
     )
 
 

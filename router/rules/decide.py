@@ -7,7 +7,8 @@ the rule file's:
     1. the route: the first whose match holds (hosts, path_prefix, methods)
     2. the user ID: the first of the route's sources that yields one
     3. the pins, in order: the first that holds decides
-    4. the route's `to`, or its split: sticky by user ID, at random without one
+    4. the route's `to`, or its split: sticky by user ID, at random without one; or its
+       split_clients / Lua script (`CompiledRoute.action`, see lua_routes.py)
 
 Everything that does not depend on the request was prepared by compile.py, so this
 costs a few dict probes, one hash when a split (or user_percent) needs it, and one
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Final
 from router.rules.user_id import extract_user_id
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Mapping, Sequence
 
     from router.rules.compile import CompiledRoute, Snapshot
 
@@ -45,10 +46,22 @@ class RequestView:
     names the snapshot asks for (`Snapshot.header_names`). `body` is None when the body
     was not read, else its first `body_limit` bytes; `body_complete` says whether those
     bytes are the whole body. `client_ip` is the address the pins look at (already
-    resolved through trusted proxies by the caller).
+    resolved through trusted proxies by the caller). `raw_headers`, when the caller has
+    them (`Snapshot.wants_raw_headers`), are ALL request headers in order as bytes pairs:
+    Lua routes see repeated headers as nginx does; without them they see `headers`.
     """
 
-    __slots__ = ("body", "body_complete", "client_ip", "headers", "host", "method", "path", "query")
+    __slots__ = (
+        "body",
+        "body_complete",
+        "client_ip",
+        "headers",
+        "host",
+        "method",
+        "path",
+        "query",
+        "raw_headers",
+    )
 
     def __init__(
         self,
@@ -60,6 +73,7 @@ class RequestView:
         client_ip: str,
         body: bytes | None = None,
         body_complete: bool = False,
+        raw_headers: Sequence[tuple[bytes, bytes]] | None = None,
     ) -> None:
         self.method = method
         self.path = path
@@ -69,6 +83,7 @@ class RequestView:
         self.client_ip = client_ip
         self.body = body
         self.body_complete = body_complete
+        self.raw_headers = raw_headers
 
 
 class Decision:
@@ -78,9 +93,24 @@ class Decision:
     human-readable account, e.g. ``pin[0] users``, ``to orders-v1``,
     ``split by user ID -> orders-v1 (weights orders-v1=95, orders-v1.1=5)``; every reason
     string is built when the rules load, so a decision allocates nothing else.
+
+    `status` is 0 when the request goes to `upstream`. A Lua route may instead answer
+    itself: `status` is then the answer's status (ngx.exit, a script failure with no
+    fallback: 500), with `location` for a redirect (ngx.redirect), 444 meaning "close
+    the connection without an answer", and `body`/`response_headers` for what the script
+    wrote (ngx.say, ngx.header). `request_headers` are the script's
+    ngx.req.set_header/clear_header changes for the upstream request (None: remove).
     """
 
     __slots__ = ("reason", "route", "upstream", "user_id", "user_id_source")
+
+    # What only a Lua route's decision carries (lua_routes.LuaDecision has them as slots):
+    # class attributes here, so that every other decision costs nothing more.
+    status: int = 0
+    location: str | None = None
+    body: bytes = b""
+    request_headers: tuple[tuple[str, str | None], ...] = ()
+    response_headers: tuple[tuple[str, str | None], ...] = ()
 
     def __init__(
         self,
@@ -97,13 +127,18 @@ class Decision:
         self.reason = reason
 
     def as_dict(self) -> dict[str, str | None]:
-        return {
+        d: dict[str, str | None] = {
             "route": self.route,
             "upstream": self.upstream,
             "user_id": self.user_id,
             "user_id_source": self.user_id_source,
             "reason": self.reason,
         }
+        if self.status:
+            d["status"] = str(self.status)
+            if self.location is not None:
+                d["location"] = self.location
+        return d
 
 
 def decide(snapshot: Snapshot, view: RequestView, route: CompiledRoute | None = None) -> Decision:
@@ -124,8 +159,11 @@ def decide(snapshot: Snapshot, view: RequestView, route: CompiledRoute | None = 
     to = route.to
     if to is not None:
         return Decision(route.name, to, user_id, source, route.to_reason)
+    action = route.action
+    if action is not None:  # split_clients or a Lua script (lua_routes.py)
+        return action(route, view, user_id, source)
     split = route.split
-    assert split is not None  # validated: a route has exactly one of `to` and `split`
+    assert split is not None  # validated: exactly one of `to`, `split` and the actions
     if user_id is None:
         i = split.pick_random()
         return Decision(route.name, split.names[i], None, None, split.random_reasons[i])

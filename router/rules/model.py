@@ -9,11 +9,15 @@ nothing on the hot path reads these classes.
     ├── upstreams: Upstream(name, endpoints, connect_timeout, read_timeout, health_check)
     ├── user_id:   UserIdSource(kind, name) ...       the file's sources, in order
     ├── body_limit
-    └── routes:    Route(name, match, pins, to | split, salt, user_id, body_limit)
-                   ├── Match(hosts, path_prefix, methods)
-                   ├── Pin(to, users, user_ranges, user_suffixes, user_pattern,
-                   │       user_percent, headers, client_cidrs)
-                   └── Split(weights, replicas)
+    ├── routes:    Route(name, match, pins, to | split | split_clients | lua, salt,
+    │              │       user_id, body_limit)
+    │              ├── Match(hosts, path_prefix, methods)
+    │              ├── Pin(to, users, user_ranges, user_suffixes, user_pattern,
+    │              │       user_percent, headers, client_cidrs)
+    │              ├── Split(weights, replicas)
+    │              ├── SplitClientsMode(key, buckets, unmatched)     nginx split_clients
+    │              └── LuaAction(file, phase, var, map, default, fallback, ...)
+    └── lua_shared_dicts: (name, size) ...           nginx lua_shared_dict
 """
 
 from __future__ import annotations
@@ -119,15 +123,43 @@ class Split:
 
 
 @dataclass(frozen=True, slots=True)
+class SplitClientsMode:
+    """nginx split_clients on `key` (router/rules/lua_routes.py, lua_compat)."""
+
+    key: str  # nginx complex value, e.g. "${remote_addr}AAA"
+    buckets: tuple[tuple[str, str], ...]  # (percent as written or "*", upstream), in order
+    unmatched: str | None  # upstream for hashes no bucket takes; None = the last bucket's
+
+
+@dataclass(frozen=True, slots=True)
+class LuaAction:
+    """A routing script decides (router/rules/lua_routes.py, lua_compat)."""
+
+    file: str  # as written
+    path: str  # resolved against the rule file's directory
+    source: str  # the script as read when the rules were checked
+    phase: str  # rewrite | access | set
+    var: str | None  # rewrite/access: the variable with the decision; None for set
+    variables: tuple[tuple[str, str], ...]  # more user variables and their initial values
+    mapping: tuple[tuple[str, str], ...]  # value or "@location" -> upstream
+    default: str | None
+    fallback: str | None
+    cpu_budget: float  # seconds
+    client_body_buffer_size: int
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     name: str
     match: Match
     pins: tuple[Pin, ...]
-    to: str | None  # exactly one of `to` and `split` is set
+    to: str | None  # exactly one of `to`, `split`, `split_clients` and `lua` is set
     split: Split | None
     salt: str  # defaults to the route name
     user_id: tuple[UserIdSource, ...] | None = None  # None = the file's list
     body_limit: int | None = None  # None = the file's limit
+    split_clients: SplitClientsMode | None = None
+    lua: LuaAction | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +169,7 @@ class RuleSet:
     user_id: tuple[UserIdSource, ...]
     body_limit: int
     routes: tuple[Route, ...]
+    lua_shared_dicts: tuple[tuple[str, int], ...] = ()  # (name, size in bytes)
 
     def sources_of(self, route: Route) -> tuple[UserIdSource, ...]:
         """The user-ID sources that apply to `route` (its own list replaces the file's)."""

@@ -28,11 +28,12 @@ from typing import Any
 
 from router.rules.model import SOURCE_KINDS, USER_CONDITIONS
 from router.rules.validate import (
+    CORE_ROUTE_KEYS,
     FORMAT,
     HEALTH_KEYS,
     MATCH_KEYS,
     PIN_KEYS,
-    ROUTE_KEYS,
+    ROUTE_EXTENSION_KEYS,
     TOP_KEYS,
     UPSTREAM_KEYS,
 )
@@ -98,6 +99,80 @@ DEFS: Schema = {
         "type": "array",
         "items": {"$ref": "#/$defs/source"},
     },
+    "split_clients": {
+        "description": "nginx split_clients, bit-exact (MurmurHash2 of `key`, nginx's "
+        "percent arithmetic, `*`). See docs/migration.md.",
+        "type": "object",
+        "required": ["key", "buckets"],
+        "properties": {
+            "key": {
+                "description": 'nginx variables and text, e.g. "${remote_addr}AAA", "$cookie_uid".',
+                "type": "string",
+            },
+            "buckets": {
+                "description": 'In order: `- "0.5%": UPSTREAM` (two decimals at most) or '
+                '`- "*": UPSTREAM` (the rest).',
+                "type": "array",
+                "minItems": 1,
+                "items": {
+                    "type": "object",
+                    "minProperties": 1,
+                    "maxProperties": 1,
+                    "additionalProperties": {"$ref": "#/$defs/upstream_name"},
+                },
+            },
+            "unmatched": {
+                "description": "The upstream for hashes no bucket takes (nginx: an empty value).",
+                "$ref": "#/$defs/upstream_name",
+            },
+        },
+        "additionalProperties": False,
+    },
+    "lua": {
+        "description": "An OpenResty routing script decides, run unchanged on LuaJIT. See "
+        "docs/migration.md.",
+        "type": "object",
+        "required": ["file"],
+        "properties": {
+            "file": {"description": "The script, relative to the rule file.", "type": "string"},
+            "phase": {
+                "description": "As rewrite_by_lua, access_by_lua or set_by_lua. Default: rewrite.",
+                "anyOf": [{"const": "rewrite"}, {"const": "access"}, {"const": "set"}],
+            },
+            "var": {
+                "description": "rewrite/access: the variable the script sets to the upstream. "
+                "Default: backend.",
+                "type": "string",
+            },
+            "variables": {
+                "description": 'More user variables, as nginx `set $NAME "";`.',
+                "type": "object",
+                "additionalProperties": {"type": ["string", "number"]},
+            },
+            "map": {
+                "description": 'Value or ngx.exec target -> upstream, e.g. "@canary": orders-v2.',
+                "type": "object",
+                "additionalProperties": {"$ref": "#/$defs/upstream_name"},
+            },
+            "default": {
+                "description": "When the script chooses no upstream. Default: a 500 answer.",
+                "$ref": "#/$defs/upstream_name",
+            },
+            "fallback": {
+                "description": "When the script fails. Default: a 500 answer, as nginx.",
+                "$ref": "#/$defs/upstream_name",
+            },
+            "cpu_budget": {
+                "description": "CPU time a request may use. Default: 10ms.",
+                "$ref": "#/$defs/duration",
+            },
+            "client_body_buffer_size": {
+                "description": "As nginx's. Default: 8KiB.",
+                "$ref": "#/$defs/size",
+            },
+        },
+        "additionalProperties": False,
+    },
     "weight": {
         "description": "A number of 0 or more with at most two decimals, or `replicas` "
         "(the upstream's number of endpoints).",
@@ -146,6 +221,12 @@ FILE = Section(
             "The routes, checked in order; the first whose `match` holds decides (at least one).",
             "",
             _list({"$ref": "#/$defs/route"}, min_items=1),
+        ),
+        "lua_shared_dicts": Key(
+            "*Extension* (nginx migration): `NAME: SIZE` for `ngx.shared.NAME` in Lua routes, "
+            "as nginx's `lua_shared_dict`; one per worker.",
+            "none",
+            {"type": "object", "additionalProperties": _REF["size"]},
         ),
     },
 )
@@ -230,7 +311,7 @@ SOURCE = Section(
 
 ROUTE = Section(
     "key",
-    ROUTE_KEYS,
+    CORE_ROUTE_KEYS,
     ("name",),
     {
         "name": Key(
@@ -288,6 +369,25 @@ ROUTE = Section(
         ),
     },
 )
+
+# Route keys of the nginx migration (router/rules/lua_routes.py): described here, added
+# after the format-1 keys in the schema and in the docs' route table.
+ROUTE_EXTENSIONS: dict[str, Key] = {
+    "split_clients": Key(
+        "*Extension* (nginx migration): instead of `to`/`split`, nginx's split_clients: "
+        '`key` (nginx variables), `buckets` (`- "0.5%": UPSTREAM`, `- "*": UPSTREAM`), '
+        "`unmatched`. Every user lands in the bucket nginx gives them.",
+        "",
+        {"$ref": "#/$defs/split_clients"},
+    ),
+    "lua": Key(
+        "*Extension* (nginx migration): instead of `to`/`split`, an OpenResty routing "
+        "script decides: `file`, `phase`, `var`, `map`, `default`, `fallback` "
+        "(docs/migration.md).",
+        "",
+        {"$ref": "#/$defs/lua"},
+    ),
+}
 
 MATCH = Section(
     "condition",
@@ -413,9 +513,18 @@ def build_schema() -> Schema:
         "minProperties": 1,
         "maxProperties": 1,
     }
+    route = _object("route")
+    for key in ROUTE_EXTENSION_KEYS:
+        ext = ROUTE_EXTENSIONS[key]
+        route["properties"][key] = {"description": ext.text, **ext.schema}
     defs["route"] = {
-        **_object("route"),
-        "oneOf": [{"required": ["to"]}, {"required": ["split"]}],
+        **route,
+        "oneOf": [
+            {"required": ["to"]},
+            {"required": ["split"]},
+            {"required": ["split_clients"]},
+            {"required": ["lua"]},
+        ],
     }
     defs["match"] = _object("match")
     defs["pin"] = {
@@ -458,6 +567,9 @@ def docs_tables() -> dict[str, str]:
                 required = "yes" if key in section.required else "no"
                 default = section.docs[key].default
                 rows.append(f"| `{key}` | {required} | {default} | {_meaning(name, key)} |")
+            if name == "route":
+                for key in ROUTE_EXTENSION_KEYS:
+                    rows.append(f"| `{key}` | no |  | {ROUTE_EXTENSIONS[key].text} |")
         else:
             rows = [f"| {section.title} | meaning |", "| --- | --- |"]
             rows += [f"| `{key}` | {_meaning(name, key)} |" for key in section.keys]

@@ -11,8 +11,11 @@ as meant). The grammar is docs/rules.md; in short:
     user_id: [{header|cookie|query|json|form: NAME}, ...]     default: none
     body_limit: SIZE                             default 64KiB
     routes: [{name, match: {hosts, path_prefix, methods}, pins: [...],
-              to: NAME | split: {NAME: WEIGHT | replicas, ...} | split: replicas,
+              to: NAME | split: {NAME: WEIGHT | replicas, ...} | split: replicas
+                | split_clients: {key, buckets, unmatched} | lua: {file, phase, ...},
               salt, user_id, body_limit}, ...]
+    lua_shared_dicts: {NAME: SIZE}               default: none (lua_routes.py has the
+                                                 split_clients and lua grammar)
 
     DURATION  1s, 500ms, 2m, 1h, or a plain number of seconds (> 0)
     SIZE      512, 10KB, 64KiB, 1MiB, 1GB ... (KB = 1000 bytes, KiB = 1024 bytes)
@@ -29,6 +32,7 @@ from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING
 
 from router.errors import Problem
+from router.rules import lua_routes
 from router.rules.load import Entry, MapNode, Node, ScalarNode, SeqNode
 from router.rules.model import (
     DEFAULT_BODY_LIMIT,
@@ -37,11 +41,13 @@ from router.rules.model import (
     PIN_CONDITIONS,
     SOURCE_KINDS,
     HealthCheck,
+    LuaAction,
     Match,
     Pin,
     Route,
     RuleSet,
     Split,
+    SplitClientsMode,
     Upstream,
     UserIdSource,
 )
@@ -54,10 +60,13 @@ __all__ = ["parse_duration", "parse_size", "validate"]
 
 FORMAT = 1
 
-TOP_KEYS = ("format", "upstreams", "user_id", "body_limit", "routes")
+CORE_TOP_KEYS = ("format", "upstreams", "user_id", "body_limit", "routes")
+TOP_KEYS = (*CORE_TOP_KEYS, "lua_shared_dicts")  # + the nginx-migration extension
 UPSTREAM_KEYS = ("endpoints", "connect_timeout", "read_timeout", "health_check")
 HEALTH_KEYS = ("path", "interval")
-ROUTE_KEYS = ("name", "match", "pins", "to", "split", "salt", "user_id", "body_limit")
+CORE_ROUTE_KEYS = ("name", "match", "pins", "to", "split", "salt", "user_id", "body_limit")
+ROUTE_EXTENSION_KEYS = ("split_clients", "lua")  # nginx migration (lua_routes.py)
+ROUTE_KEYS = (*CORE_ROUTE_KEYS, *ROUTE_EXTENSION_KEYS)
 MATCH_KEYS = ("hosts", "path_prefix", "methods")
 PIN_KEYS = ("to", *PIN_CONDITIONS)
 
@@ -173,8 +182,12 @@ class _Validator:
         allowed: tuple[str, ...],
         required: tuple[str, ...] = (),
         example: str = "",
+        listed: tuple[str, ...] | None = None,
     ) -> dict[str, Entry] | None:
-        """The known entries of a mapping; unknown keys and missing ones are reported."""
+        """The known entries of a mapping; unknown keys and missing ones are reported.
+
+        `listed`: the keys a hint names when nothing close was typed (default `allowed`).
+        """
         if not isinstance(node, MapNode):
             self.error(
                 node,
@@ -192,7 +205,7 @@ class _Validator:
             hint = (
                 f"did you mean `{suggestion}`?"
                 if suggestion
-                else f"known keys here: {', '.join(allowed)}"
+                else f"known keys here: {', '.join(allowed if listed is None else listed)}"
             )
             self.error(entry.key, _join(path, key), "unknown key", hint)
         for key in required:
@@ -318,6 +331,7 @@ class _Validator:
             TOP_KEYS,
             required=("upstreams", "routes"),
             example="start with `format: 1`, then `upstreams:` and `routes:`",
+            listed=CORE_TOP_KEYS,  # the nginx-migration extension is not suggested
         )
         if top is None:
             return None
@@ -331,6 +345,9 @@ class _Validator:
         if "body_limit" in top:
             body_limit = self.size(top["body_limit"].value, "body_limit")
         routes = self.routes(top["routes"].value) if "routes" in top else None
+        shared_dicts: tuple[tuple[str, int], ...] | None = ()
+        if "lua_shared_dicts" in top:
+            shared_dicts = lua_routes.validate_shared_dicts(self, top["lua_shared_dicts"].value)
 
         if upstreams is not None and routes is not None:
             # Only when every route was understood: a broken route's references are unknown.
@@ -341,9 +358,12 @@ class _Validator:
             or sources is None
             or body_limit is None
             or routes is None
+            or shared_dicts is None
         ):
             return None
-        ruleset = RuleSet(fmt, upstreams, sources, body_limit, tuple(r for r, _ in routes))
+        ruleset = RuleSet(
+            fmt, upstreams, sources, body_limit, tuple(r for r, _ in routes), shared_dicts
+        )
         self.route_warnings(ruleset, routes)
         return ruleset
 
@@ -657,6 +677,7 @@ class _Validator:
             ROUTE_KEYS,
             required=("name",),
             example="write `name:`, `match:` and `to:` or `split:` under it",
+            listed=CORE_ROUTE_KEYS,  # the nginx-migration extensions are not suggested
         )
         if fields is None:
             return None
@@ -693,7 +714,27 @@ class _Validator:
         if "split" in fields:
             split = self.split(fields["split"].value, _join(path, "split"))
             ok = ok and split is not None
-        if "to" in fields and "split" in fields:
+        split_clients: SplitClientsMode | None = None
+        lua: LuaAction | None = None
+        if "split_clients" in fields:
+            split_clients = lua_routes.validate_split_clients(
+                self, fields["split_clients"].value, _join(path, "split_clients")
+            )
+            ok = ok and split_clients is not None
+        if "lua" in fields:
+            lua = lua_routes.validate_lua(self, fields["lua"].value, _join(path, "lua"))
+            ok = ok and lua is not None
+        actions = [fields[k] for k in ("to", "split", "split_clients", "lua") if k in fields]
+        if len(actions) > 1 and not ("to" in fields and "split" in fields and len(actions) == 2):
+            second = max(actions, key=lambda e: (e.key.line, e.key.column))
+            self.error(
+                second.key,
+                _join(path, second.key.text),
+                "a route has one of `to`, `split`, `split_clients` and `lua`",
+                "keep the one that decides where this route's requests go",
+            )
+            ok = False
+        elif "to" in fields and "split" in fields:
             second = max(fields["to"], fields["split"], key=lambda e: (e.key.line, e.key.column))
             self.error(
                 second.key,
@@ -702,7 +743,7 @@ class _Validator:
                 "keep `to` for one upstream, `split` for weights",
             )
             ok = False
-        elif "to" not in fields and "split" not in fields:
+        elif not actions:
             self.error(
                 node,
                 path,
@@ -724,7 +765,9 @@ class _Validator:
             ok = ok and body_limit is not None
         if not ok or name is None or salt is None:
             return None
-        return Route(name, match, tuple(pins), to, split, salt, sources, body_limit)
+        return Route(
+            name, match, tuple(pins), to, split, salt, sources, body_limit, split_clients, lua
+        )
 
     def match(self, node: Node, path: str) -> Match | None:
         fields = self.mapping(
