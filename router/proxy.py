@@ -199,6 +199,8 @@ class Router:
         # every name of every request; reset with the rules (they decide what is wanted).
         self.header_info: dict[bytes, _HeaderInfo] = {}
         self.matches_hosts = any(route.model.match.hosts for route in snapshot.routes)
+        # Lua routes see every header as nginx does (repeated ones, framing headers too).
+        self.keeps_raw_headers = snapshot.wants_raw_headers
         self.snapshot = snapshot
         self.pools = pools
 
@@ -286,6 +288,7 @@ class _Request:
         "keep_alive",
         "method",
         "pools",
+        "raw_headers",
         "reads_body",
         "response_started",
         "retried",
@@ -332,6 +335,7 @@ class _Request:
         self.route: CompiledRoute | None = None
         self.decision: Decision | None = None
         self.pools: dict[str, UpstreamPool] = {}
+        self.raw_headers: list[tuple[bytes, bytes]] | None = None
         self.conn: UpstreamConnection | None = None
         self.connect_task: asyncio.Task[None] | None = None
         self.continue_sent = False
@@ -466,7 +470,9 @@ class HttpProxyProtocol(asyncio.Protocol):
 
     # -- httptools callbacks: the request --------------------------------------------
     def on_message_begin(self) -> None:
-        self.parsing = _Request(time.monotonic())
+        self.parsing = req = _Request(time.monotonic())
+        if self.router.keeps_raw_headers:
+            req.raw_headers = []
 
     def on_url(self, url: bytes) -> None:
         req = self.parsing
@@ -487,6 +493,8 @@ class HttpProxyProtocol(asyncio.Protocol):
             raise HeadersTooLarge(f"header section over {settings.max_header_bytes} bytes")
         if req.header_count > settings.max_header_count:
             raise HeadersTooLarge(f"more than {settings.max_header_count} header fields")
+        if req.raw_headers is not None:
+            req.raw_headers.append((name, value))
         info = self.router.header_info.get(name) or self.router.learn_header(name)
         special = info[0]
         if special == _H_FORWARD:
@@ -631,6 +639,7 @@ class HttpProxyProtocol(asyncio.Protocol):
             else "",
             req.wanted,
             client_ip,
+            raw_headers=req.raw_headers,
         )
 
     def _route_with_body(self, req: _Request) -> None:
@@ -648,6 +657,9 @@ class HttpProxyProtocol(asyncio.Protocol):
 
     def _dispatch(self, req: _Request, decision: Decision) -> None:
         req.decision = decision
+        if decision.status:
+            self._answer_for_script(req, decision)
+            return
         upstream = decision.upstream
         pool = req.pools.get(upstream) if upstream is not None else None
         if pool is None or not pool.endpoints:
@@ -699,6 +711,8 @@ class HttpProxyProtocol(asyncio.Protocol):
         req.conn = conn
         req.state = _STREAMING
         conn.begin(self, head_only=req.method == b"HEAD")
+        if req.decision is not None and req.decision.request_headers:
+            _apply_script_headers(req, req.decision.request_headers)
         parts = [req.method, b" ", req.url, b" HTTP/1.1\r\n"]
         for name, value in req.headers:
             parts += (name, b": ", value, _CRLF)
@@ -887,6 +901,41 @@ class HttpProxyProtocol(asyncio.Protocol):
         self._count(req, status)
         self._finish(req)
 
+    def _answer_for_script(self, req: _Request, decision: Decision) -> None:
+        """A Lua route answered itself: ngx.exit, ngx.redirect, or a script failure."""
+        status = decision.status
+        if status == 444:  # nginx's "close the connection without an answer"
+            self._drop_upstream(req)
+            self._count(req, 444)
+            req.state = _DONE
+            self.active = None
+            self._close_client()
+            return
+        headers = [(n.encode("latin-1"), v) for n, v in decision.response_headers]
+        if decision.location is not None:
+            headers.append((b"Location", decision.location))
+        body = decision.body
+        if not body and status >= 400:
+            reason = decision.reason or "answered by the route's script"
+            body = error_body("script_" + str(status), reason)
+            headers.append((b"Content-Type", "application/json"))
+        close = not req.keep_alive or not req.complete or self.router.draining
+        parts = [_STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status]
+        for name, value in headers:
+            if value is not None and name.lower() not in (b"content-length", b"connection"):
+                parts += (name, b": ", value.encode("latin-1"), _CRLF)
+        parts += (b"Content-Length: %d\r\n" % len(body), self.router.date_header)
+        parts.append(b"Connection: close\r\n\r\n" if close else _CRLF)
+        if req.method != b"HEAD":
+            parts.append(body)
+        self.flush_output()
+        assert self.transport is not None
+        self.transport.write(b"".join(parts))
+        req.status = status
+        req.keep_alive = req.keep_alive and not close
+        self._count(req, status)
+        self._finish(req)
+
     def _reject(self, error: ProxyError) -> None:
         """A request we cannot parse or accept: answer it (when we can) and close."""
         req = self.active
@@ -990,6 +1039,20 @@ def _drop_connection_listed(req: _Request) -> None:
     listed = {t.strip() for t in tokens.split(b",")} - {b"close", b"keep-alive", b""}
     if listed:
         req.headers = [(n, v) for n, v in req.headers if n.lower() not in listed]
+
+
+def _apply_script_headers(req: _Request, edits: tuple[tuple[str, str | None], ...]) -> None:
+    """ngx.req.set_header / clear_header of a Lua route, in the order the script made them."""
+    headers = req.headers
+    for name, value in edits:
+        bname = name.encode("latin-1")
+        lname = bname.lower()
+        headers = [(n, v) for n, v in headers if n.lower() != lname]
+        if lname == b"host":
+            req.host = None if value is None else value.encode("latin-1")
+        if value is not None:
+            headers.append((bname, value.encode("latin-1")))
+    req.headers = headers
 
 
 def _absolute_form(req: _Request, url: bytes) -> tuple[bytes, bytes]:

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lua_compat.runtime import lua_available
 from router.demo import RouterProcess
 
 from conftest import Serve, ThreadedProxy
@@ -731,3 +732,58 @@ async def test_body_that_stops_coming_before_routing_gets_408(backends: Any, pro
     await writer.wait_closed()
     assert answer.startswith(b"HTTP/1.1 408 ")
     assert v1.seen == []
+
+
+# -- Lua routes through the proxy ---------------------------------------------------------------
+LUA_SCRIPT = """
+local uid = ngx.var.http_x_user_id
+if uid == "1" then return ngx.exec("@canary") end
+if uid == "2" then return ngx.exit(403) end
+if uid == "3" then return ngx.redirect("/login", 301) end
+if uid == "6" then return ngx.exit(444) end
+if uid == "7" then ngx.req.set_header("X-Gray", "yes") ngx.req.clear_header("X-Drop") end
+if uid == "8" then
+  local h = ngx.req.get_headers()["x-many"]
+  ngx.var.backend = type(h) == "table" and "green" or "nope"
+  return
+end
+"""
+
+LUA_RULES = """
+format: 1
+upstreams:
+  v1: {{endpoints: ["{v1}"]}}
+  v2: {{endpoints: ["{v2}"]}}
+routes:
+  - name: gray
+    lua:
+      file: {script}
+      map: {{"@canary": v2, green: v2}}
+      default: v1
+"""
+
+
+@pytest.mark.skipif(lua_available() is not None, reason=lua_available() or "")
+async def test_lua_route_decides_answers_and_edits_headers(
+    backends: Any, proxy: Any, tmp_path: Path
+) -> None:
+    v1, v2 = await backends("v1", "v2")
+    script = tmp_path / "gray.lua"
+    script.write_text(LUA_SCRIPT)
+    rp = await proxy(LUA_RULES.format(v1=v1.endpoint, v2=v2.endpoint, script=script))
+    async with httpx.AsyncClient(base_url=rp.url, follow_redirects=False) as client:
+        r = await client.get("/", headers={"X-User-Id": "1"})
+        assert r.json()["version"] == "v2"
+        r = await client.get("/", headers={"X-User-Id": "2"})
+        assert r.status_code == 403
+        r = await client.get("/", headers={"X-User-Id": "3"})
+        assert (r.status_code, r.headers["location"]) == (301, "/login")
+        r = await client.get("/", headers={"X-User-Id": "7", "X-Drop": "x"})
+        sent = {k.lower(): v for k, v in r.json()["headers"]}
+        assert r.json()["version"] == "v1"
+        assert sent["x-gray"] == "yes" and "x-drop" not in sent
+        r = await client.get("/", headers=[("X-User-Id", "8"), ("X-Many", "a"), ("X-Many", "b")])
+        assert r.json()["version"] == "v2"  # the script saw both headers, as in nginx
+        assert (await client.get("/")).json()["version"] == "v1"
+    answer = await raw_exchange(rp.port, b"GET / HTTP/1.1\r\nHost: a\r\nX-User-Id: 6\r\n\r\n")
+    assert answer == b""  # 444: closed without an answer
