@@ -131,6 +131,9 @@ _HOLD_CAP = 256 * 1024
 # complete wrong one.
 _CHUNKED_HOLD = 16 * 1024
 
+# Seconds idle keep-alive connections stay open after a drain starts (see Router.drain).
+_DRAIN_IDLE_GRACE = 1.0
+
 # The router's clock for timeouts: upstream read timeouts are checked every _TICK
 # seconds (so they fire up to that late), client timeouts once a second.
 _TICK = 0.1
@@ -224,15 +227,22 @@ class Router:
         return sum(1 for c in self.connections if c.active is not None)
 
     async def drain(self, timeout: float) -> None:
-        """Finish requests in flight (up to `timeout`), then close everything."""
+        """Finish requests in flight (up to `timeout`), then close everything.
+
+        Every answer from now on says `Connection: close`. Idle keep-alive connections
+        are left open for a short grace first: a client may have just sent a request on
+        one, and closing under it would fail that request; within the grace it gets
+        its answer, with `Connection: close`, instead.
+        """
         self.draining = True
-        deadline = time.monotonic() + timeout
-        for conn in list(self.connections):
-            conn.close_if_idle()
+        started = time.monotonic()
+        deadline = started + timeout
+        grace_ends = started + min(_DRAIN_IDLE_GRACE, timeout / 2)
         while self.connections and time.monotonic() < deadline:
+            if time.monotonic() >= grace_ends:
+                for conn in list(self.connections):
+                    conn.close_if_idle()
             await asyncio.sleep(0.05)
-            for conn in list(self.connections):
-                conn.close_if_idle()
         for conn in list(self.connections):
             conn.abort()
         for pool in self.pools.values():

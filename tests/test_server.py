@@ -587,3 +587,60 @@ async def test_invalid_edit_changes_nothing_and_is_reported(
         assert await versions(router, 4) == ["v2"] * 4
     finally:
         await load.stop()
+
+
+async def test_sigterm_under_load_fails_no_accepted_request(
+    rules: Path, serve_router: Serve
+) -> None:
+    """Clients keep sending through SIGTERM: every request the router accepted is answered
+    in full; after the drain, new connections are refused (a balancer's cue to go
+    elsewhere), which is not a failure."""
+    router = await serve_router(rules, workers=2, args=("--drain-timeout", "5"))
+    port = int(router.ready["listen"].rpartition(":")[2])
+    answered = 0
+    failures: list[str] = []
+    stop = asyncio.Event()
+
+    async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> bool:
+        """One request on an open connection; True when the connection may be reused."""
+        writer.write(
+            b"GET /load HTTP/1.1\r\nHost: a\r\nX-User-Id: %d\r\nX-Demo-Delay: 0.02\r\n\r\n" % n
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        await asyncio.wait_for(reader.readexactly(length), 10)
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        return b"connection: close" not in head.lower()
+
+    async def client(i: int, keep_alive: bool) -> None:
+        nonlocal answered
+        n = i * 100_000
+        while True:
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                if stop.is_set():
+                    return  # refused after the drain: not accepted, not failed
+                await asyncio.sleep(0.01)
+                continue
+            try:
+                while True:
+                    n += 1
+                    reusable = await exchange(reader, writer, n)
+                    answered += 1
+                    if not (keep_alive and reusable):
+                        break
+            except Exception as exc:
+                failures.append(f"client {i}: {exc!r}")
+            finally:
+                writer.close()
+
+    clients = [asyncio.ensure_future(client(i, keep_alive=i % 2 == 0)) for i in range(8)]
+    await asyncio.sleep(1.0)
+    before = answered
+    stop.set()
+    router.signal(signal.SIGTERM)
+    assert await asyncio.wait_for(router.proc.wait(), 10) == 0
+    await asyncio.wait_for(asyncio.gather(*clients), 10)
+    assert before > 50
+    assert failures == []
