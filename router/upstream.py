@@ -198,6 +198,12 @@ class UpstreamConnection(asyncio.Protocol):
     _headers_done = False
 
     def on_message_begin(self) -> None:
+        if self.sink is None:
+            # A response nobody asked for (bytes after the end of the last one): the
+            # connection is out of step with its requests and must never be reused.
+            self.abort()
+            self.pool.forget(self)
+            return
         self._header_lines = []
         self._content_length = None
         self._chunked = False

@@ -261,3 +261,19 @@ async def test_upstream_that_resets_or_half_closes_before_answering_is_502(
     assert r.status_code == 502
     assert r.json()["error"] == "upstream_unavailable"
     assert rp.metrics.errors[("app", "reset")] == 1
+
+
+async def test_bytes_after_a_response_mean_the_connection_is_not_reused(
+    scripted: Any, proxy: Any
+) -> None:
+    # The first answer carries a second, unasked-for response after it: a reused
+    # connection would hand that to the next request.
+    smuggled = OK + b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nEVIL!"
+    up = await scripted(lambda c, n: smuggled if c == 1 else OK)
+    rp = await proxy(rules(up.port))
+    async with httpx.AsyncClient(base_url=rp.url) as client:
+        first = await client.get("/")
+        second = await client.get("/")
+    assert first.content == b"ok"
+    assert second.content == b"ok"
+    assert up.connections == 2
