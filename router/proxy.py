@@ -411,6 +411,8 @@ class HttpProxyProtocol(asyncio.Protocol):
         self.waiting.clear()
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return  # answered and closing: whatever else the client sent is not read
         self.last_activity = time.monotonic()
         try:
             self.parser.feed_data(data)
