@@ -13,6 +13,7 @@ grayroute import-nginx NGINX.CONF [-o RULES] [--scripts-dir DIR]
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from router.config import Settings
@@ -64,7 +65,12 @@ def _build_parser() -> argparse.ArgumentParser:
         default=defaults.watch_interval,
         help="seconds between checks of RULES for changes; 0: reload only on SIGHUP",
     )
-    serve.add_argument("--admin-token", default="", help="bearer token for the admin address")
+    serve.add_argument(
+        "--admin-token",
+        # From the environment by default: a token on the command line shows in `ps`.
+        default=os.environ.get("GRAYROUTE_ADMIN_TOKEN", ""),
+        help="bearer token for the admin address (default: $GRAYROUTE_ADMIN_TOKEN)",
+    )
     serve.add_argument("--log-level", default=defaults.log_level)
 
     sub.add_parser("demo", help="start demo upstreams and the router on rules/demo.yaml")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -163,3 +164,17 @@ async def test_serve_refuses_public_admin_without_token(rules: Path) -> None:
     assert proc.returncode == 1
     assert out == b""
     assert b"--admin-token" in err and b"Traceback" not in err
+
+
+async def test_token_from_the_environment(rules: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "GRAYROUTE_ADMIN_TOKEN": "from-env"}
+    with open(tmp_path / "router.log", "wb") as log:
+        router = await RouterProcess.start(rules, workers=1, stderr=log, env=env)
+    try:
+        async with httpx.AsyncClient() as client:
+            url = f"{router.admin_url}/rules"
+            assert (await client.get(url)).status_code == 401
+            ok = await client.get(url, headers={"Authorization": "Bearer from-env"})
+            assert ok.status_code == 200
+    finally:
+        await router.stop()
