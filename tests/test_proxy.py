@@ -787,3 +787,52 @@ async def test_lua_route_decides_answers_and_edits_headers(
         assert (await client.get("/")).json()["version"] == "v1"
     answer = await raw_exchange(rp.port, b"GET / HTTP/1.1\r\nHost: a\r\nX-User-Id: 6\r\n\r\n")
     assert answer == b""  # 444: closed without an answer
+
+
+# -- every pin kind, through the router ----------------------------------------------------------
+PIN_RULES = """
+format: 1
+upstreams:
+  v1: {{endpoints: ["{v1}"]}}
+  v2: {{endpoints: ["{v2}"]}}
+user_id: [{{header: X-User-Id}}]
+routes:
+  - name: api
+    pins:
+      - to: v2
+        {pin}
+    to: v1
+"""
+
+PIN_CASES = [
+    ("users", 'users: ["42"]', {"X-User-Id": "42"}, {"X-User-Id": "43"}),
+    ("user_ranges", "user_ranges: [[100, 199]]", {"X-User-Id": "150"}, {"X-User-Id": "200"}),
+    ("user_suffixes", 'user_suffixes: ["07"]', {"X-User-Id": "1007"}, {"X-User-Id": "1070"}),
+    ("user_pattern", 'user_pattern: "9[0-9]+"', {"X-User-Id": "912"}, {"X-User-Id": "1912"}),
+    ("user_percent", "user_percent: 100", {"X-User-Id": "5"}, {}),
+    ("headers", 'headers: {X-App-Version: "^3\\\\."}', {"X-App-Version": "3.1"},
+     {"X-App-Version": "2.9"}),
+    # the test client is on 127.0.0.1, a trusted proxy here: X-Forwarded-For names another
+    ("client_cidrs", "client_cidrs: [127.0.0.0/8]", {}, {"X-Forwarded-For": "203.0.113.5"}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kind", "pin", "held", "not_held"), PIN_CASES, ids=[c[0] for c in PIN_CASES]
+)
+async def test_each_pin_kind_end_to_end(
+    backends: Any,
+    proxy: Any,
+    kind: str,
+    pin: str,
+    held: dict[str, str],
+    not_held: dict[str, str],
+) -> None:
+    v1, v2 = await backends("v1", "v2")
+    rules = PIN_RULES.format(v1=v1.endpoint, v2=v2.endpoint, pin=pin)
+    rp = await proxy(rules, trusted_proxies=["127.0.0.1/32"])
+    async with httpx.AsyncClient(base_url=rp.url) as client:
+        r = await client.get("/", headers=held)
+        assert r.json()["version"] == "v2", kind
+        r = await client.get("/", headers=not_held)
+        assert r.json()["version"] == "v1", kind
