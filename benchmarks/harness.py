@@ -29,6 +29,8 @@ from typing import Any
 
 import yaml
 
+from lua_compat.nginx_check import free_ports
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 NGINX_DIR = BENCH_DIR / "nginx"
@@ -46,20 +48,6 @@ class BenchError(Exception):
 
 # ---------------------------------------------------------------------------------------
 # ports, CPUs, processes
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on 127.0.0.1 (bound together so they differ)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def cpu_count() -> int:

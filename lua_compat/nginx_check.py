@@ -216,7 +216,8 @@ _PRINT_VALUE = (
 )
 
 
-def _free_ports(count: int) -> list[int]:
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free TCP ports on 127.0.0.1 (held together while chosen)."""
     socks = []
     try:
         for _ in range(count):
@@ -303,7 +304,7 @@ class NginxLua:
             os.makedirs(f"{prefix}/logs")
             os.makedirs(f"{prefix}/tmp")
             names = [s.name for s in self.scripts] + self.extra_ports
-            self.ports = dict(zip(names, _free_ports(len(names)), strict=True))
+            self.ports = dict(zip(names, free_ports(len(names)), strict=True))
             conf = f"{prefix}/nginx.conf"
             Path(conf).write_text(self.config(prefix), encoding="utf-8")
             self._proc = subprocess.Popen(
