@@ -52,12 +52,15 @@ HOP_BY_HOP = frozenset(
 
 # What the proxy does with a response header, by name. The names upstreams send most,
 # in their usual spellings, are looked up as they come; others are lower-cased first.
-_FORWARD, _LENGTH, _CHUNKED, _DROP = range(4)
+_FORWARD, _LENGTH, _CHUNKED, _CONNECTION, _DROP = range(5)
 _RESPONSE_HEADER_KIND: dict[bytes, int] = {
     b"content-length": _LENGTH,
     b"transfer-encoding": _CHUNKED,
 }
 _RESPONSE_HEADER_KIND.update({name: _DROP for name in HOP_BY_HOP if name != b"transfer-encoding"})
+_RESPONSE_HEADER_KIND[b"connection"] = _CONNECTION
+# Connection tokens that name no header of their own.
+_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b""})
 _KNOWN_RESPONSE_NAMES: dict[bytes, int] = {}
 for _lower in (
     *_RESPONSE_HEADER_KIND,
@@ -115,6 +118,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_only = False
         self._started = False  # some response bytes arrived for the current request
         self._header_lines: list[bytes] = []  # "name: value\r\n" pieces, to be joined
+        self._connection_listed: set[bytes] | None = None  # headers named in Connection
         self._content_length: bytes | None = None
         self._chunked = False
         self._framing_error = False
@@ -205,6 +209,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.pool.forget(self)
             return
         self._header_lines = []
+        self._connection_listed = None
         self._content_length = None
         self._chunked = False
         self._headers_done = False
@@ -227,6 +232,22 @@ class UpstreamConnection(asyncio.Protocol):
             if value.strip().lower() != b"chunked" or self._chunked:
                 self._framing_error = True
             self._chunked = True
+        elif kind == _CONNECTION and value.lower() not in _CONNECTION_OPTIONS:
+            listed = {t.strip() for t in value.lower().split(b",")} - _CONNECTION_OPTIONS
+            self._connection_listed = (self._connection_listed or set()) | listed
+
+    def _drop_connection_listed(self) -> None:
+        """Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1)."""
+        listed = self._connection_listed
+        self._connection_listed = None
+        if listed:
+            lines = self._header_lines
+            self._header_lines = [
+                piece
+                for i in range(0, len(lines), 4)
+                if lines[i].lower() not in listed
+                for piece in lines[i : i + 4]
+            ]
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -240,6 +261,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self._framing_error or (self._chunked and self._content_length is not None):
             self._framing_error = True
             return
+        if self._connection_listed:
+            self._drop_connection_listed()
         if self._head_only or status in (204, 304):
             framing = FRAMING_NONE
         elif self._chunked:

@@ -277,3 +277,19 @@ async def test_bytes_after_a_response_mean_the_connection_is_not_reused(
     assert first.content == b"ok"
     assert second.content == b"ok"
     assert up.connections == 2
+
+
+async def test_response_headers_named_in_connection_are_not_forwarded(
+    scripted: Any, proxy: Any
+) -> None:
+    answer = (
+        b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Internal\r\nX-Internal: secret\r\n"
+        b"X-Public: 1\r\nKeep-Alive: timeout=5\r\nContent-Length: 2\r\n\r\nok"
+    )
+    up = await scripted(lambda c, n: answer)
+    rp = await proxy(rules(up.port))
+    async with httpx.AsyncClient(base_url=rp.url) as client:
+        r = await client.get("/")
+    assert r.headers["x-public"] == "1"
+    assert "x-internal" not in r.headers
+    assert "keep-alive" not in r.headers
