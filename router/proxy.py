@@ -222,10 +222,6 @@ class Router:
             self._start_background()
         return HttpProxyProtocol(self)
 
-    @property
-    def active_requests(self) -> int:
-        return sum(1 for c in self.connections if c.active is not None)
-
     async def drain(self, timeout: float) -> None:
         """Finish requests in flight (up to `timeout`), then close everything.
 
@@ -891,21 +887,14 @@ class HttpProxyProtocol(asyncio.Protocol):
     # -- answers of our own ------------------------------------------------------------
     def _answer_error(self, req: _Request, error: ProxyError) -> None:
         status = error.status
-        body = error_body(error.code, error.detail)
         # Unread request body bytes would be taken for the next request: close instead.
         close = not req.keep_alive or not req.complete or self.router.draining
-        head = b"HTTP/1.1 %d %b\r\nContent-Type: application/json\r\nContent-Length: %d\r\n" % (
-            status,
-            error.reason.encode(),
-            len(body),
-        )
-        assert self.transport is not None
-        self.flush_output()
-        self.transport.write(
-            head
-            + self.router.date_header
-            + (b"Connection: close\r\n\r\n" if close else _CRLF)
-            + (b"" if req.method == b"HEAD" else body)
+        self._write_answer(
+            _error_status_line(error),
+            [(b"Content-Type", b"application/json")],
+            error_body(error.code, error.detail),
+            close,
+            head_only=req.method == b"HEAD",
         )
         req.status = status
         req.keep_alive = req.keep_alive and not close
@@ -923,26 +912,26 @@ class HttpProxyProtocol(asyncio.Protocol):
             self.active = None
             self._close_client()
             return
-        headers = [(n.encode("latin-1"), v) for n, v in decision.response_headers]
+        headers = [
+            (n.encode("latin-1"), v.encode("latin-1"))
+            for n, v in decision.response_headers
+            if v is not None and n.lower() not in ("content-length", "connection")
+        ]
         if decision.location is not None:
-            headers.append((b"Location", decision.location))
+            headers.append((b"Location", decision.location.encode("latin-1")))
         body = decision.body
         if not body and status >= 400:
             reason = decision.reason or "answered by the route's script"
             body = error_body("script_" + str(status), reason)
-            headers.append((b"Content-Type", "application/json"))
+            headers.append((b"Content-Type", b"application/json"))
         close = not req.keep_alive or not req.complete or self.router.draining
-        parts = [_STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status]
-        for name, value in headers:
-            if value is not None and name.lower() not in (b"content-length", b"connection"):
-                parts += (name, b": ", value.encode("latin-1"), _CRLF)
-        parts += (b"Content-Length: %d\r\n" % len(body), self.router.date_header)
-        parts.append(b"Connection: close\r\n\r\n" if close else _CRLF)
-        if req.method != b"HEAD":
-            parts.append(body)
-        self.flush_output()
-        assert self.transport is not None
-        self.transport.write(b"".join(parts))
+        self._write_answer(
+            _STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status,
+            headers,
+            body,
+            close,
+            head_only=req.method == b"HEAD",
+        )
         req.status = status
         req.keep_alive = req.keep_alive and not close
         self._count(req, status)
@@ -958,18 +947,37 @@ class HttpProxyProtocol(asyncio.Protocol):
                 return
         if self.transport is None or self.closed:
             return
-        self.flush_output()
-        body = error_body(error.code, error.detail)
-        self.transport.write(
-            b"HTTP/1.1 %d %b\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-            b"Connection: close\r\n%b\r\n%b"
-            % (error.status, error.reason.encode(), len(body), self.router.date_header, body)
+        self._write_answer(
+            _error_status_line(error),
+            [(b"Content-Type", b"application/json")],
+            error_body(error.code, error.detail),
+            close=True,
         )
         self.router.metrics.request_done("", "", error.status, 0.0)
         self.active = None
         self.parsing = None
         self.waiting.clear()
         self._close_client()
+
+    def _write_answer(
+        self,
+        status_line: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        close: bool,
+        head_only: bool = False,
+    ) -> None:
+        """Write an answer of the router's own, after what is pending for the client."""
+        parts = [status_line]
+        for name, value in headers:
+            parts += (name, b": ", value, _CRLF)
+        parts += (b"Content-Length: %d\r\n" % len(body), self.router.date_header)
+        parts.append(b"Connection: close\r\n\r\n" if close else _CRLF)
+        if not head_only:
+            parts.append(body)
+        self.flush_output()
+        assert self.transport is not None
+        self.transport.write(b"".join(parts))
 
     # -- end of a request --------------------------------------------------------------
     def _finish(self, req: _Request) -> None:
@@ -1051,6 +1059,10 @@ def _drop_connection_listed(req: _Request) -> None:
     listed = {t.strip() for t in tokens.split(b",")} - {b"close", b"keep-alive", b""}
     if listed:
         req.headers = [(n, v) for n, v in req.headers if n.lower() not in listed]
+
+
+def _error_status_line(error: ProxyError) -> bytes:
+    return b"HTTP/1.1 %d %b\r\n" % (error.status, error.reason.encode())
 
 
 def _apply_script_headers(req: _Request, edits: tuple[tuple[str, str | None], ...]) -> None:

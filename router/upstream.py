@@ -28,6 +28,7 @@ from router.errors import UpstreamBadResponse, UpstreamTimeout, UpstreamUnavaila
 if TYPE_CHECKING:
     from router.config import Settings
     from router.rules import UpstreamSpec
+    from router.rules.model import HealthCheck
 
 log = logging.getLogger("grayroute.upstream")
 
@@ -314,13 +315,7 @@ class UpstreamPool:
 
     def __init__(self, spec: UpstreamSpec, settings: Settings) -> None:
         self.name = spec.name
-        self.endpoints: tuple[Endpoint, ...] = tuple(spec.endpoints)
-        self.connect_timeout = (
-            spec.connect_timeout if spec.connect_timeout is not None else settings.connect_timeout
-        )
-        self.read_timeout = (
-            spec.read_timeout if spec.read_timeout is not None else settings.read_timeout
-        )
+        self.endpoints, self.connect_timeout, self.read_timeout, _ = _pool_key(spec, settings)
         self.max_idle = settings.upstream_keepalive
         self.health_check = spec.health_check
         self.closed = False
@@ -332,12 +327,11 @@ class UpstreamPool:
 
     def same_as(self, spec: UpstreamSpec, settings: Settings) -> bool:
         """True when `spec` would build an identical pool (a reload can keep this one)."""
-        other = UpstreamPool(spec, settings)
-        return (
-            other.endpoints == self.endpoints
-            and other.connect_timeout == self.connect_timeout
-            and other.read_timeout == self.read_timeout
-            and other.health_check == self.health_check
+        return _pool_key(spec, settings) == (
+            self.endpoints,
+            self.connect_timeout,
+            self.read_timeout,
+            self.health_check,
         )
 
     def next_endpoint(self) -> Endpoint:
@@ -477,3 +471,15 @@ class UpstreamPool:
     @property
     def idle_count(self) -> int:
         return sum(len(v) for v in self._idle.values())
+
+
+def _pool_key(
+    spec: UpstreamSpec, settings: Settings
+) -> tuple[tuple[Endpoint, ...], float, float, HealthCheck | None]:
+    """What a pool is built from: endpoints, timeouts (server defaults filled in), checks."""
+    return (
+        tuple(spec.endpoints),
+        spec.connect_timeout if spec.connect_timeout is not None else settings.connect_timeout,
+        spec.read_timeout if spec.read_timeout is not None else settings.read_timeout,
+        spec.health_check,
+    )
