@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
         if args.command == "serve":
-            from router.server import run_serve
+            from router.supervisor import run_serve
 
             settings = Settings(
                 rules_path=args.rules,

@@ -6,7 +6,7 @@ Three parts, in the order data flows:
                          `upstream_error()` on the hot path (plain dict and list updates,
                          ~0.2 us). `snapshot()` returns the worker's cumulative totals as a
                          JSON-able dict; the worker sends one every `metrics_interval`
-                         seconds and at exit (see router.server).
+                         seconds and at exit (see router.worker).
     MetricsAggregator    in the supervisor: the latest snapshot of every live worker plus
                          the summed last snapshots of workers that have exited, so that a
                          sum over all workers never goes down when a worker is replaced.

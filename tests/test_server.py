@@ -22,7 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from router.demo import DemoUpstream, RouterProcess, RouterStartError
-from router.server import RulesWatcher
+from router.watch import RulesWatcher
 
 from conftest import Serve, poll
 

@@ -1,0 +1,638 @@
+"""The supervisor of `grayroute serve`: it owns the workers, the admin app, reloads and
+the audit log (the channel it speaks with workers is described in router.server).
+
+Reload triggers all take one path (`Supervisor._request_reload`): SIGHUP, the rule file
+changing on disk (router.watch.RulesWatcher), and `grayroute rollback`, which writes a kept
+version over the file and sends SIGHUP. Every start and reload is appended to
+STATE_DIR/audit.jsonl (see router.history).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import uvloop
+
+from router.config import Settings
+from router.errors import ConfigError, RulesError
+from router.server import (
+    WORKER_ENV,
+    format_hostport,
+    load_rules_stable,
+    log_problems,
+    reuseport_socket,
+    rules_copy_path,
+    setup_logging,
+)
+from router.watch import RulesWatcher
+
+if TYPE_CHECKING:
+    from router.metrics import SupervisorMetrics
+    from router.rules import Snapshot
+
+
+log = logging.getLogger("grayroute.supervisor")
+_MAX_LINE = 16 * 1024 * 1024  # a metrics line grows with routes x upstreams x statuses
+STARTUP_TIMEOUT = 60.0  # seconds for every worker to report ready at start
+
+
+def _now_iso() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
+
+
+def run_serve(settings: Settings) -> int:
+    """Run `grayroute serve` until SIGTERM/SIGINT; the process exit code."""
+    setup_logging(settings.log_level, "supervisor")
+    try:
+        snapshot, raw = load_rules_stable(settings.rules_path)
+    except RulesError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        if not exc.problems:
+            print(f"{settings.rules_path}: {exc}", file=sys.stderr)
+        return 1
+    for warning in snapshot.warnings:
+        log.warning("%s", warning)
+
+    from router.history import resolve_state_dir
+
+    try:
+        state_dir = str(resolve_state_dir(settings.rules_path, settings.state_dir))
+        log.info("state directory: %s", state_dir)
+        if settings.access_log:
+            from router.access_log import check_writable
+
+            check_writable(settings.access_log)  # one clear line now, not N worker failures
+        host, port = settings.listen_addr
+        try:
+            # Held for the supervisor's whole life: for `:0` this is what picks the port
+            # every worker then binds; it never listens, so the kernel never hands it a
+            # connection (only listening sockets join the SO_REUSEPORT group).
+            reserved = reuseport_socket(host, port)
+        except OSError as exc:
+            print(f"grayroute: --listen {settings.listen}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        with reserved:
+            supervisor = Supervisor(settings, snapshot, raw, reserved.getsockname()[1], state_dir)
+            return uvloop.run(supervisor.run())
+    except ConfigError as exc:
+        print(f"grayroute: {exc}", file=sys.stderr)
+        return 1
+
+
+@dataclasses.dataclass(eq=False)
+class _Worker:
+    slot: int
+    wid: str  # unique for the supervisor's life; the metrics key
+    proc: asyncio.subprocess.Process
+    ready: bool = False
+    digest: str = ""
+
+
+class Supervisor:
+    """Owns the workers, the admin app, and the rules the admin app reports."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        snapshot: Snapshot,
+        raw: bytes | None,
+        listen_port: int,
+        state_dir: str,
+    ) -> None:
+        from router.metrics import SupervisorMetrics
+
+        self.settings = settings
+        self.listen_host = settings.listen_addr[0]
+        self.listen_port = listen_port
+        self.state_dir = state_dir
+        self.metrics: SupervisorMetrics = SupervisorMetrics(self._ready_count)
+        self.exit_code = 0
+        self.workers: dict[int, _Worker] = {}
+        self._spawned = 0
+        self._announced = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._reload_task: asyncio.Task[None] | None = None
+        self._reload_again: str | None = None  # the trigger of a reload asked for meanwhile
+        self.last_reload: dict[str, Any] | None = None
+        self.watcher: RulesWatcher | None = None
+        self._stop = asyncio.Event()  # SIGTERM/SIGINT, or a fatal start-up failure
+        self._all_ready = asyncio.Event()
+        self._accept(snapshot, raw)
+
+    # -- state the admin app reads (router.admin.AdminSource) ---------------------------
+
+    def render_metrics(self) -> bytes:
+        return self.metrics.render()
+
+    def readiness(self) -> tuple[bool, str]:
+        up = self._ready_count()
+        wanted = self.settings.workers
+        if self._stop.is_set():
+            return False, f"draining ({up}/{wanted} workers up)"
+        return up == wanted, f"{up}/{wanted} workers up"
+
+    def rules_info(self) -> dict[str, Any]:
+        snap = self.snapshot
+        return {
+            "source": str(snap.source),
+            "digest": snap.digest,
+            "loaded_at": self.loaded_at,
+            "upstreams": describe_upstreams(snap, self.settings),
+            "routes": describe_routes(snap),
+            "last_reload": self.last_reload,
+            "state_dir": self.state_dir,
+            "watch_interval": self.settings.watch_interval,
+            "workers": {
+                str(w.slot): {"pid": w.proc.pid, "ready": w.ready, "digest": w.digest}
+                for w in sorted(self.workers.values(), key=lambda w: w.slot)
+            },
+        }
+
+    def rules_history(self, limit: int) -> dict[str, Any]:
+        from router.history import read_audit
+
+        return {"state_dir": self.state_dir, "events": read_audit(self.state_dir)[-limit:]}
+
+    def _ready_count(self) -> int:
+        return sum(1 for w in self.workers.values() if w.ready)
+
+    # -- life ---------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        from router.admin import AdminServer
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._request_stop, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._request_reload, "sighup")
+
+        admin_host, admin_port = self.settings.admin_addr
+        admin = AdminServer(self, admin_host, admin_port, self.settings.admin_token)
+        try:
+            admin_port = await admin.start()
+        except OSError as exc:
+            print(
+                f"grayroute: --admin {self.settings.admin}: {exc.strerror or exc}", file=sys.stderr
+            )
+            return 1
+        try:
+            # Only once SIGHUP is handled may `grayroute rollback` find us (its default
+            # action would end the process).
+            self._write_pidfile()
+            slots = [self._keep(self._slot_loop(slot)) for slot in range(self.settings.workers)]
+            if self.settings.watch_interval > 0:
+                self.watcher = RulesWatcher(
+                    self.settings.rules_path,
+                    lambda: self.snapshot.digest,
+                    lambda: self._request_reload("watch"),
+                    self.settings.watch_interval,
+                )
+                self._keep(self.watcher.run())
+            if await self._wait_ready():
+                self._announce(admin_host, admin_port)
+            await self._stop.wait()
+            await self._shutdown(slots)
+        finally:
+            from router.history import remove_pidfile
+
+            remove_pidfile(self.state_dir)
+            await admin.close()
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+        log.info("stopped")
+        return self.exit_code
+
+    def _keep(self, coro: Any) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _wait_ready(self) -> bool:
+        ready = self._keep(self._all_ready.wait())
+        stop = self._keep(self._stop.wait())
+        done, _ = await asyncio.wait(
+            {ready, stop}, timeout=STARTUP_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+        )
+        ready.cancel()
+        stop.cancel()
+        if self._all_ready.is_set() and not self._stop.is_set():
+            return True
+        if not done:
+            log.error("workers did not become ready within %.0f s; stopping", STARTUP_TIMEOUT)
+            self.exit_code = 1
+            self._stop.set()
+        return False
+
+    def _announce(self, admin_host: str, admin_port: int) -> None:
+        self._announced = True
+        # Recorded once traffic is served: the audit log lists versions that took effect.
+        digest = self.snapshot.digest
+        self._audit("start", "start", "success", previous=None, attempted=digest)
+        line = {
+            "event": "ready",
+            "listen": format_hostport(self.listen_host, self.listen_port),
+            "admin": format_hostport(admin_host, admin_port),
+            "workers": self.settings.workers,
+            "pid": os.getpid(),
+            "rules": self.snapshot.digest,
+        }
+        try:
+            sys.stdout.write(orjson.dumps(line).decode() + "\n")
+            sys.stdout.flush()
+        except OSError as exc:  # nobody reads stdout (closed pipe): the log still says it
+            log.warning("cannot print the ready line: %s", exc)
+        log.info(
+            "ready: listening on %s, admin on %s, %d workers, rules %s",
+            line["listen"], line["admin"], self.settings.workers, self.snapshot.digest[:12],
+        )  # fmt: skip
+
+    def _request_stop(self, sig: int) -> None:
+        if not self._stop.is_set():
+            log.info(
+                "%s: draining workers (up to %.1f s)",
+                signal.Signals(sig).name,
+                self.settings.drain_timeout,
+            )
+            self._stop.set()
+
+    async def _shutdown(self, slots: list[asyncio.Task[Any]]) -> None:
+        for worker in list(self.workers.values()):
+            self._send(worker, {"cmd": "drain"})
+        # Workers bound their own drain by drain_timeout; the margin covers interpreter
+        # exit. A worker that is still there after that is killed.
+        grace = self.settings.drain_timeout + 5.0
+        _, pending = await asyncio.wait(slots, timeout=grace)
+        if pending:
+            for worker in list(self.workers.values()):
+                log.warning(
+                    "worker %d (pid %d) did not exit in %.1f s; killing it",
+                    worker.slot,
+                    worker.proc.pid,
+                    grace,
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    worker.proc.kill()
+            await asyncio.wait(pending, timeout=5.0)
+
+    # -- workers --------------------------------------------------------------------------
+
+    async def _slot_loop(self, slot: int) -> None:
+        """Keep one worker running in `slot` until the supervisor stops."""
+        loop = asyncio.get_running_loop()
+        quick_failures = 0
+        while not self._stop.is_set():
+            started = loop.time()
+            try:
+                worker = await self._spawn(slot)
+            except OSError as exc:
+                log.error("worker %d: cannot start: %s", slot, exc)
+                rc: int | None = None
+            else:
+                rc = await self._watch(worker)
+                del self.workers[slot]
+                self.metrics.aggregator.retire(worker.wid)
+                self._all_ready.clear()
+            if self._stop.is_set():
+                return
+            if not self._announced:
+                log.error(
+                    "worker %d exited (%s) before it was ready; stopping", slot, _describe_exit(rc)
+                )
+                self.exit_code = 1
+                self._stop.set()
+                return
+            self.metrics.worker_restarts += 1
+            # A worker that keeps dying right after start is restarted ever more slowly
+            # (up to 5 s) instead of in a tight fork loop.
+            quick_failures = quick_failures + 1 if loop.time() - started < 5.0 else 0
+            delay = 0.0 if quick_failures <= 1 else min(0.25 * 2 ** (quick_failures - 2), 5.0)
+            log.warning(
+                "worker %d exited (%s); restarting%s",
+                slot,
+                _describe_exit(rc),
+                f" in {delay:.2f} s" if delay else "",
+            )
+            if delay:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
+
+    async def _spawn(self, slot: int) -> _Worker:
+        self._spawned += 1
+        settings = dataclasses.asdict(self.settings)
+        settings["listen"] = format_hostport(self.listen_host, self.listen_port)
+        settings["state_dir"] = self.state_dir
+        if self.settings.access_log:
+            settings["access_log"] = os.path.abspath(self.settings.access_log)
+        settings["admin_token"] = ""  # workers never need it; keep it out of their env
+        env = dict(os.environ)
+        env[WORKER_ENV] = orjson.dumps(
+            {"settings": settings, "slot": slot, "digest": self.snapshot.digest}
+        ).decode()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "router.worker",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env=env,
+            start_new_session=True,
+            limit=_MAX_LINE,
+        )  # fmt: skip
+        worker = _Worker(slot=slot, wid=f"{slot}.{self._spawned}.{proc.pid}", proc=proc)
+        self.workers[slot] = worker
+        log.debug("worker %d: started pid %d", slot, proc.pid)
+        return worker
+
+    async def _watch(self, worker: _Worker) -> int:
+        """Read the worker's reports until it exits; its exit code."""
+        stdout = worker.proc.stdout
+        assert stdout is not None
+        while True:
+            try:
+                line = await stdout.readline()
+            except ValueError:  # a line over _MAX_LINE: skipped, the next one counts
+                log.warning("worker %d: oversized report skipped", worker.slot)
+                continue
+            if not line:
+                break
+            try:
+                message = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                log.warning("worker %d: unreadable report %.80r", worker.slot, line)
+                continue
+            if isinstance(message, dict):
+                self._on_report(worker, message)
+        worker.ready = False
+        return await worker.proc.wait()
+
+    def _on_report(self, worker: _Worker, message: Mapping[str, Any]) -> None:
+        event = message.get("ev")
+        if event == "metrics":
+            data = message.get("data")
+            if isinstance(data, dict):
+                self.metrics.aggregator.update(worker.wid, data)
+        elif event == "ready":
+            worker.ready = True
+            worker.digest = str(message.get("digest", ""))
+            log.info(
+                "worker %d (pid %d) accepting, rules %s",
+                worker.slot,
+                worker.proc.pid,
+                worker.digest[:12],
+            )
+            if self._ready_count() == self.settings.workers:
+                self._all_ready.set()
+        elif event == "reloaded":
+            if message.get("ok"):
+                worker.digest = str(message.get("digest", ""))
+                if worker.digest != self.snapshot.digest:
+                    log.warning(
+                        "worker %d runs rules %s, not %s",
+                        worker.slot,
+                        worker.digest[:12],
+                        self.snapshot.digest[:12],
+                    )
+            else:
+                log.error("worker %d kept its rules: reload failed", worker.slot)
+        elif event == "draining":
+            worker.ready = False
+            self._all_ready.clear()
+
+    def _send(self, worker: _Worker, command: Mapping[str, Any]) -> None:
+        stdin = worker.proc.stdin
+        if stdin is None or stdin.is_closing() or worker.proc.returncode is not None:
+            return
+        # A worker that is exiting: its slot loop restarts or retires it.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            stdin.write(orjson.dumps(command) + b"\n")
+
+    # -- rules ----------------------------------------------------------------------------
+
+    def _accept(self, snapshot: Snapshot, raw: bytes | None) -> None:
+        """Make `snapshot` the rules in force (at start and after a successful reload)."""
+        self.snapshot = snapshot
+        self.loaded_at = _now_iso()
+        self.metrics.rules_digest = snapshot.digest
+        self.metrics.rules_source = str(snapshot.source)
+        self.metrics.rules_loaded_at = time.time()
+        if raw is not None:
+            _write_atomic(rules_copy_path(self.state_dir, snapshot.digest), raw)
+
+    def _request_reload(self, trigger: str) -> None:
+        """Reload the rule file (trigger: "sighup" or "watch"); merged while one runs."""
+        if self._stop.is_set():
+            return
+        if self._reload_task is not None and not self._reload_task.done():
+            self._reload_again = trigger  # requests during a reload coalesce into one more
+            return
+        self._reload_task = self._keep(self._reload(trigger))
+
+    async def _reload(self, trigger: str) -> None:
+        while True:
+            self._reload_again = None
+            await self._reload_once(trigger)
+            if self._reload_again is None or self._stop.is_set():
+                return
+            trigger = self._reload_again
+
+    async def _reload_once(self, trigger: str) -> None:
+        path = self.settings.rules_path
+        loop = asyncio.get_running_loop()
+        log.info("%s: reloading %s", "SIGHUP" if trigger == "sighup" else "file changed", path)
+        old = self.snapshot.digest
+        try:
+            snapshot, raw = await loop.run_in_executor(None, load_rules_stable, path)
+        except RulesError as exc:
+            problems = [str(p) for p in exc.problems] or [str(exc)]
+            errors = sum(1 for p in exc.problems if p.severity != "warning") or 1
+            log.error(
+                "reload failed; keeping rules %s (%d error%s)",
+                old[:12],
+                errors,
+                "" if errors == 1 else "s",
+            )
+            log_problems(exc)
+            self._reload_failed(trigger, problems, _digest_of_file(path))
+            return
+        except Exception as exc:  # a bug, not a bad file: keep the traceback
+            log.exception("reload crashed; keeping rules %s", old[:12])
+            self._reload_failed(trigger, [f"internal error: {exc!r}"], _digest_of_file(path))
+            return
+        for warning in snapshot.warnings:
+            log.warning("%s", warning)
+        self._accept(snapshot, raw)
+        self.metrics.reloads["success"] += 1
+        self.metrics.last_reload_ok = True
+        self.last_reload = {
+            "result": "success",
+            "at": self.loaded_at,
+            "trigger": trigger,
+            "problems": [],
+            "previous_digest": old,
+        }
+        from router.history import take_intent
+
+        intent = take_intent(self.state_dir, snapshot.digest)
+        if intent is not None:
+            log.info(
+                "rollback by %s@%s: rules %s -> %s",
+                intent.get("user"),
+                intent.get("host"),
+                old[:12],
+                snapshot.digest[:12],
+            )
+            who = {k: intent.get(k) for k in ("user", "host", "pid")}
+            self._audit("rollback", trigger, "success", old, snapshot.digest, who=who)
+        else:
+            log.info("reload ok: rules %s -> %s", old[:12], snapshot.digest[:12])
+            self._audit("reload", trigger, "success", old, snapshot.digest)
+        for worker in list(self.workers.values()):
+            self._send(worker, {"cmd": "reload", "digest": snapshot.digest})
+
+    def _reload_failed(self, trigger: str, problems: list[str], attempted: str | None) -> None:
+        self.metrics.reloads["failure"] += 1
+        self.metrics.last_reload_ok = False
+        self.last_reload = {
+            "result": "failure",
+            "at": _now_iso(),
+            "trigger": trigger,
+            "problems": problems,
+            "attempted_digest": attempted,
+        }
+        from router.history import take_intent
+
+        # A refused rollback is recorded as one, with who asked for it.
+        intent = take_intent(self.state_dir, attempted) if attempted else None
+        action, who = "reload", None
+        if intent is not None:
+            action, who = "rollback", {k: intent.get(k) for k in ("user", "host", "pid")}
+        digest = self.snapshot.digest
+        self._audit(action, trigger, "failure", digest, attempted, problems=problems, who=who)
+
+    def _audit(
+        self,
+        action: str,
+        trigger: str,
+        result: str,
+        previous: str | None,
+        attempted: str | None,
+        problems: list[str] | None = None,
+        who: dict[str, Any] | None = None,
+    ) -> None:
+        """One line in STATE_DIR/audit.jsonl; `who` defaults to this process."""
+        from router.history import actor, append_audit, file_owner, now_iso
+
+        path = self.settings.rules_path
+        entry = {
+            "at": now_iso(),
+            "action": action,
+            "trigger": trigger,
+            "result": result,
+            "digest": self.snapshot.digest,  # in force after the event
+            "previous": previous,
+            "attempted": attempted,
+            "source": path,
+            **(who or actor()),
+            "router_pid": os.getpid(),
+            "file_owner": file_owner(path),
+            "problems": problems or [],
+        }
+        try:
+            append_audit(self.state_dir, entry)
+        except OSError as exc:
+            log.warning("cannot append to the audit log in %s: %s", self.state_dir, exc)
+
+    def _write_pidfile(self) -> None:
+        from router.history import write_pidfile
+
+        try:
+            write_pidfile(self.state_dir, self.settings.rules_path)
+        except OSError as exc:
+            log.warning("cannot write the pid file (rollback cannot signal us): %s", exc)
+
+
+def _digest_of_file(path: str) -> str | None:
+    """sha256 of the file as it is now (what a failed reload tried), None if unreadable."""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _describe_exit(rc: int | None) -> str:
+    if rc is None:
+        return "not started"
+    if rc < 0:
+        try:
+            return f"killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"killed by signal {-rc}"
+    return f"exit code {rc}"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def describe_upstreams(snapshot: Snapshot, settings: Settings) -> dict[str, Any]:
+    """Upstreams for /rules, with the timeouts in force (the server's when not set)."""
+    out: dict[str, Any] = {}
+    for name, spec in snapshot.upstreams.items():
+        connect = spec.connect_timeout
+        read = spec.read_timeout
+        out[name] = {
+            "endpoints": [format_hostport(host, port) for host, port in spec.endpoints],
+            "connect_timeout": settings.connect_timeout if connect is None else connect,
+            "read_timeout": settings.read_timeout if read is None else read,
+            "health_check": dataclasses.asdict(spec.health_check) if spec.health_check else None,
+        }
+    return out
+
+
+def describe_routes(snapshot: Snapshot) -> list[dict[str, Any]]:
+    """One short summary per route, in file order, for /rules."""
+    ruleset = snapshot.ruleset
+    out: list[dict[str, Any]] = []
+    for compiled in snapshot.routes:
+        route = compiled.model
+        match = route.match
+        summary: dict[str, Any] = {
+            "name": route.name,
+            "match": {
+                k: v
+                for k, v in (
+                    ("hosts", match.hosts),
+                    ("path_prefix", match.path_prefix),
+                    ("methods", match.methods),
+                )
+                if v is not None
+            },
+            "user_id": [src.label for src in ruleset.sources_of(route)],
+            "pins": [{"to": pin.to, "when": list(pin.conditions)} for pin in route.pins],
+        }
+        if route.to is not None:
+            summary["to"] = route.to
+        if route.split is not None:
+            summary["split"] = dict(route.split.weights)
+            summary["salt"] = route.salt
+        out.append(summary)
+    return out

@@ -1,0 +1,294 @@
+"""A worker process of `grayroute serve`: the data plane (router.proxy) on a
+SO_REUSEPORT socket, driven by the supervisor over its stdin/stdout (router.server).
+
+Started as `python -m router.worker` by the supervisor; never by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, cast
+
+import orjson
+import uvloop
+
+from router.config import Settings, parse_hostport
+from router.errors import RulesError
+from router.metrics import WorkerMetrics
+from router.server import (
+    EXIT_WORKER_SETUP,
+    WORKER_ENV,
+    load_snapshot_file,
+    log_problems,
+    reuseport_socket,
+    rules_copy_path,
+    setup_logging,
+)
+
+if TYPE_CHECKING:
+    from router.access_log import AccessLogWriter
+    from router.rules import Snapshot
+
+log = logging.getLogger("grayroute.worker")
+_BACKLOG = 4096  # pending connections per worker socket
+
+
+class _ReportPipe(asyncio.Protocol):
+    """The worker's end of the report channel (its original stdout)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.WriteTransport | None = None
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's pipe transport is not a subclass of asyncio.WriteTransport, but has its API.
+        self.transport = cast(asyncio.WriteTransport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    def send(self, message: Mapping[str, Any]) -> bool:
+        return self.send_line(orjson.dumps(message) + b"\n")
+
+    def send_line(self, line: bytes, *, droppable: bool = False) -> bool:
+        """Queue one encoded line; False when it was not sent (channel gone, or dropped)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return False
+        # Metrics are cumulative: when the pipe is backed up, skipping one costs nothing
+        # (the next supersedes it) and keeps the worker's memory bounded.
+        if droppable and transport.get_write_buffer_size() > 0:
+            return False
+        transport.write(line)
+        return True
+
+    async def close(self, timeout: float) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.lost), timeout)
+
+
+class Worker:
+    """One worker process: a Router on a SO_REUSEPORT socket, driven by the supervisor."""
+
+    def __init__(self, settings: Settings, slot: int, digest: str, report_fd: int) -> None:
+        self.settings = settings
+        self.slot = slot
+        self.expected_digest = digest
+        self.report_fd = report_fd
+        self.metrics = WorkerMetrics()
+        self.access_log: AccessLogWriter | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._keep(self._reload(None)))
+
+        _, self.report = await loop.connect_write_pipe(
+            _ReportPipe, os.fdopen(self.report_fd, "wb", buffering=0)
+        )
+        try:
+            snapshot = await self._load(self.expected_digest)
+        except RulesError as exc:
+            log_problems(exc)
+            log.error("cannot start: the rules do not load")
+            await self.report.close(2.0)
+            return EXIT_WORKER_SETUP
+
+        from router.proxy import Router
+
+        access_log = None
+        if self.settings.access_log:
+            from router.access_log import AccessLogWriter
+
+            try:
+                access_log = AccessLogWriter(self.settings.access_log)
+            except OSError as exc:
+                log.error("cannot open the access log %s: %s", self.settings.access_log, exc)
+                await self.report.close(2.0)
+                return EXIT_WORKER_SETUP
+        self.access_log = access_log
+        self.router = Router(self.settings, snapshot, self.metrics, access_log=access_log)
+        self.digest = snapshot.digest
+        host, port = parse_hostport(self.settings.listen, "--listen")
+        try:
+            sock = reuseport_socket(host, port)
+            sock.setblocking(False)
+        except OSError as exc:
+            log.error("cannot listen on %s: %s", self.settings.listen, exc.strerror or exc)
+            await self.report.close(2.0)
+            return EXIT_WORKER_SETUP
+        # The backlog is given here: create_server calls listen() again with its own
+        # (default 100, too short for bursts of new connections); the kernel caps it at
+        # net.core.somaxconn.
+        server = await loop.create_server(self.router.protocol_factory, sock=sock, backlog=_BACKLOG)
+
+        self._keep(self._read_commands())
+        self._keep(self._flush_metrics())
+        if self.access_log is not None:
+            self._keep(self.access_log.run())
+        self.report.send({"ev": "ready", "pid": os.getpid(), "digest": self.digest})
+        log.debug("accepting on %s", self.settings.listen)
+
+        await self._stop.wait()
+
+        self.report.send({"ev": "draining"})
+        server.close()  # stop accepting; the other workers' sockets keep the port open
+        log.info(
+            "draining %d client connections (up to %.1f s)",
+            len(self.router.connections),
+            self.settings.drain_timeout,
+        )
+        try:
+            await asyncio.wait_for(
+                self.router.drain(self.settings.drain_timeout), self.settings.drain_timeout + 2.0
+            )
+        except TimeoutError:
+            log.warning("drain did not finish in time; exiting anyway")
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.access_log is not None:
+            self.access_log.close()  # the last lines, after every request has finished
+        self.report.send({"ev": "metrics", "data": self.metrics.snapshot()})
+        self.report.send({"ev": "bye"})
+        await self.report.close(2.0)
+        return 0
+
+    def _keep(self, coro: Any) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _flush_metrics(self) -> None:
+        last = b""
+        while True:
+            await asyncio.sleep(self.settings.metrics_interval)
+            encoded = orjson.dumps(self.metrics.snapshot())
+            # An idle worker sends nothing new; `last` moves only when a report went out,
+            # so totals skipped on a backed-up pipe are sent on the next tick.
+            if encoded != last and self.report.send_line(
+                b'{"ev":"metrics","data":' + encoded + b"}\n", droppable=True
+            ):
+                last = encoded
+
+    async def _read_commands(self) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=1 << 20)
+        await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(0, "rb", buffering=0)
+        )
+        while True:
+            line = await reader.readline()
+            if not line:
+                log.info("supervisor gone; draining")
+                self._stop.set()
+                return
+            try:
+                command = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if not isinstance(command, dict):
+                continue
+            if command.get("cmd") == "drain":
+                self._stop.set()
+            elif command.get("cmd") == "reload":
+                digest = command.get("digest")
+                self._keep(self._reload(str(digest) if digest else None))
+
+    async def _load(self, expected: str | None) -> Snapshot:
+        """Load the rule file; when it is not the `expected` digest, the saved copy of it."""
+        loop = asyncio.get_running_loop()
+        path = self.settings.rules_path
+        snapshot: Snapshot | None = None
+        error: RulesError | None = None
+        try:
+            snapshot = await loop.run_in_executor(None, load_snapshot_file, path)
+        except RulesError as exc:
+            error = exc
+        if snapshot is not None and (not expected or snapshot.digest == expected):
+            return snapshot
+        if expected:
+            copy = rules_copy_path(self.settings.state_dir, expected)
+            try:
+                saved = await loop.run_in_executor(None, load_snapshot_file, str(copy))
+            except (RulesError, OSError):
+                saved = None
+            if saved is not None and saved.digest == expected:
+                log.warning(
+                    "%s is not the rules in force (%s); using the saved copy %s",
+                    path,
+                    expected[:12],
+                    copy,
+                )
+                return saved
+        if snapshot is not None:
+            log.warning(
+                "%s has digest %s, expected %s; using it",
+                path,
+                snapshot.digest[:12],
+                (expected or "")[:12],
+            )
+            return snapshot
+        assert error is not None
+        raise error
+
+    async def _reload(self, expected: str | None) -> None:
+        try:
+            snapshot = await self._load(expected)
+        except Exception as exc:
+            if not isinstance(exc, RulesError):  # a bug, not a bad file
+                log.exception("reload crashed; keeping rules %s", self.digest[:12])
+                self.report.send({"ev": "reloaded", "ok": False, "problems": [repr(exc)]})
+                return
+            problems = [str(p) for p in exc.problems] or [str(exc)]
+            log.error("reload failed; keeping rules %s", self.digest[:12])
+            log_problems(exc)
+            self.report.send({"ev": "reloaded", "ok": False, "problems": problems})
+            return
+        if snapshot.digest != self.digest:
+            try:
+                self.router.install(snapshot)
+            except Exception as exc:  # a bug in the data plane; the old rules stay in force
+                log.exception("installing rules %s failed", snapshot.digest[:12])
+                self.report.send({"ev": "reloaded", "ok": False, "problems": [repr(exc)]})
+                return
+            log.info("rules %s -> %s", self.digest[:12], snapshot.digest[:12])
+            self.digest = snapshot.digest
+        self.report.send({"ev": "reloaded", "ok": True, "digest": self.digest})
+
+
+def worker_main() -> int:
+    """Entry point of a worker process (`python -m router.worker`)."""
+    config = orjson.loads(os.environ.pop(WORKER_ENV))
+    settings = Settings(**config["settings"])
+    slot = int(config["slot"])
+    setup_logging(settings.log_level, f"worker {slot}")
+    # fd 1 is the report pipe: keep it under another number and point fd 1 at stderr,
+    # so nothing printed by accident can corrupt the channel.
+    report_fd = os.dup(1)
+    os.dup2(2, 1)
+    worker = Worker(settings, slot, str(config["digest"]), report_fd)
+    try:
+        return uvloop.run(worker.run())
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    from router.worker import worker_main as _main  # the module, not this __main__ copy
+
+    sys.exit(_main())
