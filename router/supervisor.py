@@ -28,6 +28,7 @@ import uvloop
 
 from router.config import Settings
 from router.errors import ConfigError, RulesError
+from router.rules.effective import Effective, apply_effective
 from router.server import (
     WORKER_ENV,
     format_hostport,
@@ -100,6 +101,7 @@ class _Worker:
     proc: asyncio.subprocess.Process
     ready: bool = False
     digest: str = ""
+    effective_seq: int = 0  # the last effective state this worker applied
 
 
 class Supervisor:
@@ -131,6 +133,10 @@ class Supervisor:
         self.watcher: RulesWatcher | None = None
         self._stop = asyncio.Event()  # SIGTERM/SIGINT, or a fatal start-up failure
         self._all_ready = asyncio.Event()
+        # Run-time changes on top of the file (rollout weights, endpoints from DNS); every
+        # worker applies them, and a worker started later gets them at start.
+        self.effective = Effective()
+        self.effective_seq = 0
         self._accept(snapshot, raw)
 
     # -- state the admin app reads (router.admin.AdminSource) ---------------------------
@@ -344,7 +350,12 @@ class Supervisor:
         settings["admin_token"] = ""  # workers never need it; keep it out of their env
         env = dict(os.environ)
         env[WORKER_ENV] = orjson.dumps(
-            {"settings": settings, "slot": slot, "digest": self.snapshot.digest}
+            {
+                "settings": settings,
+                "slot": slot,
+                "digest": self.snapshot.digest,
+                "effective": self.effective.to_json(),
+            }
         ).decode()
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "router.worker",
@@ -354,7 +365,12 @@ class Supervisor:
             start_new_session=True,
             limit=_MAX_LINE,
         )  # fmt: skip
-        worker = _Worker(slot=slot, wid=f"{slot}.{self._spawned}.{proc.pid}", proc=proc)
+        worker = _Worker(
+            slot=slot,
+            wid=f"{slot}.{self._spawned}.{proc.pid}",
+            proc=proc,
+            effective_seq=self.effective_seq,
+        )
         self.workers[slot] = worker
         log.debug("worker %d: started pid %d", slot, proc.pid)
         return worker
@@ -410,6 +426,14 @@ class Supervisor:
                     )
             else:
                 log.error("worker %d kept its rules: reload failed", worker.slot)
+        elif event == "effective":
+            seq = message.get("seq")
+            if message.get("ok") and isinstance(seq, int):
+                worker.effective_seq = max(worker.effective_seq, seq)
+            elif not message.get("ok"):
+                log.error(
+                    "worker %d kept its effective state: %s", worker.slot, message.get("error")
+                )
         elif event == "draining":
             worker.ready = False
             self._all_ready.clear()
@@ -421,6 +445,27 @@ class Supervisor:
         # A worker that is exiting: its slot loop restarts or retires it.
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             stdin.write(orjson.dumps(command) + b"\n")
+
+    # -- the effective state ----------------------------------------------------------------
+
+    def set_effective(self, effective: Effective) -> None:
+        """Put `effective` in force in every worker (as a reload does, without the file)."""
+        if effective == self.effective:
+            return
+        self.effective = effective
+        self.effective_seq += 1
+        command = {"cmd": "effective", "seq": self.effective_seq, "state": effective.to_json()}
+        for worker in list(self.workers.values()):
+            self._send(worker, command)
+
+    def effective_applied(self) -> bool:
+        """True when every running worker has applied the latest effective state."""
+        return all(w.effective_seq == self.effective_seq for w in self.workers.values())
+
+    @property
+    def effective_snapshot(self) -> Snapshot:
+        """The rules as the workers route now: the file's, with the effective state."""
+        return apply_effective(self.snapshot, self.effective)
 
     # -- rules ----------------------------------------------------------------------------
 

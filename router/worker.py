@@ -21,6 +21,7 @@ import uvloop
 from router.config import Settings, parse_hostport
 from router.errors import RulesError
 from router.metrics import WorkerMetrics
+from router.rules.effective import Effective, apply_effective
 from router.server import (
     EXIT_WORKER_SETUP,
     WORKER_ENV,
@@ -80,10 +81,20 @@ class _ReportPipe(asyncio.Protocol):
 class Worker:
     """One worker process: a Router on a SO_REUSEPORT socket, driven by the supervisor."""
 
-    def __init__(self, settings: Settings, slot: int, digest: str, report_fd: int) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        slot: int,
+        digest: str,
+        report_fd: int,
+        effective: Effective | None = None,
+    ) -> None:
         self.settings = settings
         self.slot = slot
         self.expected_digest = digest
+        # The control plane's changes on top of the file (rollout weights, endpoints from
+        # DNS), applied to every snapshot this worker installs.
+        self.effective = effective or Effective()
         self.report_fd = report_fd
         self.metrics = WorkerMetrics()
         self.access_log: AccessLogWriter | None = None
@@ -120,7 +131,13 @@ class Worker:
                 await self.report.close(2.0)
                 return EXIT_WORKER_SETUP
         self.access_log = access_log
-        self.router = Router(self.settings, snapshot, self.metrics, access_log=access_log)
+        self.base = snapshot  # the rules as the file has them
+        self.router = Router(
+            self.settings,
+            apply_effective(snapshot, self.effective),
+            self.metrics,
+            access_log=access_log,
+        )
         self.digest = snapshot.digest
         host, port = parse_hostport(self.settings.listen, "--listen")
         try:
@@ -208,6 +225,8 @@ class Worker:
             elif command.get("cmd") == "reload":
                 digest = command.get("digest")
                 self._keep(self._reload(str(digest) if digest else None))
+            elif command.get("cmd") == "effective":
+                self._apply_effective(command)
 
     async def _load(self, expected: str | None) -> Snapshot:
         """Load the rule file; when it is not the `expected` digest, the saved copy of it."""
@@ -261,14 +280,29 @@ class Worker:
             return
         if snapshot.digest != self.digest:
             try:
-                self.router.install(snapshot)
+                self.router.install(apply_effective(snapshot, self.effective))
             except Exception as exc:  # a bug in the data plane; the old rules stay in force
                 log.exception("installing rules %s failed", snapshot.digest[:12])
                 self.report.send({"ev": "reloaded", "ok": False, "problems": [repr(exc)]})
                 return
             log.info("rules %s -> %s", self.digest[:12], snapshot.digest[:12])
+            self.base = snapshot
             self.digest = snapshot.digest
         self.report.send({"ev": "reloaded", "ok": True, "digest": self.digest})
+
+    def _apply_effective(self, command: Mapping[str, Any]) -> None:
+        """{"cmd": "effective", "seq": N, "state": {...}}: install the rules in force with
+        the new state; answered with {"ev": "effective", "seq": N, "ok": ...}."""
+        seq = command.get("seq")
+        try:
+            effective = Effective.from_json(command.get("state"))
+            self.router.install(apply_effective(self.base, effective))
+        except Exception as exc:  # keep what is in force; the supervisor logs it
+            log.exception("applying the effective state failed")
+            self.report.send({"ev": "effective", "seq": seq, "ok": False, "error": repr(exc)})
+            return
+        self.effective = effective
+        self.report.send({"ev": "effective", "seq": seq, "ok": True})
 
 
 def worker_main() -> int:
@@ -281,7 +315,8 @@ def worker_main() -> int:
     # so nothing printed by accident can corrupt the channel.
     report_fd = os.dup(1)
     os.dup2(2, 1)
-    worker = Worker(settings, slot, str(config["digest"]), report_fd)
+    effective = Effective.from_json(config.get("effective"))
+    worker = Worker(settings, slot, str(config["digest"]), report_fd, effective)
     try:
         return uvloop.run(worker.run())
     except KeyboardInterrupt:
