@@ -34,6 +34,12 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=defaults.workers, help="worker processes")
     serve.add_argument("--connect-timeout", type=float, default=defaults.connect_timeout)
     serve.add_argument("--read-timeout", type=float, default=defaults.read_timeout)
+    serve.add_argument(
+        "--fail-timeout",
+        type=float,
+        default=defaults.fail_timeout,
+        help="seconds an endpoint whose connection failed is skipped",
+    )
     serve.add_argument("--keepalive-timeout", type=float, default=defaults.keepalive_timeout)
     serve.add_argument("--header-timeout", type=float, default=defaults.header_timeout)
     serve.add_argument("--drain-timeout", type=float, default=defaults.drain_timeout)
@@ -137,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                 workers=args.workers,
                 connect_timeout=args.connect_timeout,
                 read_timeout=args.read_timeout,
+                fail_timeout=args.fail_timeout,
                 keepalive_timeout=args.keepalive_timeout,
                 header_timeout=args.header_timeout,
                 drain_timeout=args.drain_timeout,

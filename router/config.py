@@ -22,6 +22,9 @@ def parse_hostport(text: str, what: str) -> tuple[str, int]:
     return host, int(port)
 
 
+# Seconds an endpoint whose connection failed is skipped (nginx's fail_timeout).
+DEFAULT_FAIL_TIMEOUT = 10.0
+
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -44,6 +47,8 @@ class Settings:
     # Defaults for upstreams that do not set their own (seconds).
     connect_timeout: float = 2.0
     read_timeout: float = 30.0
+    # An endpoint that refused a connection or timed out is skipped this long (seconds).
+    fail_timeout: float = DEFAULT_FAIL_TIMEOUT
     # Idle keep-alive connections kept per upstream endpoint, per worker.
     upstream_keepalive: int = 64
     # Clients idle longer than this between requests are closed (seconds).
@@ -79,7 +84,13 @@ class Settings:
         parse_hostport(self.admin, "--admin")
         if self.workers < 1:
             raise ConfigError(f"--workers: {self.workers} must be at least 1")
-        for name in ("connect_timeout", "read_timeout", "keepalive_timeout", "header_timeout"):
+        for name in (
+            "connect_timeout",
+            "read_timeout",
+            "fail_timeout",
+            "keepalive_timeout",
+            "header_timeout",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be a positive number")
         admin_host, _ = parse_hostport(self.admin, "--admin")

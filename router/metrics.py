@@ -2,11 +2,11 @@
 
 Three parts, in the order data flows:
 
-    WorkerMetrics        one per worker process; the proxy calls `request_done()` and
-                         `upstream_error()` on the hot path (plain dict and list updates,
-                         ~0.2 us). `snapshot()` returns the worker's cumulative totals as a
-                         JSON-able dict; the worker sends one every `metrics_interval`
-                         seconds and at exit (see router.worker).
+    WorkerMetrics        one per worker process; the proxy calls `request_done()`,
+                         `upstream_error()` and `fell_back()` on the hot path (plain dict
+                         and list updates, ~0.2 us). `snapshot()` returns the worker's
+                         cumulative totals as a JSON-able dict; the worker sends one
+                         every `metrics_interval` seconds and at exit (router.worker).
     MetricsAggregator    in the supervisor: the latest snapshot of every live worker plus
                          the summed last snapshots of workers that have exited, so that a
                          sum over all workers never goes down when a worker is replaced.
@@ -66,12 +66,13 @@ class _Histograms(dict[str, list[Any]]):
 class WorkerMetrics:
     """Per-worker counters, updated on the hot path. Not thread-safe (one loop per worker)."""
 
-    __slots__ = ("_durations", "_errors", "_requests")
+    __slots__ = ("_durations", "_errors", "_fallbacks", "_requests")
 
     def __init__(self) -> None:
         self._requests: defaultdict[tuple[str, str, int], int] = defaultdict(int)
         self._durations = _Histograms()
         self._errors: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self._fallbacks: defaultdict[tuple[str, str], int] = defaultdict(int)
 
     # The two hot-path calls: no allocation but the key tuple, no formatting, no locks.
     # The status is kept as given; it becomes a status class in the supervisor.
@@ -93,25 +94,31 @@ class WorkerMetrics:
     def upstream_error(self, upstream: str, kind: str) -> None:
         self._errors[(upstream, kind)] += 1
 
+    def fell_back(self, upstream: str, fallback: str) -> None:
+        """A request for `upstream` went to `fallback`: no endpoint of it was up."""
+        self._fallbacks[(upstream, fallback)] += 1
+
     def snapshot(self) -> dict[str, Any]:
         """The cumulative totals since this worker started, as plain JSON-able data."""
         return {
             "requests": [[r, u, s, n] for (r, u, s), n in self._requests.items()],
             "durations": [[u, row[:-1], row[-1]] for u, row in self._durations.items()],
             "errors": [[u, k, n] for (u, k), n in self._errors.items()],
+            "fallbacks": [[u, f, n] for (u, f), n in self._fallbacks.items()],
         }
 
 
 class Totals:
     """Cumulative totals of one or more workers, with status codes folded into classes."""
 
-    __slots__ = ("durations", "errors", "requests")
+    __slots__ = ("durations", "errors", "fallbacks", "requests")
 
     def __init__(self) -> None:
         self.requests: dict[tuple[str, str, str], int] = {}
         # upstream -> (per-bucket counts, sum of seconds)
         self.durations: dict[str, tuple[list[int], float]] = {}
         self.errors: dict[tuple[str, str], int] = {}
+        self.fallbacks: dict[tuple[str, str], int] = {}  # (upstream, fallback) -> requests
 
     @classmethod
     def from_snapshot(cls, data: Mapping[str, Any]) -> Totals:
@@ -129,6 +136,9 @@ class Totals:
             for upstream, kind, n in data.get("errors", ()):
                 key2 = (str(upstream), str(kind))
                 totals.errors[key2] = totals.errors.get(key2, 0) + int(n)
+            for upstream, fallback, n in data.get("fallbacks", ()):
+                key2 = (str(upstream), str(fallback))
+                totals.fallbacks[key2] = totals.fallbacks.get(key2, 0) + int(n)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"malformed metrics snapshot: {exc}") from exc
         return totals
@@ -148,6 +158,8 @@ class Totals:
             self._add_duration(upstream, counts, total)
         for key2, n in other.errors.items():
             self.errors[key2] = self.errors.get(key2, 0) + n
+        for key2, n in other.fallbacks.items():
+            self.fallbacks[key2] = self.fallbacks.get(key2, 0) + n
 
 
 class MetricsAggregator:
@@ -259,6 +271,16 @@ def _build_registry(state: SupervisorMetrics) -> CollectorRegistry:
             for (upstream, kind), n in sorted(totals.errors.items()):
                 errors.add_metric((upstream, kind), n)
             yield errors
+
+            fallbacks = CounterMetricFamily(
+                "grayroute_fallback_requests",
+                "Requests for an upstream with no endpoint up that its fallback took instead "
+                "(counted in grayroute_requests_total under the fallback).",
+                labels=("upstream", "fallback"),
+            )
+            for (upstream, fallback), n in sorted(totals.fallbacks.items()):
+                fallbacks.add_metric((upstream, fallback), n)
+            yield fallbacks
 
             workers = GaugeMetricFamily(
                 "grayroute_workers", "Worker processes currently up and accepting."

@@ -66,6 +66,8 @@ class WorkerMetrics(Protocol):
 
     def upstream_error(self, upstream: str, kind: str) -> None: ...
 
+    def fell_back(self, upstream: str, fallback: str) -> None: ...
+
 
 class AccessLog(Protocol):
     """One line per answered request; must buffer (it is called on the hot path)."""
@@ -194,6 +196,8 @@ class Router:
         for name, old in self.pools.items():
             if pools.get(name) is not old:
                 old.close()
+        for name, pool in pools.items():
+            pool.fallbacks = tuple(pools[n] for n in snapshot.fallbacks.get(name, ()))
         if self._ticker is not None:  # running: health checks of new pools start now
             for pool in pools.values():
                 pool.start_health_checks()
@@ -670,6 +674,8 @@ class HttpProxyProtocol(asyncio.Protocol):
             return
         upstream = decision.upstream
         pool = req.pools.get(upstream) if upstream is not None else None
+        if pool is not None and pool.fallbacks and not pool.has_endpoint_up():
+            pool = self._fall_back(req, pool)
         if pool is None or not pool.endpoints:
             self._answer_error(req, UpstreamUnavailable(f"upstream {upstream!r} has no endpoints"))
             return
@@ -709,10 +715,29 @@ class HttpProxyProtocol(asyncio.Protocol):
         req.connect_task = None
         if self.closed or req is not self.active:
             return
+        if pool.fallbacks:
+            standin = self._fall_back(req, pool)
+            if standin is not pool:
+                first = standin.next_endpoint()
+                req.connect_task = self.loop.create_task(self._connect(req, standin, first))
+                return
         if timeouts == len(order):
             self._answer_error(req, UpstreamTimeout(f"{pool.name}: {last.detail}"))
         else:
             self._answer_error(req, UpstreamUnavailable(f"{pool.name}: {last.detail}"))
+
+    def _fall_back(self, req: _Request, pool: UpstreamPool) -> UpstreamPool:
+        """`pool` has no endpoint up: the pool that takes the request instead, which the
+        decision, the access log and the metrics then name (counted as a fallback)."""
+        standin = pool.standin()
+        decision = req.decision
+        if standin is not pool and decision is not None:
+            self.router.metrics.fell_back(pool.name, standin.name)
+            decision.upstream = standin.name
+            decision.reason = (
+                f"{decision.reason}; {pool.name} has no endpoint up -> fallback {standin.name}"
+            )
+        return standin
 
     # -- upstream: request out ---------------------------------------------------------
     def _send_request(self, req: _Request, conn: UpstreamConnection) -> None:

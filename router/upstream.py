@@ -7,11 +7,12 @@ response with httptools and reports it to the request that owns the connection t
 the small `ResponseSink` interface; it knows nothing about clients.
 
 Endpoint health, as nginx does it by default (max_fails=1, fail_timeout=10s): an endpoint
-that refuses a connection or times out is skipped by round-robin for FAIL_TIMEOUT seconds
-(passive). With `health_check: {path, interval}` on the upstream, each worker also asks
-every endpoint for `path` every `interval`; an endpoint that does not answer 2xx/3xx is
-skipped until it does (active). When every endpoint is down, they are tried anyway: a
-guess is better than a certain 502.
+that refuses a connection or times out is skipped by round-robin for `--fail-timeout`
+seconds (passive). With `health_check: {path, interval}` on the upstream, each worker also
+asks every endpoint for `path` every `interval`; an endpoint that does not answer 2xx/3xx
+is skipped until it does (active). When every endpoint is down, the upstream's `fallback`
+takes its requests (`standin()`); without one they are tried anyway: a guess is better
+than a certain 502.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 
+from router.config import DEFAULT_FAIL_TIMEOUT
 from router.errors import UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
 
 if TYPE_CHECKING:
@@ -34,8 +36,8 @@ log = logging.getLogger("grayroute.upstream")
 
 Endpoint = tuple[str, int]
 
-# Seconds an endpoint that failed a connection is left out of round-robin.
-FAIL_TIMEOUT = 10.0
+# Seconds an endpoint that failed a connection is left out of round-robin, by default.
+FAIL_TIMEOUT = DEFAULT_FAIL_TIMEOUT
 
 # Response headers that describe one hop only; the proxy sets its own framing.
 HOP_BY_HOP = frozenset(
@@ -317,7 +319,10 @@ class UpstreamPool:
         self.name = spec.name
         self.endpoints, self.connect_timeout, self.read_timeout, _ = _pool_key(spec, settings)
         self.max_idle = settings.upstream_keepalive
+        self.fail_timeout = settings.fail_timeout
         self.health_check = spec.health_check
+        # Where requests go while no endpoint is up, in order (set by Router.install).
+        self.fallbacks: tuple[UpstreamPool, ...] = ()
         self.closed = False
         self._idle: dict[Endpoint, list[UpstreamConnection]] = {ep: [] for ep in self.endpoints}
         self._next = 0
@@ -351,6 +356,27 @@ class UpstreamPool:
         self._next = (index + 1) % count
         return endpoints[index]
 
+    def has_endpoint_up(self) -> bool:
+        if not self._failed_until and not self._unhealthy:
+            return bool(self.endpoints)
+        now = time.monotonic()
+        return any(self.is_up(endpoint, now) for endpoint in self.endpoints)
+
+    def standin(self) -> UpstreamPool:
+        """The pool that takes this upstream's requests now: itself while an endpoint is
+        up, else the first fallback with one up. When none is up anywhere, itself if it
+        has endpoints (a guess, as without a fallback), else the first fallback that has."""
+        if self.has_endpoint_up():
+            return self
+        for pool in self.fallbacks:
+            if pool.has_endpoint_up():
+                return pool
+        if not self.endpoints:
+            for pool in self.fallbacks:
+                if pool.endpoints:
+                    return pool
+        return self
+
     def is_up(self, endpoint: Endpoint, now: float) -> bool:
         if endpoint in self._unhealthy:
             return False
@@ -365,9 +391,12 @@ class UpstreamPool:
     def mark_failed(self, endpoint: Endpoint) -> None:
         if endpoint not in self._failed_until:
             log.warning(
-                "%s: endpoint %s:%d failed; skipped for %.0fs", self.name, *endpoint, FAIL_TIMEOUT
+                "%s: endpoint %s:%d failed; skipped for %gs",
+                self.name,
+                *endpoint,
+                self.fail_timeout,
             )
-        self._failed_until[endpoint] = time.monotonic() + FAIL_TIMEOUT
+        self._failed_until[endpoint] = time.monotonic() + self.fail_timeout
 
     def mark_ok(self, endpoint: Endpoint) -> None:
         self._failed_until.pop(endpoint, None)

@@ -128,12 +128,16 @@ class RecordingMetrics:
     def __init__(self) -> None:
         self.requests: Counter[tuple[str, str, int]] = Counter()
         self.errors: Counter[tuple[str, str]] = Counter()
+        self.fallbacks: Counter[tuple[str, str]] = Counter()
 
     def request_done(self, route: str, upstream: str, status: int, seconds: float) -> None:
         self.requests[(route, upstream, status)] += 1
 
     def upstream_error(self, upstream: str, kind: str) -> None:
         self.errors[(upstream, kind)] += 1
+
+    def fell_back(self, upstream: str, fallback: str) -> None:
+        self.fallbacks[(upstream, fallback)] += 1
 
 
 @dataclass

@@ -132,6 +132,21 @@ def test_malformed_snapshot_keeps_previous_totals() -> None:
     assert agg.total().requests == {("r", "u", "2xx"): 1}
 
 
+def test_fallbacks_are_summed_over_workers_and_kept_when_one_dies() -> None:
+    a, b = WorkerMetrics(), WorkerMetrics()
+    a.fell_back("v1.1", "v1")
+    b.fell_back("v1.1", "v1")
+    b.fell_back("v2", "v1")
+    state = SupervisorMetrics()
+    state.aggregator.update("a", wire(a))
+    state.aggregator.update("b", wire(b))
+    state.aggregator.retire("b")
+    s = samples(state)
+    assert s[("grayroute_fallback_requests_total", "fallback=v1", "upstream=v1.1")] == 2
+    assert s[("grayroute_fallback_requests_total", "fallback=v1", "upstream=v2")] == 1
+    assert "# TYPE grayroute_fallback_requests_total counter\n" in state.render().decode()
+
+
 def test_exposition_has_every_metric() -> None:
     state = SupervisorMetrics(workers_alive=lambda: 3)
     state.rules_digest = "ab" * 32

@@ -14,7 +14,8 @@ began with. What is precomputed, so a request pays only for what depends on it:
                     worker's LuaJIT state (lua_routes.py builds both as `action`)
 
 The proxy relies on: Snapshot.source, .digest, .upstreams (name -> UpstreamSpec),
-.header_names, .uses_client_ip, .routes, .match_route(view), .wants_raw_headers;
+.fallbacks (name -> the upstreams its requests fall back to, in order), .header_names,
+.uses_client_ip, .routes, .match_route(view), .wants_raw_headers;
 CompiledRoute.name, .body_limit, .wants_body(view).
 """
 
@@ -30,6 +31,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from router.rules import lua_routes
+from router.rules.fallback import fallback_chains, file_fallbacks
 from router.rules.hashing import prepared
 from router.rules.model import Pin, Route, RuleSet, Split, Upstream
 from router.rules.user_id import (
@@ -179,6 +181,11 @@ class Snapshot:
     other_host: _MethodIndex = field(default=({}, ()), repr=False)
     # A Lua script may read any header: give RequestView.raw_headers (all, in order).
     wants_raw_headers: bool = False
+    # upstream -> where its requests go while it has no endpoint up, in the order tried:
+    # the file's `fallback:` chains, or the control plane's (router/rules/fallback.py)
+    fallbacks: Mapping[str, tuple[str, ...]] = field(
+        default_factory=lambda: MappingProxyType({}), repr=False
+    )
 
     def match_route(self, view: RequestView) -> CompiledRoute | None:
         """The first route (file order) whose match holds for the request, or None."""
@@ -237,6 +244,7 @@ def compile_ruleset(
         by_host=by_host,
         other_host=other_host,
         wants_raw_headers=any(a[3] for a in actions.values()),
+        fallbacks=fallback_chains(file_fallbacks(ruleset)),
     )
 
 

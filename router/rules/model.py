@@ -6,7 +6,8 @@ in range, regular expressions compile. Defaults are filled in (`salt` is the rou
 nothing on the hot path reads these classes.
 
     RuleSet
-    ├── upstreams: Upstream(name, endpoints, connect_timeout, read_timeout, health_check)
+    ├── upstreams: Upstream(name, endpoints, connect_timeout, read_timeout, health_check,
+    │                       fallback)
     ├── user_id:   UserIdSource(kind, name) ...       the file's sources, in order
     ├── body_limit
     ├── routes:    Route(name, match, pins, to | split | split_clients | lua, salt,
@@ -62,6 +63,8 @@ class Upstream:
     connect_timeout: float | None = None  # seconds; None = the server's default
     read_timeout: float | None = None  # seconds; None = the server's default
     health_check: HealthCheck | None = None
+    # Where its requests go while none of its endpoints is up (router/rules/fallback.py).
+    fallback: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -240,7 +240,7 @@ UPSTREAM = Section(
             "`HOST:PORT` list; IPv6 addresses in brackets. Requests go round-robin over the "
             "healthy ones. An endpoint listed twice gets twice the share (a warning). Empty "
             "while a version is scaled to zero: then no `to`, pin or split weight above 0 "
-            "may name it.",
+            "may name it, unless it has a `fallback` with endpoints.",
             "",
             _list(
                 {
@@ -264,6 +264,13 @@ UPSTREAM = Section(
             "that fails is skipped until it passes again.",
             "none",
             {"$ref": "#/$defs/health_check"},
+        ),
+        "fallback": Key(
+            "Another upstream that takes this one's requests while none of its endpoints is "
+            "up (or it has none) instead of a 502; its own `fallback` is next when it is down "
+            "too. Counted in `grayroute_fallback_requests_total`.",
+            "none (502)",
+            _UPSTREAM_NAME,
         ),
     },
 )

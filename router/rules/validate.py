@@ -7,7 +7,8 @@ as meant). The grammar is docs/rules.md; in short:
 
     format: 1                                   required
     upstreams: {NAME: {endpoints: [HOST:PORT, ...], connect_timeout: DURATION,
-                       read_timeout: DURATION, health_check: {path: /x, interval: DURATION}}}
+                       read_timeout: DURATION, health_check: {path: /x, interval: DURATION},
+                       fallback: NAME}}
     user_id: [{header|cookie|query|json|form: NAME}, ...]     default: none
     body_limit: SIZE                             default 64KiB
     routes: [{name, match: {hosts, path_prefix, methods}, pins: [...],
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING
 
 from router.errors import Problem
 from router.rules import lua_routes
+from router.rules.fallback import find_cycle
 from router.rules.load import Entry, MapNode, Node, ScalarNode, SeqNode
 from router.rules.model import (
     DEFAULT_BODY_LIMIT,
@@ -62,7 +64,7 @@ FORMAT = 1
 
 CORE_TOP_KEYS = ("format", "upstreams", "user_id", "body_limit", "routes")
 TOP_KEYS = (*CORE_TOP_KEYS, "lua_shared_dicts")  # + the nginx-migration extension
-UPSTREAM_KEYS = ("endpoints", "connect_timeout", "read_timeout", "health_check")
+UPSTREAM_KEYS = ("endpoints", "connect_timeout", "read_timeout", "health_check", "fallback")
 HEALTH_KEYS = ("path", "interval")
 CORE_ROUTE_KEYS = ("name", "match", "pins", "to", "split", "salt", "user_id", "body_limit")
 ROUTE_EXTENSION_KEYS = ("split_clients", "lua")  # nginx migration (lua_routes.py)
@@ -161,6 +163,7 @@ class _Validator:
         # the section itself is unusable, so references cannot be checked.
         self.known_upstreams: dict[str, Upstream | None] | None = None
         self.used_upstreams: set[str] = set()
+        self.fallback_nodes: dict[str, Node] = {}  # upstream -> its `fallback:` value
         self.pairs_left = MAX_SHADOW_PAIRS  # see route_warnings
 
     # -- reporting ---------------------------------------------------------------------
@@ -425,6 +428,7 @@ class _Validator:
         known: dict[str, Upstream | None] = dict.fromkeys(node.items)
         known.update(result)
         self.known_upstreams = known
+        ok = self.fallbacks(result) and ok
         return tuple(result.values()) if ok else None
 
     def upstream(self, name: str, entry: Entry) -> Upstream | None:
@@ -477,10 +481,21 @@ class _Validator:
         if "health_check" in fields:
             health = self.health_check(fields["health_check"].value, _join(path, "health_check"))
             ok = ok and health is not None
+        fallback: str | None = None
+        if "fallback" in fields:
+            node = fields["fallback"].value
+            fallback = self.text(node, _join(path, "fallback"), "upstream name", numbers_ok=True)
+            ok = ok and fallback is not None
+            self.fallback_nodes[name] = node  # the name is checked once every one is known
         if not ok:
             return None
         return Upstream(
-            name, tuple(endpoints), timeouts["connect_timeout"], timeouts["read_timeout"], health
+            name,
+            tuple(endpoints),
+            timeouts["connect_timeout"],
+            timeouts["read_timeout"],
+            health,
+            fallback,
         )
 
     def endpoint(self, node: Node, path: str) -> tuple[str, int] | None:
@@ -537,6 +552,54 @@ class _Validator:
             return None
         return HealthCheck(check_path, interval)
 
+    def fallbacks(self, upstreams: dict[str, Upstream]) -> bool:
+        """Each `fallback:` names another known upstream, and no chain of them comes back."""
+        ok = True
+        direct: dict[str, str] = {}
+        for name, upstream in upstreams.items():
+            target = upstream.fallback
+            if target is None:
+                continue
+            node = self.fallback_nodes[name]
+            path = _join(_join("upstreams", name), "fallback")
+            if target == name:
+                self.error(
+                    node,
+                    path,
+                    f"`{name}` falls back to itself",
+                    "name another upstream, such as the stable version, or remove `fallback:`",
+                )
+                ok = False
+            elif self.check_upstream_name(node, path, target):
+                direct[name] = target
+            else:
+                ok = False
+        reported: set[str] = set()
+        for name in direct:
+            cycle = find_cycle(direct, name)
+            if cycle is None or cycle[0] != name or name in reported:
+                continue  # no cycle, or one reported at its first member in file order
+            reported.update(cycle)
+            self.error(
+                self.fallback_nodes[name],
+                _join(_join("upstreams", name), "fallback"),
+                f"fallbacks go round in a circle: {' -> '.join(cycle)}",
+                "a chain of fallbacks must end somewhere; remove `fallback:` from one of "
+                f"them, e.g. from upstreams.{cycle[-2]}",
+            )
+            ok = False
+        if ok:
+            for name, target in direct.items():
+                if self.has_no_endpoints(target):
+                    self.warn(
+                        self.fallback_nodes[name],
+                        _join(_join("upstreams", name), "fallback"),
+                        f"`{target}` has no endpoints, so requests that fall back to it fail",
+                        f"list endpoints under upstreams.{target}, or fall back to another "
+                        "upstream",
+                    )
+        return ok
+
     def upstream_ref(self, node: Node, path: str) -> str | None:
         """The upstream of a `to` (route or pin): every request sent there must find one."""
         name = self.text(node, path, "upstream name", numbers_ok=True)
@@ -553,8 +616,17 @@ class _Validator:
         return name
 
     def has_no_endpoints(self, name: str) -> bool:
-        upstream = (self.known_upstreams or {}).get(name)
-        return upstream is not None and not upstream.endpoints
+        """True when requests sent to `name` cannot find an endpoint: it has none, and
+        neither has any upstream it falls back to."""
+        known = self.known_upstreams or {}
+        seen: set[str] = set()
+        upstream = known.get(name)
+        while upstream is not None and not upstream.endpoints and upstream.name not in seen:
+            seen.add(upstream.name)
+            if upstream.fallback is None:
+                return True
+            upstream = known.get(upstream.fallback)
+        return False
 
     def check_upstream_name(self, node: Node, path: str, name: str) -> bool:
         known = self.known_upstreams
