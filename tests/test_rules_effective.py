@@ -126,15 +126,31 @@ def test_names_the_file_no_longer_has_are_ignored() -> None:
     assert apply_effective(snap, eff) is snap
 
 
+def test_a_default_fallback_applies_where_the_file_gives_none() -> None:
+    snap = load_snapshot_text(RULES, "rules.yaml")
+    eff = Effective().with_fallback("v1.1", "v1")
+    applied = apply_effective(snap, eff)
+    assert dict(applied.fallbacks) == {"v1.1": ("v1",)}
+    assert applied.routes is snap.routes
+    # With weights too, and one that would close a circle is left out.
+    both = apply_effective(snap, eff.with_fallback("v1", "v1.1").with_weights("weighted", {}))
+    assert dict(both.fallbacks) == {"v1.1": ("v1",)}
+    assert apply_effective(snap, eff.with_fallback("v1.1", None)) is snap
+
+
 def test_json_round_trip_and_bad_input() -> None:
     eff = (
         Effective()
         .with_weights("weighted", {"v1": 95, "v1.1": 5})
         .with_endpoints("v1.1", (("10.0.0.1", 8080),))
+        .with_fallback("v1.1", "v1")
     )
     assert Effective.from_json(eff.to_json()) == eff
     assert Effective.from_json(None) == Effective()
-    assert eff.with_weights("weighted", None).with_endpoints("v1.1", None) == Effective()
+    assert (
+        eff.with_weights("weighted", None).with_endpoints("v1.1", None).with_fallback("v1.1", None)
+        == Effective()
+    )
     for bad in ({"weights": {"r": {"v1": -1}}}, {"weights": [1]}, {"endpoints": {"a": [[1]]}}):
         with pytest.raises(ValueError):
             Effective.from_json(bad)

@@ -7,6 +7,8 @@ it, and both are decided outside the rule engine:
                 route's split uses weights the file does not name
     endpoints   endpoints found at run time (DNS: one address per ready pod) replace an
                 upstream's list, and a `split: replicas` follows their counts
+    fallbacks   defaults for upstreams whose `fallback:` the file does not give: a
+                rollout's canary falls back to its stable version (rules/fallback.py)
 
 `apply_effective(snapshot, effective)` is pure: it returns a new frozen Snapshot that
 shares every compiled route it does not change (Lua states, pins, user-ID sources), so
@@ -24,6 +26,7 @@ from types import MappingProxyType
 from typing import Any
 
 from router.rules.compile import Snapshot, _compile_split, _route_index
+from router.rules.fallback import with_default_fallbacks
 from router.rules.model import Split
 
 __all__ = ["Effective", "apply_effective", "effective_weights"]
@@ -44,9 +47,11 @@ class Effective:
     weights: Mapping[str, Mapping[str, float]] = field(default_factory=_empty)
     # upstream name -> its endpoints now (replaces the file's list)
     endpoints: Mapping[str, _Endpoints] = field(default_factory=_empty)
+    # upstream name -> its fallback where the file gives none (the file's always wins)
+    fallbacks: Mapping[str, str] = field(default_factory=_empty)
 
     def __bool__(self) -> bool:
-        return bool(self.weights) or bool(self.endpoints)
+        return bool(self.weights) or bool(self.endpoints) or bool(self.fallbacks)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -54,6 +59,7 @@ class Effective:
             "endpoints": {
                 name: [[host, port] for host, port in eps] for name, eps in self.endpoints.items()
             },
+            "fallbacks": dict(self.fallbacks),
         }
 
     @classmethod
@@ -70,12 +76,15 @@ class Effective:
                 str(name): tuple((str(host), int(port)) for host, port in eps)
                 for name, eps in (data.get("endpoints") or {}).items()
             }
+            fallbacks = {str(k): str(v) for k, v in (data.get("fallbacks") or {}).items()}
         except (AttributeError, TypeError, ValueError) as exc:
             raise ValueError(f"not an effective state: {exc}") from exc
         for ws in weights.values():
             if any(w < 0 for w in ws.values()):
                 raise ValueError("not an effective state: a negative weight")
-        return cls(MappingProxyType(weights), MappingProxyType(endpoints))
+        return cls(
+            MappingProxyType(weights), MappingProxyType(endpoints), MappingProxyType(fallbacks)
+        )
 
     def with_weights(self, route: str, weights: Mapping[str, float] | None) -> Effective:
         """A copy with `route`'s weights replaced (None: the file's weights again)."""
@@ -94,6 +103,16 @@ class Effective:
         else:
             merged[upstream] = tuple(endpoints)
         return dataclasses.replace(self, endpoints=MappingProxyType(merged))
+
+    def with_fallback(self, upstream: str, fallback: str | None) -> Effective:
+        """A copy where `upstream` falls back to `fallback` unless the file says otherwise
+        (None: no default for it any more)."""
+        merged = dict(self.fallbacks)
+        if fallback is None:
+            merged.pop(upstream, None)
+        else:
+            merged[upstream] = fallback
+        return dataclasses.replace(self, fallbacks=MappingProxyType(merged))
 
 
 def effective_weights(
@@ -118,9 +137,12 @@ def apply_effective(snapshot: Snapshot, effective: Effective) -> Snapshot:
     Names the file no longer has (a route or upstream removed by a reload) are ignored,
     so a stale state can never make a snapshot invalid. A split whose effective weights
     sum to zero keeps the file's weights: a request must always have somewhere to go.
+    A default fallback that would close a circle is left out.
     """
     if not effective:
         return snapshot
+    if effective.fallbacks:
+        snapshot = with_default_fallbacks(snapshot, effective.fallbacks)
     upstreams = dict(snapshot.upstreams)
     for name, endpoints in effective.endpoints.items():
         spec = upstreams.get(name)

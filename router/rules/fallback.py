@@ -9,7 +9,8 @@ endpoint up either, its own fallback is next, and so on down the chain.
 The file's fallbacks are checked by validate.py (a known name, not the upstream itself,
 no cycle). The control plane may give defaults on top of them without rewriting the file
 (`with_default_fallbacks`: a rollout's canary falls back to its stable version unless the
-file says otherwise). Either way the snapshot carries every chain resolved once,
+file says otherwise); `Effective.fallbacks` carries them to every worker (effective.py).
+Either way the snapshot carries every chain resolved once,
 `Snapshot.fallbacks`, and the proxy follows it through its pools with no lookup.
 """
 
