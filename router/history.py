@@ -75,8 +75,13 @@ IN_FORCE_RESULTS = frozenset({"success", "written"})
 
 def now_iso() -> str:
     """ISO 8601 UTC with milliseconds, e.g. 2026-01-05T10:00:00.123Z."""
-    now = datetime.datetime.now(datetime.UTC)
-    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+    return iso_utc(time.time())
+
+
+def iso_utc(unix: float) -> str:
+    """A Unix time as now_iso() writes it."""
+    when = datetime.datetime.fromtimestamp(unix, datetime.UTC)
+    return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
 
 
 def actor() -> dict[str, Any]:

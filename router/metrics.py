@@ -12,8 +12,9 @@ Three parts, in the order data flows:
                          sum over all workers never goes down when a worker is replaced.
     SupervisorMetrics    the supervisor's own counters (reloads, restarts, live workers,
                          the rules in force: digest, load time, whether the last reload
-                         took) and the one prometheus-client Collector that
-                         renders everything in the Prometheus text format.
+                         took), the workers' endpoint health (router.health) and the one
+                         prometheus-client Collector that renders everything in the
+                         Prometheus text format.
 
 Worker snapshots carry cumulative totals, never deltas: a snapshot that is lost or
 skipped (a full pipe) costs nothing, because the next one supersedes it.
@@ -26,6 +27,8 @@ from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
+
+from router.health import HealthBoard
 
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
@@ -204,6 +207,7 @@ class SupervisorMetrics:
 
     def __init__(self, workers_alive: Callable[[], int] | None = None) -> None:
         self.aggregator = MetricsAggregator()
+        self.health = HealthBoard()
         self.reloads = {"success": 0, "failure": 0}
         self.worker_restarts = 0
         self.rules_digest = ""
@@ -281,6 +285,22 @@ def _build_registry(state: SupervisorMetrics) -> CollectorRegistry:
             for (upstream, fallback), n in sorted(totals.fallbacks.items()):
                 fallbacks.add_metric((upstream, fallback), n)
             yield fallbacks
+
+            healthy = GaugeMetricFamily(
+                "grayroute_upstream_healthy_endpoints",
+                "Endpoints of an upstream that are up (one down in any worker counts as down).",
+                labels=("upstream",),
+            )
+            endpoints = GaugeMetricFamily(
+                "grayroute_upstream_endpoints",
+                "Endpoints of an upstream, as the workers route to them.",
+                labels=("upstream",),
+            )
+            for upstream, (up, total) in sorted(state.health.counts().items()):
+                healthy.add_metric((upstream,), up)
+                endpoints.add_metric((upstream,), total)
+            yield healthy
+            yield endpoints
 
             workers = GaugeMetricFamily(
                 "grayroute_workers", "Worker processes currently up and accepting."

@@ -41,6 +41,7 @@ from router.server import (
 from router.watch import RulesWatcher
 
 if TYPE_CHECKING:
+    from router.health import HealthBoard
     from router.metrics import SupervisorMetrics
     from router.rules import Snapshot
 
@@ -157,7 +158,9 @@ class Supervisor:
             "source": str(snap.source),
             "digest": snap.digest,
             "loaded_at": self.loaded_at,
-            "upstreams": describe_upstreams(snap, self.settings),
+            "upstreams": describe_upstreams(
+                snap, self.settings, self.effective_snapshot.fallbacks, self.metrics.health
+            ),
             "routes": describe_routes(snap),
             "last_reload": self.last_reload,
             "state_dir": self.state_dir,
@@ -315,6 +318,7 @@ class Supervisor:
                 rc = await self._watch(worker)
                 del self.workers[slot]
                 self.metrics.aggregator.retire(worker.wid)
+                self.metrics.health.retire(worker.wid)
                 self._all_ready.clear()
             if self._stop.is_set():
                 return
@@ -403,6 +407,10 @@ class Supervisor:
             data = message.get("data")
             if isinstance(data, dict):
                 self.metrics.aggregator.update(worker.wid, data)
+        elif event == "health":
+            data = message.get("data")
+            if isinstance(data, dict):
+                self.metrics.health.update(worker.wid, data)
         elif event == "ready":
             worker.ready = True
             worker.digest = str(message.get("digest", ""))
@@ -638,17 +646,29 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def describe_upstreams(snapshot: Snapshot, settings: Settings) -> dict[str, Any]:
-    """Upstreams for /rules, with the timeouts in force (the server's when not set)."""
+def describe_upstreams(
+    snapshot: Snapshot,
+    settings: Settings,
+    fallbacks: Mapping[str, tuple[str, ...]],
+    health: HealthBoard,
+) -> dict[str, Any]:
+    """Upstreams for /rules, with the timeouts in force (the server's when not set), the
+    fallback in force (the file's, or the control plane's default) and the workers'
+    view of each endpoint (router.health)."""
     out: dict[str, Any] = {}
     for name, spec in snapshot.upstreams.items():
         connect = spec.connect_timeout
         read = spec.read_timeout
+        endpoints = [format_hostport(host, port) for host, port in spec.endpoints]
+        states = health.describe(name, endpoints)
         out[name] = {
-            "endpoints": [format_hostport(host, port) for host, port in spec.endpoints],
+            "endpoints": endpoints,
             "connect_timeout": settings.connect_timeout if connect is None else connect,
             "read_timeout": settings.read_timeout if read is None else read,
             "health_check": dataclasses.asdict(spec.health_check) if spec.health_check else None,
+            "fallback": fallbacks.get(name, (None,))[0],
+            "health": states,
+            "healthy_endpoints": sum(1 for e in states.values() if e["state"] == "up"),
         }
     return out
 

@@ -329,6 +329,9 @@ class UpstreamPool:
         self._failed_until: dict[Endpoint, float] = {}  # passive: connection failures
         self._unhealthy: set[Endpoint] = set()  # active: failed its last health check
         self._checker: asyncio.Task[None] | None = None
+        # Unix time each endpoint's state last changed (for reports; the pool's birth else).
+        self._created = time.time()
+        self._changed: dict[Endpoint, float] = {}
 
     def same_as(self, spec: UpstreamSpec, settings: Settings) -> bool:
         """True when `spec` would build an identical pool (a reload can keep this one)."""
@@ -385,21 +388,47 @@ class UpstreamPool:
             return True
         if now >= until:
             del self._failed_until[endpoint]
+            self._changed[endpoint] = time.time() - (now - until)
             return True
         return False
 
     def mark_failed(self, endpoint: Endpoint) -> None:
-        if endpoint not in self._failed_until:
+        now = time.monotonic()
+        until = self._failed_until.get(endpoint)
+        if until is None or now >= until:
             log.warning(
                 "%s: endpoint %s:%d failed; skipped for %gs",
                 self.name,
                 *endpoint,
                 self.fail_timeout,
             )
-        self._failed_until[endpoint] = time.monotonic() + self.fail_timeout
+            self._changed[endpoint] = time.time()
+        self._failed_until[endpoint] = now + self.fail_timeout
 
     def mark_ok(self, endpoint: Endpoint) -> None:
-        self._failed_until.pop(endpoint, None)
+        until = self._failed_until.pop(endpoint, None)
+        if until is not None:
+            self._changed[endpoint] = time.time() - max(0.0, time.monotonic() - until)
+
+    def endpoint_states(self) -> list[tuple[Endpoint, str, float]]:
+        """(endpoint, state, since) for reports: state is "up", "active" (failed its health
+        check) or "passive" (a connection failed within fail_timeout); since is the Unix
+        time it last changed."""
+        now, wall = time.monotonic(), time.time()
+        states = []
+        for endpoint in self.endpoints:
+            since = self._changed.get(endpoint, self._created)
+            until = self._failed_until.get(endpoint)
+            if endpoint in self._unhealthy:
+                state = "active"
+            elif until is not None and now < until:
+                state = "passive"
+            else:
+                state = "up"
+                if until is not None:  # over, but nothing has looked since
+                    since = max(since, wall - (now - until))
+            states.append((endpoint, state, since))
+        return states
 
     def take_idle(self, endpoint: Endpoint) -> UpstreamConnection | None:
         idle = self._idle.get(endpoint)
@@ -470,9 +499,11 @@ class UpstreamPool:
                 if healthy and endpoint in self._unhealthy:
                     log.warning("%s: endpoint %s:%d is healthy again", self.name, *endpoint)
                     self._unhealthy.discard(endpoint)
+                    self._changed[endpoint] = time.time()
                 elif not healthy and endpoint not in self._unhealthy:
                     log.warning("%s: endpoint %s:%d failed its health check", self.name, *endpoint)
                     self._unhealthy.add(endpoint)
+                    self._changed[endpoint] = time.time()
             await asyncio.sleep(self.health_check.interval)
 
     async def _probe(self, endpoint: Endpoint) -> bool:

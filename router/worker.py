@@ -191,7 +191,9 @@ class Worker:
         return task
 
     async def _flush_metrics(self) -> None:
-        last = b""
+        from router.health import worker_report
+
+        last = last_health = b""
         while True:
             await asyncio.sleep(self.settings.metrics_interval)
             encoded = orjson.dumps(self.metrics.snapshot())
@@ -201,6 +203,12 @@ class Worker:
                 b'{"ev":"metrics","data":' + encoded + b"}\n", droppable=True
             ):
                 last = encoded
+            # Endpoint states, sent the same way: each report is the whole state now.
+            health = orjson.dumps(worker_report(self.router.pools))
+            if health != last_health and self.report.send_line(
+                b'{"ev":"health","data":' + health + b"}\n", droppable=True
+            ):
+                last_health = health
 
     async def _read_commands(self) -> None:
         loop = asyncio.get_running_loop()

@@ -2,6 +2,8 @@
 
 - `backends`: start aiohttp upstreams that answer with their version name and a digest
   of the body they received (and can be told to stall, fail or stream).
+- `switchable`: raw upstreams that can be stopped and started on the same port, with a
+  health endpoint that can be told to fail.
 - `proxy`: the real router (router.proxy.Router) in this test's event loop, on an
   ephemeral port, with a metrics recorder.
 - `threaded_proxy`: a backend and the router on an event loop in a thread of their own,
@@ -119,6 +121,70 @@ async def backends() -> AsyncIterator[Callable[..., Any]]:
     yield start
     for runner in runners:
         await runner.cleanup()
+
+
+class Switchable:
+    """A raw upstream on a port it keeps: stopped, its port refuses connections; started
+    again, it accepts on the same port. `healthy` decides what GET /healthz answers; every
+    other request gets 200 with `X-Version: NAME` and is counted in `requests`."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.port = 0
+        self.healthy = True
+        self.requests = 0
+        self.server: asyncio.AbstractServer | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            for writer in list(self._writers):  # keep-alive connections end too
+                writer.close()
+            await self.server.wait_closed()
+            self.server = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if head.startswith(b"GET /healthz "):
+                    status = b"200 OK" if self.healthy else b"503 Service Unavailable"
+                else:
+                    self.requests += 1
+                    status = b"200 OK"
+                body = self.name.encode()
+                writer.write(
+                    b"HTTP/1.1 %b\r\nX-Version: %b\r\nContent-Length: %d\r\n\r\n%b"
+                    % (status, body, len(body), body)
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+
+@pytest.fixture
+async def switchable() -> AsyncIterator[Callable[[str], Awaitable[Switchable]]]:
+    """`await switchable("v1")` starts a Switchable upstream; stopped at teardown."""
+    started: list[Switchable] = []
+
+    async def start(name: str) -> Switchable:
+        up = Switchable(name)
+        await up.start()
+        started.append(up)
+        return up
+
+    yield start
+    for up in started:
+        await up.stop()
 
 
 # -- the router in this process ------------------------------------------------------------

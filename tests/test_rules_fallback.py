@@ -4,18 +4,15 @@ refused connections) and after it recovers."""
 
 from __future__ import annotations
 
-import asyncio
 import textwrap
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-import pytest
 
 from router.rules import check_text, load_snapshot_text
 from router.rules.fallback import fallback_chains, find_cycle, with_default_fallbacks
 
-from conftest import Backend, RunningProxy, poll
+from conftest import Backend, RunningProxy, Switchable, poll
 
 # -- the chains --------------------------------------------------------------------------
 
@@ -164,62 +161,6 @@ routes:
   - name: all
     to: canary
 """
-
-
-class Switchable:
-    """A raw upstream on a fixed port that can be stopped and started again, and whose
-    health endpoint can be told to fail."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.port = 0
-        self.healthy = True
-        self.requests = 0
-        self.server: asyncio.AbstractServer | None = None
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
-            self.server = None
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                if head.startswith(b"GET /healthz "):
-                    status = b"200 OK" if self.healthy else b"503 Service Unavailable"
-                else:
-                    self.requests += 1
-                    status = b"200 OK"
-                body = self.name.encode()
-                writer.write(
-                    b"HTTP/1.1 %b\r\nX-Version: %b\r\nContent-Length: %d\r\n\r\n%b"
-                    % (status, body, len(body), body)
-                )
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        writer.close()
-
-
-@pytest.fixture
-async def switchable() -> AsyncIterator[Any]:
-    started: list[Switchable] = []
-
-    async def start(name: str) -> Switchable:
-        up = Switchable(name)
-        await up.start()
-        started.append(up)
-        return up
-
-    yield start
-    for up in started:
-        await up.stop()
 
 
 def rules(canary: str, stable: Backend | Switchable, extra: str = "") -> str:
