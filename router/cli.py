@@ -1,6 +1,7 @@
 """`grayroute` command line: parse arguments, call the library, turn errors into exit codes.
 
-grayroute serve RULES --listen HOST:PORT --admin HOST:PORT --workers N
+grayroute serve RULES --listen HOST:PORT [--listen-tls HOST:PORT --tls-cert F --tls-key F]
+                      --admin HOST:PORT --workers N
 grayroute demo
 grayroute check RULES [--strict]
 grayroute explain RULES [REQUESTS.jsonl]
@@ -30,6 +31,27 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("rules", help="rule file (YAML)")
     defaults = Settings()
     serve.add_argument("--listen", default=defaults.listen, help="HOST:PORT for client traffic")
+    serve.add_argument(
+        "--listen-tls",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="HOST:PORT for client traffic over TLS (repeatable); needs --tls-cert/--tls-key",
+    )
+    serve.add_argument(
+        "--tls-cert",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="PEM certificate (and its chain), once per certificate; the first is the default",
+    )
+    serve.add_argument(
+        "--tls-key",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="PEM private key of the --tls-cert in the same position",
+    )
     serve.add_argument("--admin", default=defaults.admin, help="HOST:PORT for metrics and admin")
     serve.add_argument("--workers", type=int, default=defaults.workers, help="worker processes")
     serve.add_argument("--connect-timeout", type=float, default=defaults.connect_timeout)
@@ -139,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
             settings = Settings(
                 rules_path=args.rules,
                 listen=args.listen,
+                listen_tls=args.listen_tls,
+                tls_cert=args.tls_cert,
+                tls_key=args.tls_key,
                 admin=args.admin,
                 workers=args.workers,
                 connect_timeout=args.connect_timeout,

@@ -42,6 +42,11 @@ def is_loopback(host: str) -> bool:
 class Settings:
     rules_path: str = "rules/demo.yaml"
     listen: str = "127.0.0.1:8080"
+    # TLS listeners, and the (certificate, key) files they serve: tls_cert[i] with
+    # tls_key[i]; the first pair is the default when SNI names no other (router.tls).
+    listen_tls: list[str] = field(default_factory=list)
+    tls_cert: list[str] = field(default_factory=list)
+    tls_key: list[str] = field(default_factory=list)
     admin: str = "127.0.0.1:9090"
     workers: int = 1
     # Defaults for upstreams that do not set their own (seconds).
@@ -81,6 +86,17 @@ class Settings:
 
     def validate(self) -> None:
         parse_hostport(self.listen, "--listen")
+        for address in self.listen_tls:
+            parse_hostport(address, "--listen-tls")
+        if len(self.tls_cert) != len(self.tls_key):
+            raise ConfigError(
+                f"--tls-cert and --tls-key come in pairs: {len(self.tls_cert)} certificate(s), "
+                f"{len(self.tls_key)} key(s)"
+            )
+        if self.listen_tls and not self.tls_cert:
+            raise ConfigError("--listen-tls: give the certificate, --tls-cert FILE --tls-key FILE")
+        if self.tls_cert and not self.listen_tls:
+            raise ConfigError("--tls-cert: no --listen-tls HOST:PORT to serve it on")
         parse_hostport(self.admin, "--admin")
         if self.workers < 1:
             raise ConfigError(f"--workers: {self.workers} must be at least 1")
@@ -125,6 +141,10 @@ class Settings:
     @property
     def listen_addr(self) -> tuple[str, int]:
         return parse_hostport(self.listen, "--listen")
+
+    @property
+    def tls_pairs(self) -> list[tuple[str, str]]:
+        return list(zip(self.tls_cert, self.tls_key, strict=True))
 
     @property
     def admin_addr(self) -> tuple[str, int]:

@@ -150,7 +150,7 @@ class RouterStartError(GrayrouteError):
 class RouterProcess:
     """`grayroute serve` in a child process (its own session, so Ctrl-C is ours to send).
 
-    `ready` is the parsed ready line; `url` and `admin_url` are built from it.
+    `ready` is the parsed ready line; `url`, `tls_urls` and `admin_url` are built from it.
     """
 
     def __init__(self, proc: asyncio.subprocess.Process, ready: dict[str, Any]) -> None:
@@ -158,6 +158,7 @@ class RouterProcess:
         self.ready = ready
         self.pid: int = int(ready["pid"])
         self.url = f"http://{ready['listen']}"
+        self.tls_urls = [f"https://{address}" for address in ready.get("listen_tls", ())]
         self.admin_url = f"http://{ready['admin']}"
 
     @classmethod

@@ -7,6 +7,8 @@ Three parts, in the order data flows:
                          and list updates, ~0.2 us). `snapshot()` returns the worker's
                          cumulative totals as a JSON-able dict; the worker sends one
                          every `metrics_interval` seconds and at exit (router.worker).
+                         router.tls calls `tls_handshake()` and
+                         `tls_handshake_failed()` once per TLS connection.
     MetricsAggregator    in the supervisor: the latest snapshot of every live worker plus
                          the summed last snapshots of workers that have exited, so that a
                          sum over all workers never goes down when a worker is replaced.
@@ -69,13 +71,22 @@ class _Histograms(dict[str, list[Any]]):
 class WorkerMetrics:
     """Per-worker counters, updated on the hot path. Not thread-safe (one loop per worker)."""
 
-    __slots__ = ("_durations", "_errors", "_fallbacks", "_requests")
+    __slots__ = (
+        "_durations",
+        "_errors",
+        "_fallbacks",
+        "_handshake_failures",
+        "_handshakes",
+        "_requests",
+    )
 
     def __init__(self) -> None:
         self._requests: defaultdict[tuple[str, str, int], int] = defaultdict(int)
         self._durations = _Histograms()
         self._errors: defaultdict[tuple[str, str], int] = defaultdict(int)
         self._fallbacks: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self._handshakes: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self._handshake_failures: defaultdict[str, int] = defaultdict(int)
 
     # The two hot-path calls: no allocation but the key tuple, no formatting, no locks.
     # The status is kept as given; it becomes a status class in the supervisor.
@@ -100,21 +111,38 @@ class WorkerMetrics:
     def fell_back(self, upstream: str, fallback: str) -> None:
         """A request for `upstream` went to `fallback`: no endpoint of it was up."""
         self._fallbacks[(upstream, fallback)] += 1
+    # Once per TLS connection (router.tls), not per request.
+    def tls_handshake(self, certificate: str, version: str) -> None:
+        self._handshakes[(certificate, version)] += 1
+
+    def tls_handshake_failed(self, reason: str) -> None:
+        self._handshake_failures[reason] += 1
 
     def snapshot(self) -> dict[str, Any]:
         """The cumulative totals since this worker started, as plain JSON-able data."""
-        return {
+        data: dict[str, Any] = {
             "requests": [[r, u, s, n] for (r, u, s), n in self._requests.items()],
             "durations": [[u, row[:-1], row[-1]] for u, row in self._durations.items()],
             "errors": [[u, k, n] for (u, k), n in self._errors.items()],
             "fallbacks": [[u, f, n] for (u, f), n in self._fallbacks.items()],
         }
+        if self._handshakes or self._handshake_failures:
+            data["tls"] = [[c, v, n] for (c, v), n in self._handshakes.items()]
+            data["tls_failures"] = [[r, n] for r, n in self._handshake_failures.items()]
+        return data
 
 
 class Totals:
     """Cumulative totals of one or more workers, with status codes folded into classes."""
 
-    __slots__ = ("durations", "errors", "fallbacks", "requests")
+    __slots__ = (
+        "durations",
+        "errors",
+        "fallbacks",
+        "handshake_failures",
+        "handshakes",
+        "requests",
+    )
 
     def __init__(self) -> None:
         self.requests: dict[tuple[str, str, str], int] = {}
@@ -122,6 +150,8 @@ class Totals:
         self.durations: dict[str, tuple[list[int], float]] = {}
         self.errors: dict[tuple[str, str], int] = {}
         self.fallbacks: dict[tuple[str, str], int] = {}  # (upstream, fallback) -> requests
+        self.handshakes: dict[tuple[str, str], int] = {}  # (certificate, TLS version)
+        self.handshake_failures: dict[str, int] = {}  # reason
 
     @classmethod
     def from_snapshot(cls, data: Mapping[str, Any]) -> Totals:
@@ -142,6 +172,12 @@ class Totals:
             for upstream, fallback, n in data.get("fallbacks", ()):
                 key2 = (str(upstream), str(fallback))
                 totals.fallbacks[key2] = totals.fallbacks.get(key2, 0) + int(n)
+            for certificate, version, n in data.get("tls", ()):
+                key3 = (str(certificate), str(version))
+                totals.handshakes[key3] = totals.handshakes.get(key3, 0) + int(n)
+            for reason, n in data.get("tls_failures", ()):
+                failures = totals.handshake_failures
+                failures[str(reason)] = failures.get(str(reason), 0) + int(n)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"malformed metrics snapshot: {exc}") from exc
         return totals
@@ -163,6 +199,10 @@ class Totals:
             self.errors[key2] = self.errors.get(key2, 0) + n
         for key2, n in other.fallbacks.items():
             self.fallbacks[key2] = self.fallbacks.get(key2, 0) + n
+        for key3, n in other.handshakes.items():
+            self.handshakes[key3] = self.handshakes.get(key3, 0) + n
+        for reason, n in other.handshake_failures.items():
+            self.handshake_failures[reason] = self.handshake_failures.get(reason, 0) + n
 
 
 class MetricsAggregator:
@@ -214,6 +254,10 @@ class SupervisorMetrics:
         self.rules_source = ""
         self.rules_loaded_at = 0.0  # unix time the rules in force were loaded; 0 = none yet
         self.last_reload_ok = True  # False while the last reload attempt failed
+        # TLS certificates in force, (label, certificate file, expiry as Unix time); kept
+        # by router.tls.CertificateWatch. Empty without TLS listeners.
+        self.certificates: list[tuple[str, str, float]] = []
+        self.certificate_reloads = {"success": 0, "failure": 0}
         self._workers_alive = workers_alive or (lambda: 0)
         self.registry = _build_registry(self)
 
@@ -351,9 +395,55 @@ def _build_registry(state: SupervisorMetrics) -> CollectorRegistry:
             restarts.add_metric((), state.worker_restarts)
             yield restarts
 
+            if state.certificates:
+                yield from _tls_metrics(state, totals)
+
     registry = CollectorRegistry(auto_describe=False)
     registry.register(GrayrouteCollector())
     return registry
+
+
+def _tls_metrics(state: SupervisorMetrics, totals: Totals) -> Iterator[Any]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    handshakes = CounterMetricFamily(
+        "grayroute_tls_handshakes",
+        "TLS handshakes completed, by the certificate chosen (its first name) and the "
+        "TLS version.",
+        labels=("certificate", "version"),
+    )
+    for (certificate, version), n in sorted(totals.handshakes.items()):
+        handshakes.add_metric((certificate, version), n)
+    yield handshakes
+
+    failures = CounterMetricFamily(
+        "grayroute_tls_handshake_failures",
+        "TLS handshakes that failed, by reason: version, cipher, plain_http, "
+        "certificate_rejected, malformed, incomplete, other.",
+        labels=("reason",),
+    )
+    for reason, n in sorted(totals.handshake_failures.items()):
+        failures.add_metric((reason,), n)
+    yield failures
+
+    expiry = GaugeMetricFamily(
+        "grayroute_tls_certificate_expiry_timestamp_seconds",
+        "When each certificate in force expires, in seconds since the Unix epoch.",
+        labels=("certificate", "file"),
+    )
+    for label, path, not_after in state.certificates:
+        expiry.add_metric((label, path), not_after)
+    yield expiry
+
+    reloads = CounterMetricFamily(
+        "grayroute_tls_certificate_reloads",
+        "Certificate reloads after their files changed (or SIGHUP), by result: success "
+        "or failure (the certificates in force were kept).",
+        labels=("result",),
+    )
+    for result in ("success", "failure"):
+        reloads.add_metric((result,), state.certificate_reloads[result])
+    yield reloads
 
 
 def _float_label(value: float) -> str:

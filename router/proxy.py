@@ -112,6 +112,9 @@ _METHODS = {
 _IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 _CRLF = b"\r\n"
+# X-Forwarded-Proto as each kind of listener sets it (chosen per connection).
+FORWARDED_HTTP = b"X-Forwarded-Proto: http\r\n"
+FORWARDED_HTTPS = b"X-Forwarded-Proto: https\r\n"
 _STATUS_LINES = {s.value: b"HTTP/1.1 %d %b\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
@@ -225,6 +228,12 @@ class Router:
         if self._ticker is None:
             self._start_background()
         return HttpProxyProtocol(self)
+
+    def https_protocol_factory(self) -> HttpProxyProtocol:
+        """For TLS listeners (router.tls): the same protocol, forwarded as https."""
+        if self._ticker is None:
+            self._start_background()
+        return HttpProxyProtocol(self, FORWARDED_HTTPS)
 
     async def drain(self, timeout: float) -> None:
         """Finish requests in flight (up to `timeout`), then close everything.
@@ -358,8 +367,9 @@ class _Request:
 class HttpProxyProtocol(asyncio.Protocol):
     """One client connection: parse, decide, forward, stream back; pipelining in order."""
 
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, forwarded_proto: bytes = FORWARDED_HTTP) -> None:
         self.router = router
+        self.forwarded_proto = forwarded_proto  # the X-Forwarded-Proto line we add
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
@@ -762,7 +772,7 @@ class HttpProxyProtocol(asyncio.Protocol):
         if req.xfp is not None and self.peer_trusted:
             parts += (b"X-Forwarded-Proto: ", req.xfp, _CRLF)
         else:
-            parts.append(b"X-Forwarded-Proto: http\r\n")
+            parts.append(self.forwarded_proto)
         parts.append(_CRLF)
         if req.body_parts:
             body = b"".join(req.body_parts)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import uvloop
 
-from router.config import Settings
+from router.config import Settings, parse_hostport
 from router.errors import ConfigError, RulesError
 from router.rules.effective import Effective, apply_effective
 from router.server import (
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from router.health import HealthBoard
     from router.metrics import SupervisorMetrics
     from router.rules import Snapshot
+    from router.tls import CertificateSet, CertificateWatch
 
 
 log = logging.getLogger("grayroute.supervisor")
@@ -78,17 +79,32 @@ def run_serve(settings: Settings) -> int:
             from router.access_log import check_writable
 
             check_writable(settings.access_log)  # one clear line now, not N worker failures
-        host, port = settings.listen_addr
-        try:
-            # Held for the supervisor's whole life: for `:0` this is what picks the port
-            # every worker then binds; it never listens, so the kernel never hands it a
-            # connection (only listening sockets join the SO_REUSEPORT group).
-            reserved = reuseport_socket(host, port)
-        except OSError as exc:
-            print(f"grayroute: --listen {settings.listen}: {exc.strerror or exc}", file=sys.stderr)
-            return 1
-        with reserved:
-            supervisor = Supervisor(settings, snapshot, raw, reserved.getsockname()[1], state_dir)
+        certificates = None
+        if settings.listen_tls:
+            from router.tls import load_certificates
+
+            # Checked here once: a bad file is one line and exit 1, not N dying workers.
+            certificates = load_certificates(settings.tls_pairs)
+        with contextlib.ExitStack() as reserved:
+            try:
+                # Held for the supervisor's whole life: for `:0` this is what picks the
+                # port every worker then binds; it never listens, so the kernel never
+                # hands it a connection (only listening sockets join the SO_REUSEPORT group).
+                flag, address = "--listen", settings.listen
+                host, port = settings.listen_addr
+                listen_port = reserved.enter_context(reuseport_socket(host, port)).getsockname()[1]
+                tls_listen = []
+                for address in settings.listen_tls:
+                    flag = "--listen-tls"
+                    host, port = parse_hostport(address, flag)
+                    sock = reserved.enter_context(reuseport_socket(host, port))
+                    tls_listen.append(format_hostport(host, sock.getsockname()[1]))
+            except OSError as exc:
+                print(f"grayroute: {flag} {address}: {exc.strerror or exc}", file=sys.stderr)
+                return 1
+            supervisor = Supervisor(
+                settings, snapshot, raw, listen_port, state_dir, tls_listen, certificates
+            )
             return uvloop.run(supervisor.run())
     except ConfigError as exc:
         print(f"grayroute: {exc}", file=sys.stderr)
@@ -115,12 +131,17 @@ class Supervisor:
         raw: bytes | None,
         listen_port: int,
         state_dir: str,
+        tls_listen: list[str] | None = None,
+        certificates: CertificateSet | None = None,
     ) -> None:
         from router.metrics import SupervisorMetrics
 
         self.settings = settings
         self.listen_host = settings.listen_addr[0]
         self.listen_port = listen_port
+        self.tls_listen = tls_listen or []  # the TLS addresses, ports chosen
+        self.certificates = certificates
+        self.certificate_watch: CertificateWatch | None = None
         self.state_dir = state_dir
         self.metrics: SupervisorMetrics = SupervisorMetrics(self._ready_count)
         self.exit_code = 0
@@ -187,7 +208,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._request_stop, sig)
-        loop.add_signal_handler(signal.SIGHUP, self._request_reload, "sighup")
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
 
         admin_host, admin_port = self.settings.admin_addr
         admin = AdminServer(self, admin_host, admin_port, self.settings.admin_token)
@@ -211,6 +232,17 @@ class Supervisor:
                     self.settings.watch_interval,
                 )
                 self._keep(self.watcher.run())
+            if self.certificates is not None:
+                from router.tls import CertificateWatch
+
+                self.certificate_watch = CertificateWatch(
+                    self.settings.tls_pairs,
+                    self.certificates,
+                    self._tell_workers_tls_reload,
+                    self.metrics,
+                    self.settings.watch_interval,
+                )
+                self._keep(self.certificate_watch.run())
             if await self._wait_ready():
                 self._announce(admin_host, admin_port)
             await self._stop.wait()
@@ -258,6 +290,7 @@ class Supervisor:
         line = {
             "event": "ready",
             "listen": format_hostport(self.listen_host, self.listen_port),
+            "listen_tls": self.tls_listen,
             "admin": format_hostport(admin_host, admin_port),
             "workers": self.settings.workers,
             "pid": os.getpid(),
@@ -270,7 +303,8 @@ class Supervisor:
             log.warning("cannot print the ready line: %s", exc)
         log.info(
             "ready: listening on %s, admin on %s, %d workers, rules %s",
-            line["listen"], line["admin"], self.settings.workers, self.snapshot.digest[:12],
+            ", ".join([str(line["listen"]), *(f"{a} (TLS)" for a in self.tls_listen)]),
+            line["admin"], self.settings.workers, self.snapshot.digest[:12],
         )  # fmt: skip
 
     def _request_stop(self, sig: int) -> None:
@@ -348,6 +382,7 @@ class Supervisor:
         self._spawned += 1
         settings = dataclasses.asdict(self.settings)
         settings["listen"] = format_hostport(self.listen_host, self.listen_port)
+        settings["listen_tls"] = self.tls_listen
         settings["state_dir"] = self.state_dir
         if self.settings.access_log:
             settings["access_log"] = os.path.abspath(self.settings.access_log)
@@ -486,6 +521,16 @@ class Supervisor:
         self.metrics.rules_loaded_at = time.time()
         if raw is not None:
             _write_atomic(rules_copy_path(self.state_dir, snapshot.digest), raw)
+
+    def _on_sighup(self) -> None:
+        """SIGHUP: the rule file, and the certificates when they changed (as nginx does)."""
+        self._request_reload("sighup")
+        if self.certificate_watch is not None and not self._stop.is_set():
+            self.certificate_watch.request("sighup")
+
+    def _tell_workers_tls_reload(self) -> None:
+        for worker in list(self.workers.values()):
+            self._send(worker, {"cmd": "tls_reload"})
 
     def _request_reload(self, trigger: str) -> None:
         """Reload the rule file (trigger: "sighup" or "watch"); merged while one runs."""

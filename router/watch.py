@@ -1,4 +1,5 @@
-"""Watching the rule file for changes (the supervisor's reload trigger besides SIGHUP)."""
+"""Watching files for changes: the rule file (the supervisor's reload trigger besides
+SIGHUP) and the TLS certificates (router.tls)."""
 
 from __future__ import annotations
 
@@ -7,43 +8,53 @@ import hashlib
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("grayroute.watch")
 
 
-class RulesWatcher:
-    """Polls the rule file and asks for a reload when its content has changed and settled.
+def files_digest(paths: Sequence[str]) -> str:
+    """sha256 of the files' bytes, one after the other (for one file: its own sha256)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()
 
-    Each tick stats the path *through* symlinks: (realpath, device, inode, size, mtime,
+
+class FilesWatcher:
+    """Polls files and asks for a reload when their content has changed and settled.
+
+    Each tick stats every path *through* symlinks: (realpath, device, inode, size, mtime,
     ctime). Any change restarts the wait; once that signature has stayed the same for
-    `settle` seconds the file is read and hashed, and a reload is asked for only when the
-    content differs from the rules in force and from the last content tried. This covers:
+    `settle` seconds the files are read and hashed, and a reload is asked for only when
+    the content differs from what is in force and from the last content tried. This
+    covers:
 
       editors         that truncate and write in pieces, or write a backup and rename:
                       nothing is read until the file has been still for `settle`
       atomic rename   (mv new rules.yaml): a new inode
       ConfigMap swap  (rules.yaml -> ..data/rules.yaml, ..data -> ..2024_01_05_10_00):
-                      the realpath and the inode change when kubelet swaps `..data`
+                      the realpath and the inode change when kubelet swaps `..data`;
+                      a Secret (tls.crt, tls.key) is swapped the same way, both at once
       missing file    (between an editor's delete and create): waited out, logged once
 
     A bad file is tried once: it is not read again until it changes again. Every
     `recheck` seconds the content is hashed even without a stat change, for the rare edit
-    that keeps size and timestamps. Costs one stat() per tick.
+    that keeps size and timestamps. Costs one stat() per file per tick.
     """
 
     def __init__(
         self,
-        path: str,
+        paths: Sequence[str],
         in_force: Callable[[], str],
         on_change: Callable[[], None],
         interval: float,
         settle: float = 0.2,
         recheck: float = 5.0,
     ) -> None:
-        self.path = path
+        self.paths = tuple(paths)
         self.in_force = in_force
         self.on_change = on_change
         self.interval = interval
@@ -56,12 +67,16 @@ class RulesWatcher:
         self._missing_logged = False
 
     def signature(self) -> tuple[Any, ...] | None:
-        try:
-            st = os.stat(self.path)  # follows symlinks
-        except OSError:
-            return None
-        real = os.path.realpath(self.path)
-        return (real, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        """The files' identities and times; None while one of them is missing."""
+        signature: list[Any] = []
+        for path in self.paths:
+            try:
+                st = os.stat(path)  # follows symlinks
+            except OSError:
+                return None
+            real = os.path.realpath(path)
+            signature += (real, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        return tuple(signature)
 
     def tick(self, now: float) -> bool:
         """One poll; True when it asked for a reload."""
@@ -73,7 +88,7 @@ class RulesWatcher:
             return False
         if signature is None:
             if not self._missing_logged:
-                log.warning("%s is missing; keeping the rules in force", self.path)
+                log.warning("%s: missing; keeping what is in force", ", ".join(self.paths))
                 self._missing_logged = True
             return False
         self._missing_logged = False
@@ -84,7 +99,7 @@ class RulesWatcher:
         self._pending = False
         self._changed_at = now  # the next recheck is `recheck` from now
         try:
-            digest = hashlib.sha256(Path(self.path).read_bytes()).hexdigest()
+            digest = files_digest(self.paths)
         except OSError:
             return False
         if digest == self.tried or digest == self.in_force():
@@ -100,5 +115,21 @@ class RulesWatcher:
             try:
                 self.tick(loop.time())
             except Exception:  # never let a surprise stop watching
-                log.exception("watching %s failed; trying again", self.path)
+                log.exception("watching %s failed; trying again", ", ".join(self.paths))
             await asyncio.sleep(self.interval)
+
+
+class RulesWatcher(FilesWatcher):
+    """The rule file's watcher: its digest is the rules' digest (sha256 of the file)."""
+
+    def __init__(
+        self,
+        path: str,
+        in_force: Callable[[], str],
+        on_change: Callable[[], None],
+        interval: float,
+        settle: float = 0.2,
+        recheck: float = 5.0,
+    ) -> None:
+        super().__init__((path,), in_force, on_change, interval, settle, recheck)
+        self.path = path

@@ -19,7 +19,7 @@ import orjson
 import uvloop
 
 from router.config import Settings, parse_hostport
-from router.errors import RulesError
+from router.errors import ConfigError, RulesError
 from router.metrics import WorkerMetrics
 from router.rules.effective import Effective, apply_effective
 from router.server import (
@@ -35,6 +35,7 @@ from router.server import (
 if TYPE_CHECKING:
     from router.access_log import AccessLogWriter
     from router.rules import Snapshot
+    from router.tls import TlsTerminator
 
 log = logging.getLogger("grayroute.worker")
 _BACKLOG = 4096  # pending connections per worker socket
@@ -98,6 +99,7 @@ class Worker:
         self.report_fd = report_fd
         self.metrics = WorkerMetrics()
         self.access_log: AccessLogWriter | None = None
+        self.tls: TlsTerminator | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def run(self) -> int:
@@ -105,7 +107,7 @@ class Worker:
         self._stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: self._keep(self._reload(None)))
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
 
         _, self.report = await loop.connect_write_pipe(
             _ReportPipe, os.fdopen(self.report_fd, "wb", buffering=0)
@@ -139,18 +141,12 @@ class Worker:
             access_log=access_log,
         )
         self.digest = snapshot.digest
-        host, port = parse_hostport(self.settings.listen, "--listen")
         try:
-            sock = reuseport_socket(host, port)
-            sock.setblocking(False)
-        except OSError as exc:
-            log.error("cannot listen on %s: %s", self.settings.listen, exc.strerror or exc)
+            servers = await self._listen()
+        except (OSError, ConfigError) as exc:
+            log.error("%s", exc)
             await self.report.close(2.0)
             return EXIT_WORKER_SETUP
-        # The backlog is given here: create_server calls listen() again with its own
-        # (default 100, too short for bursts of new connections); the kernel caps it at
-        # net.core.somaxconn.
-        server = await loop.create_server(self.router.protocol_factory, sock=sock, backlog=_BACKLOG)
 
         self._keep(self._read_commands())
         self._keep(self._flush_metrics())
@@ -162,7 +158,8 @@ class Worker:
         await self._stop.wait()
 
         self.report.send({"ev": "draining"})
-        server.close()  # stop accepting; the other workers' sockets keep the port open
+        for server in servers:
+            server.close()  # stop accepting; the other workers' sockets keep the port open
         log.info(
             "draining %d client connections (up to %.1f s)",
             len(self.router.connections),
@@ -174,6 +171,8 @@ class Worker:
             )
         except TimeoutError:
             log.warning("drain did not finish in time; exiting anyway")
+        if self.tls is not None:
+            self.tls.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -183,6 +182,44 @@ class Worker:
         self.report.send({"ev": "bye"})
         await self.report.close(2.0)
         return 0
+
+    async def _listen(self) -> list[asyncio.AbstractServer]:
+        """A listening socket on each address, SO_REUSEPORT beside the other workers'.
+
+        Raises OSError (an address that cannot be bound) or ConfigError (certificates
+        that do not load), each with a message that names the flag.
+        """
+        loop = asyncio.get_running_loop()
+        settings = self.settings
+        listeners = [(settings.listen, "--listen")]
+        listeners += [(address, "--listen-tls") for address in settings.listen_tls]
+        if settings.listen_tls:
+            from router.tls import TlsTerminator, load_certificates
+
+            pairs = settings.tls_pairs
+            certificates = await loop.run_in_executor(None, load_certificates, pairs)
+            self.tls = TlsTerminator(certificates, pairs, self.metrics, settings.header_timeout)
+        servers: list[asyncio.AbstractServer] = []
+        for address, flag in listeners:
+            host, port = parse_hostport(address, flag)
+            try:
+                sock = reuseport_socket(host, port)
+                sock.setblocking(False)
+            except OSError as exc:
+                raise OSError(f"cannot listen on {flag} {address}: {exc.strerror or exc}") from exc
+            # The backlog is given here: create_server calls listen() again with its own
+            # (default 100, too short for bursts of new connections); the kernel caps it
+            # at net.core.somaxconn.
+            server: asyncio.AbstractServer
+            if flag == "--listen":
+                server = await loop.create_server(
+                    self.router.protocol_factory, sock=sock, backlog=_BACKLOG
+                )
+            else:
+                assert self.tls is not None
+                server = await self.tls.serve(sock, self.router.https_protocol_factory, _BACKLOG)
+            servers.append(server)
+        return servers
 
     def _keep(self, coro: Any) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coro)
@@ -235,6 +272,14 @@ class Worker:
                 self._keep(self._reload(str(digest) if digest else None))
             elif command.get("cmd") == "effective":
                 self._apply_effective(command)
+            elif command.get("cmd") == "tls_reload" and self.tls is not None:
+                self._keep(self.tls.reload())
+
+    def _on_sighup(self) -> None:
+        """SIGHUP sent to this worker alone: the rules and the certificates from the files."""
+        self._keep(self._reload(None))
+        if self.tls is not None:
+            self._keep(self.tls.reload())
 
     async def _load(self, expected: str | None) -> Snapshot:
         """Load the rule file; when it is not the `expected` digest, the saved copy of it."""

@@ -9,7 +9,10 @@
 - `threaded_proxy`: a backend and the router on an event loop in a thread of their own,
   for synchronous clients (hypothesis drives the router through blocking sockets).
 - `upstreams`: the demo upstreams v1 and v2 (router.demo).
-- `serve_router`: `grayroute serve` as a real subprocess (supervisor + workers); `poll`.
+- `serve_router`: `grayroute serve` as a real subprocess (supervisor + workers); `poll`;
+  `scrape` reads its /metrics.
+- `tls_ca`: a throw-away certificate authority (trustme) that issues certificates as
+  files, and client contexts that trust it; `proxy(..., tls=pairs)` adds a TLS listener.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import ssl
 import textwrap
 import threading
 import time
@@ -26,14 +30,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import trustme
 import uvloop
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from router.config import Settings
 from router.demo import DemoUpstream, RouterProcess, start_upstream
 from router.proxy import Router
 from router.rules import load_snapshot_text
+from router.server import reuseport_socket
+from router.tls import TlsTerminator, load_certificates
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -189,12 +198,14 @@ async def switchable() -> AsyncIterator[Callable[[str], Awaitable[Switchable]]]:
 
 # -- the router in this process ------------------------------------------------------------
 class RecordingMetrics:
-    """Counts what the proxy reports, for assertions."""
+    """Counts what the proxy (and router.tls) reports, for assertions."""
 
     def __init__(self) -> None:
         self.requests: Counter[tuple[str, str, int]] = Counter()
         self.errors: Counter[tuple[str, str]] = Counter()
         self.fallbacks: Counter[tuple[str, str]] = Counter()
+        self.handshakes: Counter[tuple[str, str]] = Counter()
+        self.handshake_failures: Counter[str] = Counter()
 
     def request_done(self, route: str, upstream: str, status: int, seconds: float) -> None:
         self.requests[(route, upstream, status)] += 1
@@ -205,6 +216,12 @@ class RecordingMetrics:
     def fell_back(self, upstream: str, fallback: str) -> None:
         self.fallbacks[(upstream, fallback)] += 1
 
+    def tls_handshake(self, certificate: str, version: str) -> None:
+        self.handshakes[(certificate, version)] += 1
+
+    def tls_handshake_failed(self, reason: str) -> None:
+        self.handshake_failures[reason] += 1
+
 
 @dataclass
 class RunningProxy:
@@ -212,6 +229,9 @@ class RunningProxy:
     metrics: RecordingMetrics
     server: asyncio.AbstractServer
     port: int
+    tls: TlsTerminator | None = None
+    tls_server: asyncio.AbstractServer | None = None
+    tls_port: int = 0
 
     @property
     def url(self) -> str:
@@ -226,20 +246,33 @@ async def proxy() -> AsyncIterator[Callable[..., Any]]:
     """`await proxy(rules_yaml, **settings)` runs the real Router in this event loop."""
     running: list[RunningProxy] = []
 
-    async def start(rules_yaml: str, **settings: Any) -> RunningProxy:
+    async def start(
+        rules_yaml: str, tls: list[tuple[str, str]] | None = None, **settings: Any
+    ) -> RunningProxy:
         snapshot = load_snapshot_text(textwrap.dedent(rules_yaml), "rules.yaml")
         metrics = RecordingMetrics()
-        router = Router(Settings(**settings), snapshot, metrics)
+        config = Settings(**settings)
+        router = Router(config, snapshot, metrics)
         loop = asyncio.get_running_loop()
         server = await loop.create_server(router.protocol_factory, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         rp = RunningProxy(router, metrics, server, port)
         running.append(rp)
+        if tls:
+            rp.tls = TlsTerminator(load_certificates(tls), tls, metrics, config.header_timeout)
+            sock = reuseport_socket("127.0.0.1", 0)
+            sock.setblocking(False)
+            rp.tls_server = await rp.tls.serve(sock, router.https_protocol_factory, 100)
+            rp.tls_port = sock.getsockname()[1]
         return rp
 
     yield start
     for rp in running:
         rp.server.close()
+        if rp.tls_server is not None:
+            rp.tls_server.close()
+        if rp.tls is not None:
+            rp.tls.close()
         await rp.router.drain(0.5)
         await rp.server.wait_closed()
 
@@ -357,6 +390,18 @@ async def serve_router(tmp_path: Path) -> AsyncIterator[Serve]:
         print(log.read_text())
 
 
+async def scrape(client: httpx.AsyncClient, router: RouterProcess) -> dict[tuple[str, ...], float]:
+    """/metrics as {(sample name, label=value, ...): value}."""
+    resp = await client.get(f"{router.admin_url}/metrics")
+    assert resp.status_code == 200
+    out: dict[tuple[str, ...], float] = {}
+    for family in text_string_to_metric_families(resp.text):
+        for s in family.samples:
+            key = (s.name, *(f"{k}={v}" for k, v in sorted(s.labels.items())))
+            out[key] = s.value
+    return out
+
+
 async def poll(check: Callable[[], Awaitable[Any]], timeout: float = 8.0) -> Any:
     """Call `check` until it returns something true; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -367,3 +412,38 @@ async def poll(check: Callable[[], Awaitable[Any]], timeout: float = 8.0) -> Any
             return last
         await asyncio.sleep(0.05)
     raise AssertionError(f"condition not met within {timeout} s (last: {last!r})")
+
+
+# -- TLS ---------------------------------------------------------------------------------
+class LocalCA:
+    """A certificate authority of this test only; certificates are written as PEM files."""
+
+    def __init__(self, directory: Path) -> None:
+        self.ca = trustme.CA()
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.cafile = self.dir / "ca.pem"
+        self.ca.cert_pem.write_to_path(str(self.cafile))
+        self._issued = 0
+
+    def issue(self, *names: str, directory: Path | None = None) -> tuple[str, str]:
+        """(certificate file, key file) for `names` (DNS names, `*.` wildcards)."""
+        self._issued += 1
+        where = directory or self.dir
+        where.mkdir(parents=True, exist_ok=True)
+        leaf = self.ca.issue_cert(*names)
+        cert = where / f"cert{self._issued}.pem"
+        key = where / f"key{self._issued}.pem"
+        cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+        leaf.private_key_pem.write_to_path(str(key))
+        return str(cert), str(key)
+
+    def client_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context()
+        self.ca.configure_trust(ctx)
+        return ctx
+
+
+@pytest.fixture
+def tls_ca(tmp_path: Path) -> LocalCA:
+    return LocalCA(tmp_path / "pki")

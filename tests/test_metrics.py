@@ -212,3 +212,29 @@ def test_snapshot_is_json_and_stable_when_idle() -> None:
     m = WorkerMetrics()
     m.request_done("r", "u", 200, 0.01)
     assert orjson.dumps(m.snapshot()) == orjson.dumps(m.snapshot())
+
+
+def test_tls_handshakes_are_summed_and_shown_only_with_tls() -> None:
+    state = SupervisorMetrics()
+    assert "grayroute_tls_" not in state.render().decode()  # no --listen-tls: no families
+    a, b = WorkerMetrics(), WorkerMetrics()
+    a.tls_handshake("api.example.com", "TLSv1.3")
+    a.tls_handshake("api.example.com", "TLSv1.3")
+    b.tls_handshake("api.example.com", "TLSv1.2")
+    b.tls_handshake_failed("version")
+    state.aggregator.update("a", wire(a))
+    state.aggregator.update("b", wire(b))
+    state.aggregator.retire("b")  # a dead worker's handshakes stay counted
+    state.certificates = [("api.example.com", "/etc/tls/tls.crt", 1767607200.0)]
+    state.certificate_reloads["failure"] = 1
+    s = samples(state)
+    assert s[("grayroute_tls_handshakes_total", "certificate=api.example.com",
+              "version=TLSv1.3")] == 2  # fmt: skip
+    assert s[("grayroute_tls_handshakes_total", "certificate=api.example.com",
+              "version=TLSv1.2")] == 1  # fmt: skip
+    assert s[("grayroute_tls_handshake_failures_total", "reason=version")] == 1
+    assert s[("grayroute_tls_certificate_expiry_timestamp_seconds",
+              "certificate=api.example.com", "file=/etc/tls/tls.crt")] == 1767607200.0  # fmt: skip
+    assert s[("grayroute_tls_certificate_reloads_total", "result=failure")] == 1
+    assert s[("grayroute_tls_certificate_reloads_total", "result=success")] == 0
+    assert "tls" not in WorkerMetrics().snapshot()  # nothing extra on the pipe without TLS

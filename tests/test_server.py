@@ -19,12 +19,11 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from router.demo import DemoUpstream, RouterProcess, RouterStartError
 from router.watch import RulesWatcher
 
-from conftest import Serve, poll
+from conftest import Serve, poll, scrape
 
 RULES = """\
 format: 1
@@ -62,18 +61,6 @@ def fresh_client(**kwargs: Any) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         limits=httpx.Limits(max_keepalive_connections=0), timeout=10.0, **kwargs
     )
-
-
-async def scrape(client: httpx.AsyncClient, router: RouterProcess) -> dict[tuple[str, ...], float]:
-    """/metrics as {(sample name, label=value, ...): value}."""
-    resp = await client.get(f"{router.admin_url}/metrics")
-    assert resp.status_code == 200
-    out: dict[tuple[str, ...], float] = {}
-    for family in text_string_to_metric_families(resp.text):
-        for s in family.samples:
-            key = (s.name, *(f"{k}={v}" for k, v in sorted(s.labels.items())))
-            out[key] = s.value
-    return out
 
 
 def requests_v(upstream: str, route: str = "all", cls: str = "2xx") -> tuple[str, ...]:
