@@ -47,14 +47,14 @@ class FilesWatcher:
 
     def __init__(
         self,
-        paths: Sequence[str],
+        paths: str | Sequence[str],
         in_force: Callable[[], str],
         on_change: Callable[[], None],
         interval: float,
         settle: float = 0.2,
         recheck: float = 5.0,
     ) -> None:
-        self.paths = tuple(paths)
+        self.paths = (paths,) if isinstance(paths, str) else tuple(paths)
         self.in_force = in_force
         self.on_change = on_change
         self.interval = interval
@@ -119,17 +119,5 @@ class FilesWatcher:
             await asyncio.sleep(self.interval)
 
 
-class RulesWatcher(FilesWatcher):
-    """The rule file's watcher: its digest is the rules' digest (sha256 of the file)."""
-
-    def __init__(
-        self,
-        path: str,
-        in_force: Callable[[], str],
-        on_change: Callable[[], None],
-        interval: float,
-        settle: float = 0.2,
-        recheck: float = 5.0,
-    ) -> None:
-        super().__init__((path,), in_force, on_change, interval, settle, recheck)
-        self.path = path
+# The supervisor's reload trigger: one path, whose digest is the rules' digest.
+RulesWatcher = FilesWatcher
