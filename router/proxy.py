@@ -208,7 +208,7 @@ class Router:
         # What each header name means, learnt once per spelling instead of lower-casing
         # every name of every request; reset with the rules (they decide what is wanted).
         self.header_info: dict[bytes, _HeaderInfo] = {}
-        self.matches_hosts = any(route.model.match.hosts for route in snapshot.routes)
+        self.matches_hosts = snapshot.uses_host
         # Lua routes see every header as nginx does (repeated ones, framing headers too).
         self.keeps_raw_headers = snapshot.wants_raw_headers
         self.snapshot = snapshot
@@ -756,7 +756,11 @@ class HttpProxyProtocol(asyncio.Protocol):
         conn.begin(self, head_only=req.method == b"HEAD")
         if req.decision is not None and req.decision.request_headers:
             _apply_script_headers(req, req.decision.request_headers)
-        parts = [req.method, b" ", req.url, b" HTTP/1.1\r\n"]
+        # A route that rewrites the path (prefix_rewrite, regex_rewrite) changes only what
+        # the upstream is asked for; the log keeps the client's target.
+        target = req.decision.target if req.decision is not None else None
+        url = req.url if target is None else target.encode("latin-1")
+        parts = [req.method, b" ", url, b" HTTP/1.1\r\n"]
         for name, value in req.headers:
             parts += (name, b": ", value, _CRLF)
         if req.host is None:
@@ -938,7 +942,8 @@ class HttpProxyProtocol(asyncio.Protocol):
         self._finish(req)
 
     def _answer_for_script(self, req: _Request, decision: Decision) -> None:
-        """A Lua route answered itself: ngx.exit, ngx.redirect, or a script failure."""
+        """The route answered itself: direct_response, redirect, a Lua script's ngx.exit
+        or ngx.redirect, or a script failure."""
         status = decision.status
         if status == 444:  # nginx's "close the connection without an answer"
             self._drop_upstream(req)

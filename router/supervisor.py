@@ -727,15 +727,7 @@ def describe_routes(snapshot: Snapshot) -> list[dict[str, Any]]:
         match = route.match
         summary: dict[str, Any] = {
             "name": route.name,
-            "match": {
-                k: v
-                for k, v in (
-                    ("hosts", match.hosts),
-                    ("path_prefix", match.path_prefix),
-                    ("methods", match.methods),
-                )
-                if v is not None
-            },
+            "match": match.written(),
             "user_id": [src.label for src in ruleset.sources_of(route)],
             "pins": [{"to": pin.to, "when": list(pin.conditions)} for pin in route.pins],
         }
@@ -744,5 +736,9 @@ def describe_routes(snapshot: Snapshot) -> list[dict[str, Any]]:
         if route.split is not None:
             summary["split"] = dict(route.split.weights)
             summary["salt"] = route.salt
+        if route.direct_response is not None:
+            summary["direct_response"] = {"status": route.direct_response.status}
+        if route.redirect is not None:
+            summary["redirect"] = {"status": route.redirect.status}
         out.append(summary)
     return out

@@ -203,7 +203,8 @@ def test_split_clients_unmatched_goes_where_the_file_says(tmp_path: Path) -> Non
         ),
         (
             "  - name: x\n    to: v1\n    lua: {file: scripts/gray.lua}\n",
-            "a route has one of `to`, `split`, `split_clients` and `lua`",
+            "a route has one of `to`, `split`, `split_clients`, `lua`, `direct_response` and "
+            "`redirect`",
         ),
         (
             '  - name: x\n    split_clients: {key: "$arg_u",'

@@ -125,8 +125,11 @@ def test_load_snapshot_digest_of_file_bytes(tmp_path: Path) -> None:
 
 def test_load_snapshot_raises_with_every_problem(tmp_path: Path) -> None:
     path = tmp_path / "r.yaml"
-    path.write_text(RULES.replace("to: v1\n  - name: upload", "to: v9\n  - name: upload")
-                    .replace("split: {v1: 1, v2: 1}", "split: {v1: -1, v2: 1}"))
+    path.write_text(
+        RULES.replace("to: v1\n  - name: upload", "to: v9\n  - name: upload").replace(
+            "split: {v1: 1, v2: 1}", "split: {v1: -1, v2: 1}"
+        )
+    )
     with pytest.raises(RulesError) as info:
         load_snapshot(str(path))
     assert [(p.line, p.path) for p in info.value.problems] == [
@@ -161,16 +164,20 @@ def test_match_route_basics() -> None:
 
 
 def test_ipv6_hosts_match_with_or_without_brackets() -> None:
-    s = snap("format: 1\nupstreams: {a: {endpoints: ['h:1']}}\n"
-             "routes: [{name: r, to: a, match: {hosts: ['[::1]', '2001:db8::1']}}]\n")
+    s = snap(
+        "format: 1\nupstreams: {a: {endpoints: ['h:1']}}\n"
+        "routes: [{name: r, to: a, match: {hosts: ['[::1]', '2001:db8::1']}}]\n"
+    )
     for host in ("::1", "[::1]", "2001:db8::1", "[2001:db8::1]"):
         assert s.match_route(view("/", host)) is not None, host
     assert s.match_route(view("/", "[::2]")) is None
 
 
 def test_no_route() -> None:
-    s = snap("format: 1\nupstreams: {a: {endpoints: ['h:1']}}\n"
-             "routes: [{name: r, to: a, match: {hosts: [x.com]}}]\n")
+    s = snap(
+        "format: 1\nupstreams: {a: {endpoints: ['h:1']}}\n"
+        "routes: [{name: r, to: a, match: {hosts: [x.com]}}]\n"
+    )
     assert s.match_route(view("/", "y.com")) is None
     assert s.match_route(view("/", "x.com")) is not None
 
@@ -222,6 +229,111 @@ def test_index_agrees_with_first_match_wins_scan() -> None:
             assert (got.name if got else None) == expected, (trial, v.host, v.path, v.method)
 
 
+def _holds(r: dict[str, object], v: RequestView, named: list[str], regexes: list[str]) -> bool:
+    """The documented meaning of every match condition, one route at a time."""
+    import re
+
+    def host_ok(pattern: str, host: str) -> bool:
+        if pattern.startswith("*."):
+            return host.endswith(pattern[1:]) and len(host) > len(pattern) - 1
+        if pattern.endswith(".*"):
+            return host.startswith(pattern[:-1]) and len(host) > len(pattern) - 1
+        return host == pattern
+
+    hosts = r.get("hosts")
+    if hosts is not None and not any(host_ok(h, v.host) for h in hosts):  # type: ignore[attr-defined]
+        return False
+    host_regex = r.get("host_regex")
+    if host_regex is not None and re.search(str(host_regex), v.host) is None:
+        return False
+    if r.get("default_host") and (
+        any(host_ok(h, v.host) for h in named) or any(re.search(rx, v.host) for rx in regexes)
+    ):
+        return False
+    prefix, exact, regex = r.get("path_prefix"), r.get("path_exact"), r.get("path_regex")
+    if prefix is not None and not v.path.startswith(str(prefix)):
+        return False
+    if exact is not None and v.path != exact:
+        return False
+    if regex is not None and re.search(str(regex), v.path) is None:
+        return False
+    methods = r.get("methods")
+    return methods is None or v.method in methods  # type: ignore[operator]
+
+
+def test_index_agrees_with_a_scan_for_every_condition() -> None:
+    """Exact and regex paths, wildcard and regex hosts and default_host, in any order."""
+    rng = random.Random(11)
+    host_patterns = ["a.com", "b.a.com", "*.a.com", "www.a.*", "*.b.a.com", "x.org"]
+    host_regexes = ["^api[0-9]+\\.", "org$"]
+    requests_hosts = ["a.com", "b.a.com", "c.b.a.com", "www.a.com", "www.a.co.uk", "x.org",
+                      "api7.x.org", "api.a.com", "www.a", "other.net", ""]  # fmt: skip
+    paths = ["/", "/a", "/ab", "/a/b", "/health", "/v1/x", "/v2/x", "/x.php", "/abc"]
+    conditions = [
+        ("path_prefix", ["/", "/a", "/ab", "/v1"]),
+        ("path_exact", ["/", "/a", "/health", "/a/b"]),
+        ("path_regex", ["^/v[0-9]/", "\\.php$", "b"]),
+    ]
+    for trial in range(40):
+        routes: list[dict[str, object]] = []
+        for i in range(rng.randint(1, 14)):
+            r: dict[str, object] = {"name": f"r{i}"}
+            roll = rng.random()
+            if roll < 0.35:
+                r["hosts"] = rng.sample(host_patterns, rng.randint(1, 2))
+            elif roll < 0.5:
+                r["host_regex"] = rng.choice(host_regexes)
+            elif roll < 0.65:
+                r["default_host"] = True
+            if rng.random() < 0.8:
+                key, values = rng.choice(conditions)
+                r[key] = rng.choice(values)
+            if rng.random() < 0.3:
+                r["methods"] = rng.sample(["GET", "POST"], 1)
+            routes.append(r)
+        lines = ["format: 1", "upstreams: {a: {endpoints: ['h:1']}}", "routes:"]
+        for r in routes:
+            match = {k: v for k, v in r.items() if k != "name"}
+            lines.append(f"  - name: {r['name']}\n    to: a")
+            if match:
+                lines.append(f"    match: {match!r}".replace("'", '"').replace("True", "true"))
+        s = snap("\n".join(lines) + "\n")
+        named = [h for r in routes for h in r.get("hosts", [])]  # type: ignore[attr-defined]
+        regexes = [str(r["host_regex"]) for r in routes if "host_regex" in r]
+        for _ in range(80):
+            v = view(rng.choice(paths), rng.choice(requests_hosts), rng.choice(["GET", "POST"]))
+            got = s.match_route(v)
+            expected = next((r["name"] for r in routes if _holds(r, v, named, regexes)), None)
+            assert (got.name if got else None) == expected, (trial, v.host, v.path, v.method)
+            again = s.match_route(v)  # the second lookup of a name is remembered
+            assert (again.name if again else None) == expected
+
+
+def test_a_host_lookup_is_remembered_for_a_bounded_number_of_names() -> None:
+    from router.rules.hosts import HOST_CACHE_SIZE
+
+    s = snap(
+        "format: 1\nupstreams: {a: {endpoints: ['h:1']}}\nroutes:\n"
+        "  - {name: wild, match: {hosts: ['*.a.com']}, to: a}\n"
+        "  - {name: other, match: {default_host: true}, to: a}\n"
+    )
+    assert s.host_patterns is not None
+    for i in range(HOST_CACHE_SIZE + 50):
+        route = s.match_route(view("/", f"h{i}.a.com" if i % 2 else f"h{i}.b.com"))
+        assert route is not None and route.name == ("wild" if i % 2 else "other")
+    assert len(s.host_patterns._by_host) == HOST_CACHE_SIZE
+    assert len(s.host_patterns._by_signature) == 1  # every *.a.com name shares one table
+
+
+def test_uses_host() -> None:
+    base = "format: 1\nupstreams: {a: {endpoints: ['h:1']}}\nroutes:\n"
+    assert not snap(base + "  - {name: r, to: a}\n").uses_host
+    assert snap(base + "  - {name: r, match: {host_regex: x}, to: a}\n").uses_host
+    assert snap(base + "  - {name: r, match: {default_host: true}, to: a}\n").uses_host
+    assert snap(base + "  - {name: r, redirect: {scheme: https}}\n").uses_host
+    assert not snap(base + "  - {name: r, redirect: {scheme: https, host: b.com}}\n").uses_host
+
+
 # -- wants_body -----------------------------------------------------------------------
 
 
@@ -262,8 +374,10 @@ def test_wants_body_only_for_routes_with_body_sources() -> None:
 
 
 def body_route(sources: str, limit: str = "64KiB") -> CompiledRoute:
-    s = snap(f"format: 1\nupstreams: {{a: {{endpoints: ['h:1']}}}}\nbody_limit: {limit}\n"
-             f"user_id: {sources}\nroutes: [{{name: r, to: a}}]\n")
+    s = snap(
+        f"format: 1\nupstreams: {{a: {{endpoints: ['h:1']}}}}\nbody_limit: {limit}\n"
+        f"user_id: {sources}\nroutes: [{{name: r, to: a}}]\n"
+    )
     return s.routes[0]
 
 

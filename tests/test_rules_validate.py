@@ -246,8 +246,26 @@ def test_match_is_normalised() -> None:
     [
         ("{hosts: [a.com:8080]}", "routes[0].match.hosts[0]: `a.com:8080` has a port "
                                   "(leave out the port; hosts are matched without it)"),
-        ("{hosts: ['*.a.com']}", "routes[0].match.hosts[0]: `*.a.com`: wildcards are not "
-                                 "supported (list each host; hosts are matched exactly)"),
+        ("{hosts: ['a.*.com']}", "routes[0].match.hosts[0]: `a.*.com`: a wildcard is a whole "
+                                 "first or last label (write *.example.com (names ending in "
+                                 ".example.com) or www.example.* (names starting with "
+                                 "www.example.))"),
+        ("{hosts: ['*']}", "routes[0].match.hosts[0]: `*` alone matches every host (remove "
+                           "`hosts` to match every host)"),
+        ("{path_prefix: /a, path_exact: /b}", "routes[0].match.path_exact: a match has one of "
+                                              "`path_prefix`, `path_exact` and `path_regex` "
+                                              "(keep one; a route per path covers several)"),
+        ("{path_regex: '^/a('}", "routes[0].match.path_regex: bad regular expression: missing ), "
+                                 "unterminated subpattern at position 3 (check brackets and "
+                                 "escapes; in YAML double quotes write \\\\ for \\)"),
+        ("{hosts: [a.com], default_host: true}", "routes[0].match.default_host: `default_host` "
+                                                 "holds only for hosts no route names, so it "
+                                                 "cannot go with `hosts` (make two routes: one "
+                                                 "for the named hosts, one for the others)"),
+        ("{default_host: yes please}", "routes[0].match.default_host: expected true or false, "
+                                       "found `yes please` (write `default_host: true`)"),
+        ("{path_exact: health}", "routes[0].match.path_exact: `health` does not start with / "
+                                 "(write /health)"),
         ("{hosts: [http://a.com]}", "routes[0].match.hosts[0]: `http://a.com` is not a host "
                                     "name (write only the host, e.g. api.example.com)"),
         ("{hosts: []}", "routes[0].match.hosts: empty list: the route would never match "

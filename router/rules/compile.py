@@ -3,8 +3,9 @@
 The snapshot is frozen and swapped whole on reload; requests in flight keep the one they
 began with. What is precomputed, so a request pays only for what depends on it:
 
-    route lookup    a dict by host, then by method, then one dict probe per distinct
-                    path-prefix length (first route in file order still wins)
+    route lookup    a dict by host, then by method, then one dict probe for exact paths
+                    and one per distinct path-prefix length, then path regexes only
+                    where routes have them (first route in file order still wins)
     user ID         lower-cased header names, parsed JSON paths, source labels
     pins            closures over frozensets, merged sorted ranges, compiled regexes,
                     integer networks; every `reason` string
@@ -12,10 +13,14 @@ began with. What is precomputed, so a request pays only for what depends on it:
                     weights (random, without a user ID); every `reason` string
     split_clients   nginx's cumulative thresholds; lua: the script compiled into this
                     worker's LuaJIT state (lua_routes.py builds both as `action`)
+    answers         direct_response bodies and redirect Locations' fixed parts, path
+                    rewrites (direct.py)
+    hosts           exact names in a dict; wildcards and host_regex resolved once per
+                    name and remembered (hosts.py)
 
 The proxy relies on: Snapshot.source, .digest, .upstreams (name -> UpstreamSpec),
 .fallbacks (name -> the upstreams its requests fall back to, in order), .header_names,
-.uses_client_ip, .routes, .match_route(view), .wants_raw_headers;
+.uses_client_ip, .uses_host, .routes, .match_route(view), .wants_raw_headers;
 CompiledRoute.name, .body_limit, .wants_body(view).
 """
 
@@ -30,10 +35,11 @@ from random import random
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from router.rules import lua_routes
+from router.rules import direct, lua_routes
 from router.rules.fallback import fallback_chains, file_fallbacks
 from router.rules.hashing import prepared
-from router.rules.model import Pin, Route, RuleSet, Split, Upstream
+from router.rules.hosts import HostPatterns, host_matches, is_wildcard
+from router.rules.model import Match, Pin, Route, RuleSet, Split, Upstream
 from router.rules.user_id import (
     COOKIE,
     FORM,
@@ -135,10 +141,12 @@ class CompiledRoute:
     # body kind (JSON/FORM) -> the head sources listed before the first source of that kind
     body_heads: Mapping[int, tuple[Source, ...]] = field(repr=False)
     # split_clients / lua: (route, view, user_id, source) -> Decision (lua_routes.py)
-    action: Callable[[CompiledRoute, RequestView, str | None, str | None], Decision] | None = (
-        field(default=None, repr=False)
+    action: Callable[[CompiledRoute, RequestView, str | None, str | None], Decision] | None = field(
+        default=None, repr=False
     )
     action_reads_body: bool = False  # a Lua script that reads the request body
+    # prefix_rewrite / regex_rewrite: the request's path -> the path sent upstream
+    rewrite: Callable[[str], str] | None = field(default=None, repr=False)
 
     def wants_body(self, view: RequestView) -> bool:
         """True only when holding the body could change this route's decision.
@@ -159,12 +167,17 @@ class CompiledRoute:
 
 
 # Route lookup tables. A bucket holds the routes whose host and method conditions hold
-# for one (host, method) key, as groups of (prefix length, {prefix: (position, route)},
-# lowest position in the group), ordered by that lowest position.
+# for one (host, method) key: the prefix routes as groups of (prefix length, {prefix:
+# (position, route)}, lowest position in the group), ordered by that lowest position;
+# the path_exact routes as {path: (position, route)}; the path_regex routes as
+# (position, search, route) in file order. Exact paths and prefixes cost one dict probe
+# each; regexes are searched only in buckets that have them.
 _Group = tuple[int, dict[str, tuple[int, CompiledRoute]], int]
-_Bucket = tuple[_Group, ...]
+_Regex = tuple[int, "Callable[[str], object]", CompiledRoute]
+_Bucket = tuple[tuple[_Group, ...], dict[str, tuple[int, CompiledRoute]], tuple[_Regex, ...]]
 _MethodIndex = tuple[dict[str, _Bucket], _Bucket]  # (by method, any other method)
 _NOT_FOUND = 1 << 62
+_EMPTY_BUCKET: _Bucket = ((), {}, ())
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +191,9 @@ class Snapshot:
     ruleset: RuleSet = field(repr=False)
     warnings: tuple[Problem, ...] = field(default=(), repr=False)
     by_host: dict[str, _MethodIndex] = field(default_factory=dict, repr=False)
-    other_host: _MethodIndex = field(default=({}, ()), repr=False)
+    other_host: _MethodIndex = field(default=({}, _EMPTY_BUCKET), repr=False)
+    # Wildcard hosts and host_regex: the lookup of names not in by_host (None: none).
+    host_patterns: HostPatterns[_MethodIndex] | None = field(default=None, repr=False)
     # A Lua script may read any header: give RequestView.raw_headers (all, in order).
     wants_raw_headers: bool = False
     # upstream -> where its requests go while it has no endpoint up, in the order tried:
@@ -186,24 +201,37 @@ class Snapshot:
     fallbacks: Mapping[str, tuple[str, ...]] = field(
         default_factory=lambda: MappingProxyType({}), repr=False
     )
+    # Some route looks at the Host (hosts, host_regex, default_host, a redirect's host).
+    uses_host: bool = False
 
     def match_route(self, view: RequestView) -> CompiledRoute | None:
         """The first route (file order) whose match holds for the request, or None."""
         methods = self.by_host.get(view.host)
         if methods is None:
-            methods = self.other_host
+            patterns = self.host_patterns
+            methods = self.other_host if patterns is None else patterns.lookup(view.host)
         bucket = methods[0].get(view.method)
         if bucket is None:
             bucket = methods[1]
+        groups, exact, regexes = bucket
         path = view.path
         best: CompiledRoute | None = None
         best_pos = _NOT_FOUND
-        for length, prefixes, lowest in bucket:
+        if exact:
+            hit = exact.get(path)
+            if hit is not None:
+                best_pos, best = hit
+        for length, prefixes, lowest in groups:
             if lowest >= best_pos:
                 break  # every later group starts after the route already found
             hit = prefixes.get(path[:length])
             if hit is not None and hit[0] < best_pos:
                 best_pos, best = hit
+        for position, search, route in regexes:
+            if position >= best_pos:
+                break
+            if search(path) is not None:
+                return route
         return best
 
 
@@ -217,6 +245,9 @@ def compile_ruleset(
         if r.lua is not None or r.split_clients is not None:
             actions[r.name] = got = lua_routes.compile_action(ruleset, r)
             header_names.update(got[2])
+        elif r.answers_itself:
+            answer = direct.compile_answer(r.name, r.direct_response, r.redirect)
+            actions[r.name] = (answer, False, frozenset(), False)
     routes = tuple(_compile_route(ruleset, r, actions.get(r.name)) for r in ruleset.routes)
     uses_client_ip = False
     for route, compiled in zip(ruleset.routes, routes, strict=True):
@@ -231,7 +262,7 @@ def compile_ruleset(
             for name, _ in pin.headers or ():
                 header_names.add(name.lower())
             uses_client_ip = uses_client_ip or pin.client_cidrs is not None
-    by_host, other_host = _route_index(ruleset.routes, routes)
+    by_host, other_host, host_patterns = _route_index(ruleset.routes, routes)
     return Snapshot(
         source=source,
         digest=digest,
@@ -243,8 +274,13 @@ def compile_ruleset(
         warnings=warnings,
         by_host=by_host,
         other_host=other_host,
+        host_patterns=host_patterns,
         wants_raw_headers=any(a[3] for a in actions.values()),
         fallbacks=fallback_chains(file_fallbacks(ruleset)),
+        uses_host=any(
+            r.match.names_hosts or (r.redirect is not None and r.redirect.uses_request_host)
+            for r in ruleset.routes
+        ),
     )
 
 
@@ -283,6 +319,7 @@ def _compile_route(
         body_heads=MappingProxyType(body_heads),
         action=None if action is None else action[0],  # type: ignore[arg-type]
         action_reads_body=action is not None and action[1],
+        rewrite=None if route.rewrite is None else direct.compile_rewrite(route.rewrite),
     )
 
 
@@ -474,21 +511,34 @@ def ip_number(text: str) -> tuple[int, int] | None:
 
 def _route_index(
     models: tuple[Route, ...], routes: tuple[CompiledRoute, ...]
-) -> tuple[dict[str, _MethodIndex], _MethodIndex]:
-    named_hosts = {h for r in models for h in r.match.hosts or ()}
+) -> tuple[dict[str, _MethodIndex], _MethodIndex, HostPatterns[_MethodIndex] | None]:
+    named_hosts = {h for r in models for h in r.match.hosts or () if not is_wildcard(h)}
+    wildcards = sorted({h for r in models for h in r.match.hosts or () if is_wildcard(h)})
+    regexes = sorted({r.match.host_regex for r in models if r.match.host_regex is not None})
+    searches = {rx: re.compile(rx).search for rx in regexes}
     # An IPv6 host is stored without brackets; index it with them too, so a view whose
     # host kept the brackets of the Host header ("[::1]") finds it as well.
     keys = sorted(named_hosts | {f"[{h}]" for h in named_hosts if ":" in h})
     named_methods = sorted({m for r in models for m in r.match.methods or ()})
     shared: dict[tuple[int, ...], _Bucket] = {}  # identical candidate lists share a bucket
 
-    def bucket(key: str | None, method: str | None) -> _Bucket:
-        host = key[1:-1] if key is not None and key.startswith("[") else key
+    def host_holds(match: Match, host: str | None) -> bool:
+        """The host conditions of `match` hold for `host` (None: a name no route names)."""
+        if match.default_host:
+            return host is None
+        if match.hosts is not None and (
+            host is None or not any(host_matches(p, host) for p in match.hosts)
+        ):
+            return False
+        return match.host_regex is None or (
+            host is not None and searches[match.host_regex](host) is not None
+        )
+
+    def bucket(host: str | None, method: str | None) -> _Bucket:
         positions = tuple(
             i
             for i, r in enumerate(models)
-            if (r.match.hosts is None or host in r.match.hosts)
-            and (r.match.methods is None or method in r.match.methods)
+            if host_holds(r.match, host) and (r.match.methods is None or method in r.match.methods)
         )
         found = shared.get(positions)
         if found is None:
@@ -498,16 +548,58 @@ def _route_index(
     def method_index(host: str | None) -> _MethodIndex:
         return {m: bucket(host, m) for m in named_methods}, bucket(host, None)
 
-    return {h: method_index(h) for h in keys}, method_index(None)
+    def by_key(key: str) -> _MethodIndex:
+        return method_index(key[1:-1] if key.startswith("[") else key)
+
+    by_host = {k: by_key(k) for k in keys}
+    other = method_index(None)
+    if not wildcards and not regexes:
+        return by_host, other, None
+    ids = [*wildcards, *regexes]
+
+    def for_signature(signature: tuple[int, ...]) -> _MethodIndex:
+        # Any name with this signature decides the same way: the patterns that match it
+        # are the ones listed, and no exact name does (those are in by_host).
+        held = {ids[i] for i in signature}
+
+        def holds(match: Match) -> bool:
+            if match.default_host:
+                return False
+            if match.hosts is not None and not any(p in held for p in match.hosts):
+                return False
+            return match.host_regex is None or match.host_regex in held
+
+        def sig_bucket(method: str | None) -> _Bucket:
+            positions = tuple(
+                i
+                for i, r in enumerate(models)
+                if holds(r.match) and (r.match.methods is None or method in r.match.methods)
+            )
+            found = shared.get(positions)
+            if found is None:
+                found = shared[positions] = _bucket(positions, models, routes)
+            return found
+
+        return {m: sig_bucket(m) for m in named_methods}, sig_bucket(None)
+
+    return by_host, other, HostPatterns(wildcards, regexes, for_signature, other)
 
 
 def _bucket(
     positions: tuple[int, ...], models: tuple[Route, ...], routes: tuple[CompiledRoute, ...]
 ) -> _Bucket:
     groups: dict[int, dict[str, tuple[int, CompiledRoute]]] = {}
+    exact: dict[str, tuple[int, CompiledRoute]] = {}
+    regexes: list[_Regex] = []
     for i in positions:
-        prefix = models[i].match.path_prefix or ""
-        groups.setdefault(len(prefix), {}).setdefault(prefix, (i, routes[i]))
+        match = models[i].match
+        if match.path_exact is not None:
+            exact.setdefault(match.path_exact, (i, routes[i]))
+        elif match.path_regex is not None:
+            regexes.append((i, re.compile(match.path_regex).search, routes[i]))
+        else:
+            prefix = match.path_prefix or ""
+            groups.setdefault(len(prefix), {}).setdefault(prefix, (i, routes[i]))
     ordered = sorted(
         (
             (length, table, min(pos for pos, _ in table.values()))
@@ -515,4 +607,4 @@ def _bucket(
         ),
         key=lambda g: g[2],
     )
-    return tuple(ordered)
+    return tuple(ordered), exact, tuple(regexes)

@@ -4,11 +4,13 @@
 every line it reads; both must get the same answer for the same input. The order is
 the rule file's:
 
-    1. the route: the first whose match holds (hosts, path_prefix, methods)
+    1. the route: the first whose match holds (hosts, paths, methods)
     2. the user ID: the first of the route's sources that yields one
     3. the pins, in order: the first that holds decides
     4. the route's `to`, or its split: sticky by user ID, at random without one; or its
-       split_clients / Lua script (`CompiledRoute.action`, see lua_routes.py)
+       split_clients / Lua script (`CompiledRoute.action`, see lua_routes.py), or the
+       route's own answer (direct_response, redirect: direct.py)
+    5. the path sent upstream, when the route rewrites it (prefix_rewrite, regex_rewrite)
 
 Everything that does not depend on the request was prepared by compile.py, so this
 costs a few dict probes, one hash when a split (or user_percent) needs it, and one
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "NO_ROUTE_REASON",
+    "AnswerDecision",
     "Decision",
     "RequestView",
     "decide",
@@ -94,17 +97,20 @@ class Decision:
     ``split by user ID -> orders-v1 (weights orders-v1=95, orders-v1.1=5)``; every reason
     string is built when the rules load, so a decision allocates nothing else.
 
-    `status` is 0 when the request goes to `upstream`. A Lua route may instead answer
-    itself: `status` is then the answer's status (ngx.exit, a script failure with no
-    fallback: 500), with `location` for a redirect (ngx.redirect), 444 meaning "close
-    the connection without an answer", and `body`/`response_headers` for what the script
-    wrote (ngx.say, ngx.header). `request_headers` are the script's
+    `status` is 0 when the request goes to `upstream`. A route may instead answer
+    itself (AnswerDecision): `status` is then the answer's status (direct_response,
+    redirect, a Lua script's ngx.exit, a script failure with no fallback: 500), with
+    `location` for a redirect, 444 meaning "close the connection without an answer",
+    and `body`/`response_headers` for what the answer carries (direct_response, a
+    script's ngx.say, ngx.header). `request_headers` are a script's
     ngx.req.set_header/clear_header changes for the upstream request (None: remove).
+    `target` is the request target sent upstream when the route rewrites the path
+    (prefix_rewrite, regex_rewrite), else None: the client's target is sent as it came.
     """
 
-    __slots__ = ("reason", "route", "upstream", "user_id", "user_id_source")
+    __slots__ = ("reason", "route", "target", "upstream", "user_id", "user_id_source")
 
-    # What only a Lua route's decision carries (lua_routes.LuaDecision has them as slots):
+    # What only an AnswerDecision carries (it has them as slots):
     # class attributes here, so that every other decision costs nothing more.
     status: int = 0
     location: str | None = None
@@ -125,6 +131,7 @@ class Decision:
         self.user_id = user_id
         self.user_id_source = user_id_source
         self.reason = reason
+        self.target: str | None = None
 
     def as_dict(self) -> dict[str, str | None]:
         d: dict[str, str | None] = {
@@ -138,7 +145,32 @@ class Decision:
             d["status"] = str(self.status)
             if self.location is not None:
                 d["location"] = self.location
+        if self.target is not None:
+            d["target"] = self.target
         return d
+
+
+class AnswerDecision(Decision):
+    """A decision that may answer the request itself (`status` != 0) or change the
+    request's headers on the way to the upstream (see Decision)."""
+
+    __slots__ = ("body", "location", "request_headers", "response_headers", "status")
+
+    def __init__(
+        self,
+        route: str | None,
+        upstream: str | None,
+        user_id: str | None,
+        user_id_source: str | None,
+        reason: str,
+        status: int = 0,
+    ) -> None:
+        super().__init__(route, upstream, user_id, user_id_source, reason)
+        self.status = status
+        self.location = None
+        self.body = b""
+        self.request_headers = ()
+        self.response_headers = ()
 
 
 def decide(snapshot: Snapshot, view: RequestView, route: CompiledRoute | None = None) -> Decision:
@@ -147,6 +179,16 @@ def decide(snapshot: Snapshot, view: RequestView, route: CompiledRoute | None = 
         route = snapshot.match_route(view)
         if route is None:
             return Decision(None, None, None, None, NO_ROUTE_REASON)
+    d = _decide_in_route(route, view)
+    rewrite = route.rewrite
+    if rewrite is not None and d.upstream is not None and not d.status:
+        path = rewrite(view.path)
+        query = view.query
+        d.target = f"{path}?{query}" if query else path
+    return d
+
+
+def _decide_in_route(route: CompiledRoute, view: RequestView) -> Decision:
     user_id, source = extract_user_id(route.sources, view) if route.sources else (None, None)
     if user_id is None:
         for pin in route.anon_pins:  # conditions on the user ID cannot hold
@@ -160,7 +202,7 @@ def decide(snapshot: Snapshot, view: RequestView, route: CompiledRoute | None = 
     if to is not None:
         return Decision(route.name, to, user_id, source, route.to_reason)
     action = route.action
-    if action is not None:  # split_clients or a Lua script (lua_routes.py)
+    if action is not None:  # split_clients, Lua, direct_response, redirect
         return action(route, view, user_id, source)
     split = route.split
     assert split is not None  # validated: exactly one of `to`, `split` and the actions

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Final
 
 from lua_compat.ngx import DEFAULT_BODY_BUFFER_SIZE, Effect, EffectKind, NgxRequest
 from lua_compat.split_clients import KeyTemplate, SplitClients, SplitClientsError
-from router.rules.decide import Decision
+from router.rules.decide import AnswerDecision, Decision
 from router.rules.load import MapNode, ScalarNode, SeqNode
 from router.rules.model import LuaAction, SplitClientsMode
 
@@ -468,27 +468,8 @@ class _LuaRoute:
         return d
 
 
-class LuaDecision(Decision):
-    """A Lua route's decision: it may answer the request itself (`status` != 0) and
-    change the request's headers on the way to the upstream (see Decision)."""
-
-    __slots__ = ("body", "location", "request_headers", "response_headers", "status")
-
-    def __init__(
-        self,
-        route: str | None,
-        upstream: str | None,
-        user_id: str | None,
-        user_id_source: str | None,
-        reason: str,
-        status: int = 0,
-    ) -> None:
-        super().__init__(route, upstream, user_id, user_id_source, reason)
-        self.status = status
-        self.location = None
-        self.body = b""
-        self.request_headers = ()
-        self.response_headers = ()
+# A Lua route's decision may answer the request itself and change request headers.
+LuaDecision = AnswerDecision
 
 
 def _decision(

@@ -10,14 +10,18 @@ nothing on the hot path reads these classes.
     │                       fallback)
     ├── user_id:   UserIdSource(kind, name) ...       the file's sources, in order
     ├── body_limit
-    ├── routes:    Route(name, match, pins, to | split | split_clients | lua, salt,
-    │              │       user_id, body_limit)
-    │              ├── Match(hosts, path_prefix, methods)
+    ├── routes:    Route(name, match, pins, to | split | split_clients | lua
+    │              │       | direct_response | redirect, salt, user_id, body_limit, rewrite)
+    │              ├── Match(hosts, host_regex, default_host, path_prefix | path_exact
+    │              │         | path_regex, methods)
     │              ├── Pin(to, users, user_ranges, user_suffixes, user_pattern,
     │              │       user_percent, headers, client_cidrs)
     │              ├── Split(weights, replicas)
     │              ├── SplitClientsMode(key, buckets, unmatched)     nginx split_clients
-    │              └── LuaAction(file, phase, var, map, default, fallback, ...)
+    │              ├── LuaAction(file, phase, var, map, default, fallback, ...)
+    │              ├── DirectResponse(status, body)        the route answers itself
+    │              ├── Redirect(status, scheme, host, port, path rewrite, strip_query)
+    │              └── PathRewrite(prefix | regex, substitution)   toward the upstream
     └── lua_shared_dicts: (name, size) ...           nginx lua_shared_dict
 """
 
@@ -84,15 +88,51 @@ class UserIdSource:
 
 @dataclass(frozen=True, slots=True)
 class Match:
-    """Absent conditions (None) hold for every request."""
+    """Absent conditions (None, False) hold for every request.
+
+    `hosts` are lower-case names: exact, or wildcards `*.example.com` (any name ending
+    in `.example.com`) and `www.example.*` (any name starting with `www.example.`).
+    At most one of `path_prefix`, `path_exact` and `path_regex` is given.
+    `default_host`: the Host matches no route's `hosts` or `host_regex` (hosts.py).
+    """
 
     hosts: tuple[str, ...] | None = None  # lower-case
     path_prefix: str | None = None
     methods: tuple[str, ...] | None = None  # upper-case
+    path_exact: str | None = None
+    path_regex: str | None = None  # searched in the path
+    host_regex: str | None = None  # searched in the host
+    default_host: bool = False
 
     @property
     def matches_everything(self) -> bool:
-        return self.hosts is None and self.path_prefix in (None, "", "/") and self.methods is None
+        return (
+            self.hosts is None
+            and self.path_prefix in (None, "", "/")
+            and self.methods is None
+            and self.path_exact is None
+            and self.path_regex is None
+            and self.host_regex is None
+            and not self.default_host
+        )
+
+    @property
+    def names_hosts(self) -> bool:
+        """The route looks at the Host header."""
+        return self.hosts is not None or self.host_regex is not None or self.default_host
+
+    def written(self) -> dict[str, object]:
+        """The conditions given, by their keys in the rule file."""
+        pairs = (
+            ("hosts", self.hosts),
+            ("host_regex", self.host_regex),
+            ("default_host", self.default_host or None),
+            ("path_prefix", self.path_prefix),
+            ("path_exact", self.path_exact),
+            ("path_regex", self.path_regex),
+            ("methods", self.methods),
+        )
+        return {k: v for k, v in pairs if v is not None}
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,17 +192,66 @@ class LuaAction:
 
 
 @dataclass(frozen=True, slots=True)
+class DirectResponse:
+    """The route answers itself (Envoy's direct_response, nginx's `return CODE TEXT`)."""
+
+    status: int  # 200-599, or 444: close the connection without an answer (nginx)
+    body: str | None = None  # None: no body (or the router's JSON error body for 4xx/5xx)
+    content_type: str | None = None  # None: text/plain; charset=utf-8 when there is a body
+
+
+@dataclass(frozen=True, slots=True)
+class PathRewrite:
+    """A new path, from the matched `path_prefix` (or `path_exact`) or a regex.
+
+    prefix: the route's matched prefix is replaced by `replacement`.
+    regex: every match of `pattern` in the path is replaced by `replacement`
+    (`\\1`, `\\g<name>` refer to groups), as Envoy's regex_rewrite.
+    path: the whole path becomes `replacement`.
+    """
+
+    kind: str  # "prefix" | "regex" | "path"
+    replacement: str
+    pattern: str | None = None  # regex only
+    matched: str | None = None  # prefix only: the route's path_prefix or path_exact
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    """The route answers with a redirect built from the request (Envoy's redirect)."""
+
+    status: int = 301  # 301, 302, 303, 307 or 308
+    scheme: str | None = None  # None: a relative Location unless host/port are given
+    host: str | None = None  # None: the request's host
+    port: int | None = None
+    path: PathRewrite | None = None  # None: the request's path
+    strip_query: bool = False
+
+    @property
+    def uses_request_host(self) -> bool:
+        """The Location names the request's own host (a scheme is given, no host)."""
+        return self.scheme is not None and self.host is None
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     name: str
     match: Match
     pins: tuple[Pin, ...]
-    to: str | None  # exactly one of `to`, `split`, `split_clients` and `lua` is set
+    to: str | None  # exactly one of to, split, split_clients, lua, direct_response, redirect
     split: Split | None
     salt: str  # defaults to the route name
     user_id: tuple[UserIdSource, ...] | None = None  # None = the file's list
     body_limit: int | None = None  # None = the file's limit
     split_clients: SplitClientsMode | None = None
     lua: LuaAction | None = None
+    direct_response: DirectResponse | None = None
+    redirect: Redirect | None = None
+    rewrite: PathRewrite | None = None  # prefix_rewrite / regex_rewrite toward the upstream
+
+    @property
+    def answers_itself(self) -> bool:
+        return self.direct_response is not None or self.redirect is not None
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,7 @@ from router.rules.validate import (
     HEALTH_KEYS,
     MATCH_KEYS,
     PIN_KEYS,
+    ROUTE_ACTIONS,
     ROUTE_EXTENSION_KEYS,
     TOP_KEYS,
     UPSTREAM_KEYS,
@@ -170,6 +171,81 @@ DEFS: Schema = {
                 "description": "As nginx's. Default: 8KiB.",
                 "$ref": "#/$defs/size",
             },
+        },
+        "additionalProperties": False,
+    },
+    "direct_response": {
+        "description": "The route answers itself; nothing goes upstream. See docs/rules.md.",
+        "type": "object",
+        "required": ["status"],
+        "properties": {
+            "status": {
+                "description": "200-599 (not a redirect: use `redirect`), or 444 to close the "
+                "connection without an answer, as nginx.",
+                "type": "integer",
+                "anyOf": [{"minimum": 200, "maximum": 599}, {"const": 444}],
+            },
+            "body": {
+                "description": "The answer's body. Default: none (4xx and 5xx get the router's "
+                "short JSON error body).",
+                "type": ["string", "number"],
+            },
+            "content_type": {
+                "description": "Default with a body: text/plain; charset=utf-8.",
+                "type": "string",
+            },
+        },
+        "additionalProperties": False,
+    },
+    "redirect": {
+        "description": "The route answers with a redirect built from the request. See "
+        "docs/rules.md.",
+        "type": "object",
+        "properties": {
+            "status": {
+                "description": "Default: 301.",
+                "anyOf": [{"const": c} for c in (301, 302, 303, 307, 308)],
+            },
+            "scheme": {
+                "description": "Makes the Location absolute. Default: a relative Location.",
+                "anyOf": [{"const": "http"}, {"const": "https"}],
+            },
+            "host": {
+                "description": "Default: the request's host (with `scheme`).",
+                "type": "string",
+            },
+            "port": {
+                "description": "Default: none.",
+                "type": "integer",
+                "minimum": 1,
+                "maximum": 65535,
+            },
+            "path": {
+                "description": "The new path. Default: the request's path.",
+                "type": "string",
+                "pattern": "^/",
+            },
+            "prefix_rewrite": {
+                "description": "Replaces the matched path_prefix (or path_exact).",
+                "type": "string",
+                "pattern": "^/",
+            },
+            "regex_rewrite": {"$ref": "#/$defs/regex_rewrite"},
+            "strip_query": {
+                "description": "Leave out the request's query. Default: false.",
+                "type": "boolean",
+            },
+        },
+        "additionalProperties": False,
+    },
+    "regex_rewrite": {
+        "description": "Every match of `pattern` in the path is replaced by `substitution` "
+        "(\\1 or \\g<name> for groups).",
+        "type": "object",
+        "required": ["pattern", "substitution"],
+        "properties": {
+            "pattern": {"description": "A regular expression.", "type": "string"},
+            "substitution": {"description": "The replacement text.", "type": "string"},
         },
         "additionalProperties": False,
     },
@@ -338,7 +414,8 @@ ROUTE = Section(
         ),
         "to": Key(
             "The one upstream for every request of the route that no pin took. A route has "
-            "exactly one of `to` and `split`.",
+            "exactly one of `to` and `split` (or one of the extensions `split_clients`, "
+            "`lua`, `direct_response`, `redirect`).",
             "",
             _UPSTREAM_NAME,
         ),
@@ -394,6 +471,31 @@ ROUTE_EXTENSIONS: dict[str, Key] = {
         "",
         {"$ref": "#/$defs/lua"},
     ),
+    "direct_response": Key(
+        "*Extension*: instead of `to`/`split`, the route answers itself: `status`, `body`, "
+        "`content_type`.",
+        "",
+        {"$ref": "#/$defs/direct_response"},
+    ),
+    "redirect": Key(
+        "*Extension*: instead of `to`/`split`, the route answers with a redirect: `status`, "
+        "`scheme`, `host`, `port`, `path` or `prefix_rewrite` or `regex_rewrite`, "
+        "`strip_query`.",
+        "",
+        {"$ref": "#/$defs/redirect"},
+    ),
+    "prefix_rewrite": Key(
+        "*Extension*: the path sent upstream has the matched `path_prefix` (or "
+        "`path_exact`) replaced by this text; the query is kept.",
+        "the path as received",
+        {"type": "string", "pattern": "^/"},
+    ),
+    "regex_rewrite": Key(
+        "*Extension*: the path sent upstream has every match of `pattern` replaced by "
+        "`substitution`; the query is kept.",
+        "the path as received",
+        {"$ref": "#/$defs/regex_rewrite"},
+    ),
 }
 
 MATCH = Section(
@@ -403,9 +505,34 @@ MATCH = Section(
     {
         "hosts": Key(
             "The Host header, lower-cased and without its port, is one of these: exact "
-            "names, no wildcards.",
+            "names, or (*extension*) wildcards `*.example.com` (names ending in "
+            "`.example.com`) and `www.example.*` (names starting with `www.example.`).",
             "any host",
             _list({"type": "string"}, min_items=1),
+        ),
+        "path_exact": Key(
+            "*Extension*: the path (without the query) is exactly this text. A match has one "
+            "of `path_prefix`, `path_exact` and `path_regex`.",
+            "any path",
+            {"type": "string", "pattern": "^/"},
+        ),
+        "path_regex": Key(
+            "*Extension*: this regular expression is found in the path (without the query); "
+            "anchor it with `^` and `$` to match the whole path.",
+            "any path",
+            {"type": "string"},
+        ),
+        "host_regex": Key(
+            "*Extension*: this regular expression is found in the Host header, lower-cased "
+            "and without its port.",
+            "any host",
+            {"type": "string"},
+        ),
+        "default_host": Key(
+            "*Extension*: `true`: the Host matches no route's `hosts` or `host_regex` (or "
+            "there is none), as nginx's default server.",
+            "any host",
+            {"type": "boolean"},
         ),
         "path_prefix": Key(
             "The path (without the query) starts with this text. A plain prefix: `/api` also "
@@ -523,15 +650,11 @@ def build_schema() -> Schema:
     route = _object("route")
     for key in ROUTE_EXTENSION_KEYS:
         ext = ROUTE_EXTENSIONS[key]
-        route["properties"][key] = {"description": ext.text, **ext.schema}
+        text = f"{ext.text} Default: {ext.default}." if ext.default else ext.text
+        route["properties"][key] = {"description": text, **ext.schema}
     defs["route"] = {
         **route,
-        "oneOf": [
-            {"required": ["to"]},
-            {"required": ["split"]},
-            {"required": ["split_clients"]},
-            {"required": ["lua"]},
-        ],
+        "oneOf": [{"required": [key]} for key in ROUTE_ACTIONS],
     }
     defs["match"] = _object("match")
     defs["pin"] = {
@@ -576,7 +699,8 @@ def docs_tables() -> dict[str, str]:
                 rows.append(f"| `{key}` | {required} | {default} | {_meaning(name, key)} |")
             if name == "route":
                 for key in ROUTE_EXTENSION_KEYS:
-                    rows.append(f"| `{key}` | no |  | {ROUTE_EXTENSIONS[key].text} |")
+                    ext = ROUTE_EXTENSIONS[key]
+                    rows.append(f"| `{key}` | no | {ext.default} | {ext.text} |")
         else:
             rows = [f"| {section.title} | meaning |", "| --- | --- |"]
             rows += [f"| `{key}` | {_meaning(name, key)} |" for key in section.keys]

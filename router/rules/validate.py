@@ -11,12 +11,16 @@ as meant). The grammar is docs/rules.md; in short:
                        fallback: NAME}}
     user_id: [{header|cookie|query|json|form: NAME}, ...]     default: none
     body_limit: SIZE                             default 64KiB
-    routes: [{name, match: {hosts, path_prefix, methods}, pins: [...],
+    routes: [{name, match: {hosts, host_regex, default_host,
+                            path_prefix | path_exact | path_regex, methods},
+              pins: [...],
               to: NAME | split: {NAME: WEIGHT | replicas, ...} | split: replicas
-                | split_clients: {key, buckets, unmatched} | lua: {file, phase, ...},
-              salt, user_id, body_limit}, ...]
+                | split_clients: {key, buckets, unmatched} | lua: {file, phase, ...}
+                | direct_response: {status, body} | redirect: {status, scheme, ...},
+              prefix_rewrite | regex_rewrite, salt, user_id, body_limit}, ...]
     lua_shared_dicts: {NAME: SIZE}               default: none (lua_routes.py has the
-                                                 split_clients and lua grammar)
+                                                 split_clients and lua grammar, direct.py
+                                                 direct_response, redirect and rewrites)
 
     DURATION  1s, 500ms, 2m, 1h, or a plain number of seconds (> 0)
     SIZE      512, 10KB, 64KiB, 1MiB, 1GB ... (KB = 1000 bytes, KiB = 1024 bytes)
@@ -33,8 +37,9 @@ from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING
 
 from router.errors import Problem
-from router.rules import lua_routes
+from router.rules import direct, lua_routes
 from router.rules.fallback import find_cycle
+from router.rules.hosts import host_pattern_problem, pattern_covers
 from router.rules.load import Entry, MapNode, Node, ScalarNode, SeqNode
 from router.rules.model import (
     DEFAULT_BODY_LIMIT,
@@ -42,10 +47,12 @@ from router.rules.model import (
     DEFAULT_HEALTH_PATH,
     PIN_CONDITIONS,
     SOURCE_KINDS,
+    DirectResponse,
     HealthCheck,
     LuaAction,
     Match,
     Pin,
+    Redirect,
     Route,
     RuleSet,
     Split,
@@ -67,9 +74,20 @@ TOP_KEYS = (*CORE_TOP_KEYS, "lua_shared_dicts")  # + the nginx-migration extensi
 UPSTREAM_KEYS = ("endpoints", "connect_timeout", "read_timeout", "health_check", "fallback")
 HEALTH_KEYS = ("path", "interval")
 CORE_ROUTE_KEYS = ("name", "match", "pins", "to", "split", "salt", "user_id", "body_limit")
-ROUTE_EXTENSION_KEYS = ("split_clients", "lua")  # nginx migration (lua_routes.py)
+ROUTE_EXTENSION_KEYS = (
+    "split_clients",  # nginx migration (lua_routes.py)
+    "lua",
+    "direct_response",  # routes that answer themselves, path rewrites (direct.py)
+    "redirect",
+    "prefix_rewrite",
+    "regex_rewrite",
+)
 ROUTE_KEYS = (*CORE_ROUTE_KEYS, *ROUTE_EXTENSION_KEYS)
-MATCH_KEYS = ("hosts", "path_prefix", "methods")
+# What a route does with a request: exactly one of these (`to` and `split` are format 1).
+ROUTE_ACTIONS = ("to", "split", "split_clients", "lua", "direct_response", "redirect")
+CORE_MATCH_KEYS = ("hosts", "path_prefix", "methods")
+MATCH_KEYS = (*CORE_MATCH_KEYS, "path_exact", "path_regex", "host_regex", "default_host")
+PATH_CONDITIONS = ("path_prefix", "path_exact", "path_regex")
 PIN_KEYS = ("to", *PIN_CONDITIONS)
 
 # Bodies held in memory per request above this are most likely a typo (MB for KB).
@@ -769,9 +787,11 @@ class _Validator:
             elif name is not None:
                 names[name] = name_node
         match = Match()
+        match_ok = True
         if "match" in fields:
             got = self.match(fields["match"].value, _join(path, "match"))
-            ok = ok and got is not None
+            match_ok = got is not None
+            ok = ok and match_ok
             match = got or match
         pins: list[Pin] = []
         if "pins" in fields:
@@ -796,14 +816,41 @@ class _Validator:
         if "lua" in fields:
             lua = lua_routes.validate_lua(self, fields["lua"].value, _join(path, "lua"))
             ok = ok and lua is not None
-        actions = [fields[k] for k in ("to", "split", "split_clients", "lua") if k in fields]
+        # A route whose `match` is broken has no known path to rewrite: None says so.
+        known_match = match if match_ok else None
+        direct_response: DirectResponse | None = None
+        redirect: Redirect | None = None
+        if "direct_response" in fields:
+            direct_response = direct.validate_direct_response(
+                self, fields["direct_response"].value, _join(path, "direct_response")
+            )
+            ok = ok and direct_response is not None
+        if "redirect" in fields:
+            redirect = direct.validate_redirect(
+                self, fields["redirect"].value, _join(path, "redirect"), known_match
+            )
+            ok = ok and redirect is not None
+        rewrite = direct.validate_rewrite(self, fields, path, known_match)
+        ok = ok and rewrite is not False
+        actions = [fields[k] for k in ROUTE_ACTIONS if k in fields]
         if len(actions) > 1 and not ("to" in fields and "split" in fields and len(actions) == 2):
             second = max(actions, key=lambda e: (e.key.line, e.key.column))
             self.error(
                 second.key,
                 _join(path, second.key.text),
-                "a route has one of `to`, `split`, `split_clients` and `lua`",
+                "a route has one of "
+                + ", ".join(f"`{k}`" for k in ROUTE_ACTIONS[:-1])
+                + f" and `{ROUTE_ACTIONS[-1]}`",
                 "keep the one that decides where this route's requests go",
+            )
+            ok = False
+        elif rewrite and (direct_response is not None or redirect is not None):
+            key = "prefix_rewrite" if "prefix_rewrite" in fields else "regex_rewrite"
+            self.error(
+                fields[key].key,
+                _join(path, key),
+                "this route answers itself, so no path goes upstream to rewrite",
+                "remove it; a redirect takes `prefix_rewrite` inside `redirect:`",
             )
             ok = False
         elif "to" in fields and "split" in fields:
@@ -835,10 +882,22 @@ class _Validator:
         if "body_limit" in fields:
             body_limit = self.size(fields["body_limit"].value, _join(path, "body_limit"))
             ok = ok and body_limit is not None
-        if not ok or name is None or salt is None:
+        if not ok or name is None or salt is None or isinstance(rewrite, bool):
             return None
         return Route(
-            name, match, tuple(pins), to, split, salt, sources, body_limit, split_clients, lua
+            name,
+            match,
+            tuple(pins),
+            to,
+            split,
+            salt,
+            sources,
+            body_limit,
+            split_clients,
+            lua,
+            direct_response,
+            redirect,
+            rewrite,
         )
 
     def match(self, node: Node, path: str) -> Match | None:
@@ -847,6 +906,7 @@ class _Validator:
             path,
             MATCH_KEYS,
             example="write e.g. `{hosts: [api.example.com], path_prefix: /x}`",
+            listed=CORE_MATCH_KEYS,
         )
         if fields is None:
             return None
@@ -855,24 +915,73 @@ class _Validator:
         if "hosts" in fields:
             hosts = self.hosts(fields["hosts"].value, _join(path, "hosts"))
             ok = ok and hosts is not None
-        prefix: str | None = None
-        if "path_prefix" in fields:
-            prefix_node = fields["path_prefix"].value
-            prefix = self.text(prefix_node, _join(path, "path_prefix"), "path prefix")
-            if prefix is not None and not prefix.startswith("/"):
+        paths = [fields[k] for k in PATH_CONDITIONS if k in fields]
+        if len(paths) > 1:
+            second = max(paths, key=lambda e: (e.key.line, e.key.column))
+            self.error(
+                second.key,
+                _join(path, second.key.text),
+                "a match has one of `path_prefix`, `path_exact` and `path_regex`",
+                "keep one; a route per path covers several",
+            )
+            ok = False
+        prefix = exact = path_regex = None
+        for key in ("path_prefix", "path_exact"):
+            if key not in fields:
+                continue
+            value_node = fields[key].value
+            text = self.text(value_node, _join(path, key), "path")
+            if text is not None and not text.startswith("/"):
                 self.error(
-                    prefix_node,
-                    _join(path, "path_prefix"),
-                    f"`{prefix}` does not start with /",
-                    f"write /{prefix}",
+                    value_node,
+                    _join(path, key),
+                    f"`{text}` does not start with /",
+                    f"write /{text}",
                 )
-                prefix = None
-            ok = ok and prefix is not None
+                text = None
+            ok = ok and text is not None
+            if key == "path_prefix":
+                prefix = text
+            else:
+                exact = text
+        if "path_regex" in fields:
+            path_regex = self.regex(fields["path_regex"].value, _join(path, "path_regex"))
+            ok = ok and path_regex is not None
+        host_regex: str | None = None
+        if "host_regex" in fields:
+            host_regex = self.regex(fields["host_regex"].value, _join(path, "host_regex"))
+            ok = ok and host_regex is not None
+        default_host = False
+        if "default_host" in fields:
+            dnode = fields["default_host"].value
+            if isinstance(dnode, ScalarNode) and isinstance(dnode.value, bool):
+                default_host = dnode.value
+            else:
+                shown = f"`{dnode.text}`" if isinstance(dnode, ScalarNode) else dnode.kind
+                self.error(
+                    dnode,
+                    _join(path, "default_host"),
+                    f"expected true or false, found {shown}",
+                    "write `default_host: true`",
+                )
+                ok = False
+            named = [k for k in ("hosts", "host_regex") if k in fields]
+            if default_host and named:
+                self.error(
+                    fields["default_host"].key,
+                    _join(path, "default_host"),
+                    f"`default_host` holds only for hosts no route names, so it cannot go "
+                    f"with `{named[0]}`",
+                    "make two routes: one for the named hosts, one for the others",
+                )
+                ok = False
         methods: tuple[str, ...] | None = None
         if "methods" in fields:
             methods = self.methods(fields["methods"].value, _join(path, "methods"))
             ok = ok and methods is not None
-        return Match(hosts, prefix, methods) if ok else None
+        if not ok:
+            return None
+        return Match(hosts, prefix, methods, exact, path_regex, host_regex, default_host)
 
     def hosts(self, node: Node, path: str) -> tuple[str, ...] | None:
         items = self.seq(node, path, "[api.example.com]")
@@ -1414,16 +1523,38 @@ def _list_item(node: MapNode, key: str, index: int) -> Node:
 def _match_covers(first: Match, later: Match) -> bool:
     """Every request that `later` matches, `first` matches too."""
     return (
-        (first.hosts is None or (later.hosts is not None and set(later.hosts) <= set(first.hosts)))
+        (
+            first.hosts is None
+            or (
+                later.hosts is not None
+                and all(any(pattern_covers(f, h) for f in first.hosts) for h in later.hosts)
+            )
+        )
+        and (first.host_regex is None or later.host_regex == first.host_regex)
+        and (not first.default_host or later.default_host)
         and (
             first.methods is None
             or (later.methods is not None and set(later.methods) <= set(first.methods))
         )
-        and (
-            first.path_prefix is None
-            or (later.path_prefix is not None and later.path_prefix.startswith(first.path_prefix))
-        )
+        and _path_covers(first, later)
     )
+
+
+def _path_covers(first: Match, later: Match) -> bool:
+    """Every path `later` matches, `first` matches too (only when certain)."""
+    if first.path_prefix is not None:
+        written = later.path_prefix if later.path_prefix is not None else later.path_exact
+        return written is not None and written.startswith(first.path_prefix)
+    if first.path_exact is not None:
+        return later.path_exact == first.path_exact
+    if first.path_regex is not None:
+        if later.path_regex == first.path_regex:
+            return True
+        return (
+            later.path_exact is not None
+            and re.search(first.path_regex, later.path_exact) is not None
+        )
+    return True
 
 
 def _never_holds(pin: Pin, has_user: bool) -> bool:
@@ -1546,10 +1677,7 @@ def _host_problem(host: str) -> tuple[str, str] | None:
     if "://" in host or "/" in host:
         return f"`{host}` is not a host name", "write only the host, e.g. api.example.com"
     if "*" in host:
-        return (
-            f"`{host}`: wildcards are not supported",
-            "list each host; hosts are matched exactly",
-        )
+        return host_pattern_problem(host)
     port = f"`{host}` has a port", "leave out the port; hosts are matched without it"
     if host.startswith("["):
         if not host.endswith("]"):
