@@ -164,11 +164,12 @@ def apply_effective(snapshot: Snapshot, effective: Effective) -> Snapshot:
     if not changed:
         return snapshot
     new_routes = tuple(routes)
-    by_host, other_host = _route_index(snapshot.ruleset.routes, new_routes)
+    by_host, other_host, host_patterns = _route_index(snapshot.ruleset.routes, new_routes)
     return dataclasses.replace(
         snapshot,
         upstreams=MappingProxyType(upstreams),
         routes=new_routes,
         by_host=by_host,
         other_host=other_host,
+        host_patterns=host_patterns,
     )
