@@ -686,3 +686,34 @@ def test_load_problems_are_reported_with_validation_problems() -> None:
         "rules.yaml:17:7: yaml: duplicate key `v1` "
         "(it was already given at line 15; keep one)"
     ]
+
+
+REPLICAS = """\
+format: 1
+upstreams:
+  v1: {endpoints: ["127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"]}
+  v1.1: {endpoints: ["127.0.0.1:9004"]}
+  v2: {endpoints: ["127.0.0.1:9005"]}
+user_id:
+  - header: X-User-Id
+routes:
+  - name: main
+    pins: [{to: v2, users: ["42"]}]
+    split: replicas
+"""
+
+
+def test_replicas_split_reaching_an_upstream_only_pins_send_to_warns() -> None:
+    assert problems(REPLICAS) == [
+        "rules.yaml:11:12: warning: routes[0].split: `split: replicas` gives `v2` 20% of the "
+        "users it splits (1 endpoint), but only pins send requests to it: ordinary users would "
+        "reach it (name the upstreams the split is for: `split: {v1: replicas, v1.1: replicas}`)"
+    ]
+    # Named elsewhere too (here a route's `to`): it is meant for everyone.
+    also_to = REPLICAS.replace(
+        "routes:\n", "routes:\n  - {name: next, match: {path_prefix: /v2}, to: v2}\n"
+    )
+    assert problems(also_to) == []
+    # The split names its upstreams itself: fine.
+    named = REPLICAS.replace("split: replicas", "split: {v1: replicas, v1.1: replicas}")
+    assert problems(named) == []

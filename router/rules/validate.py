@@ -1436,8 +1436,11 @@ class _Validator:
         compare_routes = len(routes) * (len(routes) - 1) // 2 <= MAX_SHADOW_PAIRS
         self.pairs_left = MAX_SHADOW_PAIRS  # for pins
         catch_all: Route | None = None
+        pinned_only = _pinned_only(ruleset)
         for i, (route, node) in enumerate(routes):
             path = f"routes[{i}]"
+            if pinned_only and route.split is not None and route.split.replicas:
+                self.replicas_reach_pinned(route.split, node, f"{path}.split", pinned_only)
             above = catch_all
             if compare_routes:
                 above = next(
@@ -1484,6 +1487,27 @@ class _Validator:
                     "raise body_limit, e.g. 64KiB",
                 )
 
+    def replicas_reach_pinned(
+        self, split: Split, node: MapNode, path: str, pinned_only: set[str]
+    ) -> None:
+        """`split: replicas` takes every upstream, also one only pins send to (a major
+        version for chosen users): ordinary users would reach it."""
+        total = sum(w for _, w in split.weights)
+        meant = [n for n, w in split.weights if w > 0 and n not in pinned_only]
+        example = ", ".join(f"{n}: replicas" for n in meant) or "UPSTREAM: replicas"
+        for name, weight in split.weights:
+            if weight <= 0 or name not in pinned_only:
+                continue
+            count = int(weight)
+            self.warn(
+                node.items["split"].value,
+                path,
+                f"`split: replicas` gives `{name}` {_fmt_number(round(100 * weight / total, 2))}% "
+                f"of the users it splits ({count} endpoint{'' if count == 1 else 's'}), but "
+                "only pins send requests to it: ordinary users would reach it",
+                f"name the upstreams the split is for: `split: {{{example}}}`",
+            )
+
     def shadowed_pins(self, route: Route, node: MapNode, path: str, has_user: bool) -> None:
         """A pin that holds only where an earlier pin of the route already holds."""
         live = [(j, pin) for j, pin in enumerate(route.pins) if not _never_holds(pin, has_user)]
@@ -1506,6 +1530,27 @@ class _Validator:
                 "request this pin holds for",
                 hint,
             )
+
+
+def _pinned_only(ruleset: RuleSet) -> set[str]:
+    """Upstreams that pins send requests to and nothing else names: no route's `to`, no
+    weight written in a split, no script's map, no split_clients bucket, no fallback."""
+    pinned: set[str] = set()
+    named: set[str] = {u.fallback for u in ruleset.upstreams if u.fallback is not None}
+    for route in ruleset.routes:
+        pinned.update(pin.to for pin in route.pins)
+        if route.to is not None:
+            named.add(route.to)
+        if route.split is not None and not route.split.replicas:
+            named.update(name for name, _ in route.split.weights)
+        if route.lua is not None:
+            named.update(upstream for _, upstream in route.lua.mapping)
+            named.update(n for n in (route.lua.default, route.lua.fallback) if n is not None)
+        if route.split_clients is not None:
+            named.update(upstream for _, upstream in route.split_clients.buckets)
+            if route.split_clients.unmatched is not None:
+                named.add(route.split_clients.unmatched)
+    return pinned - named
 
 
 # -- shadowing: what surely holds wherever something later holds -------------------------
