@@ -85,6 +85,27 @@ def _build_parser() -> argparse.ArgumentParser:
         help="rules history and audit log (default: .grayroute-state/ next to RULES)",
     )
     serve.add_argument(
+        "--audit-max-bytes",
+        type=_size,
+        default=defaults.audit_max_bytes,
+        metavar="SIZE",
+        help="the audit log's size bound, e.g. 16MiB; 0: none",
+    )
+    serve.add_argument(
+        "--history-max-age",
+        type=_age,
+        default=defaults.history_max_age,
+        metavar="AGE",
+        help="drop audit entries and kept rules versions older than this, e.g. 90d; 0: never",
+    )
+    serve.add_argument(
+        "--history-max-versions",
+        type=int,
+        default=defaults.history_max_versions,
+        metavar="N",
+        help="kept rules versions at most (never the one in force or the previous); 0: all",
+    )
+    serve.add_argument(
         "--access-log", default="", help="JSON-lines access log file (default: none)"
     )
     serve.add_argument(
@@ -152,6 +173,30 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _size(text: str) -> int:
+    """A flag's size: 16MiB, 10MB, 512 (bytes)."""
+    from decimal import InvalidOperation
+
+    from router.rules.validate import parse_size
+
+    try:
+        return parse_size(text)
+    except (ValueError, InvalidOperation) as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 16MiB)") from exc
+
+
+def _age(text: str) -> float:
+    """A flag's age: 90d, 12h, 30m, 45s, or a number of seconds."""
+    from router.rules.validate import parse_duration
+
+    try:
+        if text.strip().lower().endswith("d"):
+            return float(text.strip()[:-1]) * 86400
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an age (e.g. 90d or 12h)") from exc
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
@@ -179,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
                 max_connections=args.max_connections,
                 trusted_proxies=args.trusted_proxies,
                 state_dir=args.state_dir,
+                audit_max_bytes=args.audit_max_bytes,
+                history_max_age=args.history_max_age,
+                history_max_versions=args.history_max_versions,
                 access_log=args.access_log,
                 watch_interval=args.watch_interval,
                 admin_token=args.admin_token,

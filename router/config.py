@@ -11,6 +11,12 @@ import ipaddress
 from dataclasses import dataclass, field
 
 from router.errors import ConfigError
+from router.history import (
+    DEFAULT_AUDIT_MAX_BYTES,
+    DEFAULT_HISTORY_MAX_AGE,
+    DEFAULT_HISTORY_MAX_VERSIONS,
+    HistoryBounds,
+)
 
 
 def parse_hostport(text: str, what: str) -> tuple[str, int]:
@@ -73,6 +79,10 @@ class Settings:
     # Where the rules history (kept versions, audit log) lives; "" = the default next to
     # the rule file (router.history.resolve_state_dir).
     state_dir: str = ""
+    # How much of that history is kept (0: no bound of that kind); router.history.
+    audit_max_bytes: int = DEFAULT_AUDIT_MAX_BYTES
+    history_max_age: float = DEFAULT_HISTORY_MAX_AGE  # seconds
+    history_max_versions: int = DEFAULT_HISTORY_MAX_VERSIONS
     # JSON-lines access log shared by all workers; "" = off.
     access_log: str = ""
     # How often the rule file is checked for changes (seconds); 0 = only on SIGHUP.
@@ -132,11 +142,18 @@ class Settings:
             raise ConfigError("--max-body-bytes: must be 0 (no limit) or a positive number")
         if self.max_connections < 1:
             raise ConfigError("--max-connections: must be at least 1")
+        for name in ("audit_max_bytes", "history_max_age", "history_max_versions"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')}: must be 0 (no bound) or more")
         for cidr in self.trusted_proxies:
             try:
                 ipaddress.ip_network(cidr, strict=False)
             except ValueError as exc:
                 raise ConfigError(f"--trusted-proxy: {cidr!r} is not an address or CIDR") from exc
+
+    @property
+    def history_bounds(self) -> HistoryBounds:
+        return HistoryBounds(self.audit_max_bytes, self.history_max_age, self.history_max_versions)
 
     @property
     def listen_addr(self) -> tuple[str, int]:

@@ -4,9 +4,13 @@ The state directory of one router (one rule file):
 
     rules/DIGEST.yaml   the exact bytes of every rules version that took effect, named by
                         their sha256 (content-addressed: a version is stored once however
-                        often it comes back)
+                        often it comes back; its mtime is the last time it took effect)
     audit.jsonl         one JSON line per event, appended whole (O_APPEND, one write):
-                        start, reload, rollback; who, when, which hash, the result
+                        start, reload, rollback, rollout transitions; who, when, which
+                        hash, the result
+    audit.jsonl.1, .2   the audit log's older parts, once rotated (AuditLog)
+    audit.lock          flock: taken by every writer of the audit log for one append,
+                        shared by readers
     supervisor.json     the running supervisor: pid, process start time, rule file; written
                         once its SIGHUP handler is in place, removed when it exits
     rollback.json       a rollback handed to the running router, until it takes effect
@@ -18,6 +22,12 @@ created; else (a read-only directory such as a Kubernetes ConfigMap mount)
 file's absolute path. `serve`, `history` and `rollback` find the same directory from
 the same rule file path, so a rollback works across restarts.
 
+Both are bounded (`HistoryBounds`, from `grayroute serve --audit-max-bytes,
+--history-max-age, --history-max-versions`): the router's `AuditLog` rotates the log as
+it appends, and `prune_versions` deletes the versions no longer wanted after each
+reload, never the one in force or the previous one. Without a running router nothing is
+dropped (a rollback's one line waits for the next start).
+
 Rollback (`run_rollback`) never changes the rules in force by itself: it writes the
 chosen version over the rule file (atomically, keeping the file's mode) and sends SIGHUP
 to the running supervisor, which validates and reloads it exactly as it would any edit.
@@ -28,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
 import getpass
 import hashlib
 import os
@@ -35,7 +46,9 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import IO, Any
 
@@ -48,10 +61,13 @@ __all__ = [
     "INTENT_FILE",
     "PID_FILE",
     "RULES_DIR",
+    "AuditLog",
+    "HistoryBounds",
     "actor",
     "append_audit",
     "default_state_dirs",
     "kept_path",
+    "prune_versions",
     "read_audit",
     "resolve_state_dir",
     "run_history",
@@ -62,6 +78,9 @@ __all__ = [
 
 RULES_DIR = "rules"
 AUDIT_FILE = "audit.jsonl"
+AUDIT_PARTS = 3  # audit.jsonl, and audit.jsonl.1 and .2 once rotated (AuditLog)
+LOCK_FILE = "audit.lock"
+_MAX_LINE_READ = 64 * 1024  # bytes read to find the first or last entry of a file
 PID_FILE = "supervisor.json"
 INTENT_FILE = "rollback.json"
 STATE_DIR_NAME = ".grayroute-state"
@@ -71,6 +90,25 @@ INTENT_TTL = 600.0
 # Results after which an audit entry's `digest` is the version in force (or, for
 # "written", the version that will be in force when the router next starts).
 IN_FORCE_RESULTS = frozenset({"success", "written"})
+
+# How much history the router keeps by default: at one reload every 10 s the audit log
+# grows about 4 MB a day, so the size bound is what holds it then; at a few reloads a
+# day, the age does.
+DEFAULT_AUDIT_MAX_BYTES = 16 * 1024 * 1024
+DEFAULT_HISTORY_MAX_AGE = 90 * 86400.0
+DEFAULT_HISTORY_MAX_VERSIONS = 200
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryBounds:
+    """How much history a state directory keeps; 0 means no bound of that kind."""
+
+    audit_max_bytes: int = DEFAULT_AUDIT_MAX_BYTES
+    max_age: float = DEFAULT_HISTORY_MAX_AGE  # seconds: audit entries and kept versions
+    max_versions: int = DEFAULT_HISTORY_MAX_VERSIONS  # kept rules versions
+
+
+UNBOUNDED = HistoryBounds(0, 0.0, 0)
 
 
 def now_iso() -> str:
@@ -166,22 +204,166 @@ def kept_path(state_dir: str | Path, digest: str) -> Path:
 # -- the audit log -------------------------------------------------------------------------
 
 
-def append_audit(state_dir: str | Path, entry: dict[str, Any]) -> None:
-    """Append one line; O_APPEND and one write(), so writers never interleave. OSError."""
-    line = orjson.dumps(entry) + b"\n"
-    fd = os.open(Path(state_dir) / AUDIT_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+class AuditLog:
+    """The audit log of one state directory, kept within `bounds` as entries go in.
+
+    Every writer in the router appends through the supervisor's one AuditLog (reloads,
+    rollbacks, rollout transitions), so they all share the bound. An append is one
+    write() with O_APPEND under an exclusive lock on `audit.lock` (readers take it
+    shared). The log is AUDIT_PARTS files, rotated the way logrotate does it, so a log
+    shipper following audit.jsonl by name sees each line once: before an append, when
+    audit.jsonl would pass 1/AUDIT_PARTS of `audit_max_bytes`, or its oldest entry is
+    older than half of `max_age`, audit.jsonl.1 becomes audit.jsonl.2 (dropping the
+    oldest part), audit.jsonl becomes audit.jsonl.1, and a new audit.jsonl starts. An
+    older part is also dropped once its newest entry is older than `max_age`. So the log
+    holds at most `audit_max_bytes` (at least two thirds of it, once that much was
+    written), and an entry stays at least `max_age` and at most one and a half times
+    that.
+    """
+
+    def __init__(
+        self,
+        state_dir: str | Path,
+        bounds: HistoryBounds = UNBOUNDED,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.parts = audit_parts(state_dir)  # newest first
+        self.path = self.parts[0]
+        self.lock_path = Path(state_dir) / LOCK_FILE
+        self.bounds = bounds
+        self.clock = clock  # Unix time, compared with the entries' `at`
+
+    def append(self, entry: dict[str, Any]) -> None:
+        """Append one entry, rotating first when a bound says so; OSError."""
+        line = orjson.dumps(entry) + b"\n"
+        with _locked(self.lock_path, fcntl.LOCK_EX):
+            now = self.clock()
+            if self._rotation_due(len(line), now):
+                for newer, older in reversed(list(pairwise(self.parts))):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.replace(newer, older)
+            if self.bounds.max_age:
+                for part in self.parts[1:]:
+                    newest = _newest_time(part)
+                    if newest is not None and newest < now - self.bounds.max_age:
+                        part.unlink()
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
+
+    def _rotation_due(self, adding: int, now: float) -> bool:
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return False
+        if not size:
+            return False
+        bounds = self.bounds
+        if bounds.audit_max_bytes and size + adding > bounds.audit_max_bytes // AUDIT_PARTS:
+            return True
+        if bounds.max_age:
+            with open(self.path, "rb") as f:
+                oldest = _entry_time(f.readline(_MAX_LINE_READ))
+            return oldest is not None and oldest < now - bounds.max_age / 2
+        return False
+
+
+def audit_parts(state_dir: str | Path) -> list[Path]:
+    """The files of the audit log, newest first: audit.jsonl, audit.jsonl.1, ..."""
+    base = Path(state_dir) / AUDIT_FILE
+    return [base, *(base.with_name(f"{AUDIT_FILE}.{i}") for i in range(1, AUDIT_PARTS))]
+
+
+@contextlib.contextmanager
+def _locked(path: Path, how: int) -> Iterator[None]:
+    """Hold `path` locked (flock) for a write or, shared, for a read. Opened read-only
+    (flock needs no more), so that whoever made it, every writer can take it. A reader
+    that does not find it reads unlocked: no router has bounded this log yet."""
+    flags = os.O_RDONLY | (os.O_CREAT if how == fcntl.LOCK_EX else 0)
     try:
-        os.write(fd, line)
+        fd = os.open(path, flags, 0o644)
+    except FileNotFoundError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, how)
+        yield
     finally:
-        os.close(fd)
+        os.close(fd)  # releases the lock
+
+
+def _newest_time(path: Path) -> float | None:
+    """The time of the last entry of an audit file; None when there is none."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - _MAX_LINE_READ))
+            tail = f.read()
+    except FileNotFoundError:
+        return None
+    for line in reversed(tail.splitlines()):
+        at = _entry_time(line)
+        if at is not None:
+            return at
+    return None
+
+
+def _entry_time(line: bytes) -> float | None:
+    """The Unix time of an audit line's `at`, None when it has none that parses."""
+    try:
+        at = orjson.loads(line).get("at")
+        return datetime.datetime.fromisoformat(str(at)).timestamp()
+    except (orjson.JSONDecodeError, AttributeError, ValueError):
+        return None
+
+
+def append_audit(state_dir: str | Path, entry: dict[str, Any]) -> None:
+    """Append one line, trimming nothing (the router does: see AuditLog). OSError."""
+    AuditLog(state_dir).append(entry)
+
+
+def prune_versions(
+    state_dir: str | Path, bounds: HistoryBounds, keep: set[str], now: float | None = None
+) -> list[str]:
+    """Delete kept rules versions beyond `bounds`: older than max_age (by the last time
+    they took effect, their mtime), then the least recent beyond max_versions. Never one
+    in `keep` (the version in force and the previous one). The digests deleted."""
+    now = time.time() if now is None else now
+    versions: list[tuple[float, str, Path]] = []
+    for path in (Path(state_dir) / RULES_DIR).glob("*.yaml"):
+        try:
+            versions.append((path.stat().st_mtime, path.stem, path))
+        except OSError:
+            continue
+    versions.sort(reverse=True)  # most recent first
+    doomed = []
+    kept = 0
+    for mtime, digest, path in versions:
+        if digest in keep:
+            kept += 1
+            continue
+        too_old = bounds.max_age and mtime < now - bounds.max_age
+        too_many = bounds.max_versions and kept >= bounds.max_versions
+        if too_old or too_many:
+            doomed.append((digest, path))
+        else:
+            kept += 1
+    for _, path in doomed:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    return [digest for digest, _ in doomed]
 
 
 def read_audit(state_dir: str | Path) -> list[dict[str, Any]]:
     """Every readable entry, oldest first (a torn or foreign line is skipped)."""
-    try:
-        data = (Path(state_dir) / AUDIT_FILE).read_bytes()
-    except FileNotFoundError:
-        return []
+    pieces = []
+    with _locked(Path(state_dir) / LOCK_FILE, fcntl.LOCK_SH):  # no rotation meanwhile
+        for part in reversed(audit_parts(state_dir)):
+            with contextlib.suppress(FileNotFoundError):
+                pieces.append(part.read_bytes())
+    data = b"".join(pieces)
     entries = []
     for line in data.splitlines():
         try:
@@ -337,12 +519,14 @@ def run_history(rules_path: str, state_dir: str, as_json: bool, out: IO[str]) ->
         (p.stem for p in (state / RULES_DIR).glob("*.yaml")),
         key=lambda d: (versions[::-1].index(d) if d in versions else len(versions), d),
     )
+    routes = {digest: version_routes(kept_path(state, digest), rules_path) for digest in kept}
     if as_json:
         doc = {
             "state_dir": str(state),
             "in_force": current,
             "previous": previous,
             "kept": kept,
+            "versions": routes,
             "events": entries,
         }
         out.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
@@ -369,7 +553,77 @@ def run_history(rules_path: str, state_dir: str, as_json: bool, out: IO[str]) ->
             else "(never in force: a rejected file, or edits a rollback replaced)"
         )
         print(f"  {digest}  {note}".rstrip(), file=out)
+        for line in _route_lines(routes[digest]):
+            print(f"      {line}", file=out)
     return 0
+
+
+def version_routes(path: Path, rules_path: str) -> dict[str, Any]:
+    """What each route of a kept version does: {"routes": {name: {"split": {upstream:
+    weight}} | {"to": upstream} | {"split_clients": {...}} | {"lua": file}}}, or
+    {"error": the first problem} when it cannot be read as rules any more.
+
+    The version is read as if it were the rule file (`rules_path`), so that what it names
+    relative to it (Lua scripts) is found where the router would find it.
+    """
+    from router.rules.load import decode_rules_bytes, load_text
+    from router.rules.validate import validate
+
+    try:
+        root, problems = load_text(decode_rules_bytes(path.read_bytes(), rules_path), rules_path)
+        ruleset, found = validate(root, rules_path)
+    except OSError as exc:
+        return {"error": f"{path}: {exc.strerror}"}
+    except RulesError as exc:
+        problems, ruleset, found = exc.problems, None, []
+    if ruleset is None:
+        errors = [p for p in [*problems, *found] if p.severity == "error"]
+        return {"error": str(errors[0]) if errors else "not valid"}
+    routes: dict[str, Any] = {}
+    for route in ruleset.routes:
+        if route.split is not None:
+            split: dict[str, Any] = {"split": dict(route.split.weights)}
+            if route.split.replicas:
+                split["replicas"] = True
+            routes[route.name] = split
+        elif route.to is not None:
+            routes[route.name] = {"to": route.to}
+        elif route.split_clients is not None:
+            routes[route.name] = {"split_clients": dict(route.split_clients.buckets)}
+        elif route.lua is not None:
+            routes[route.name] = {"lua": route.lua.file}
+    return {"routes": routes}
+
+
+def _route_lines(version: dict[str, Any]) -> list[str]:
+    """`grayroute history`'s lines for one kept version: each route's weights."""
+    if "error" in version:
+        return [f"(cannot be read as rules now: {version['error']})"]
+    lines = []
+    width = max((len(name) for name in version["routes"]), default=0)
+    for name, does in version["routes"].items():
+        if "split" in does:
+            weights = ", ".join(f"{u} {_weight(w)}" for u, w in does["split"].items())
+            what = f"{weights}{' (replicas)' if does.get('replicas') else ''}"
+        elif "to" in does:
+            what = f"to {does['to']}"
+        elif "split_clients" in does:
+            what = "split_clients " + ", ".join(
+                f"{u} {pct}" for pct, u in does["split_clients"].items()
+            )
+        else:
+            what = f"lua {does['lua']}"
+        lines.append(f"{name:<{width}}  {what}")
+    return lines
+
+
+def _weight(weight: float) -> str:
+    return str(int(weight)) if weight == int(weight) else f"{weight:g}"
+
+
+def previous_version(state_dir: str | Path) -> str | None:
+    """The version in force before the current one, by the audit log."""
+    return _previous(versions_in_force(read_audit(state_dir)))
 
 
 def _previous(versions: list[str]) -> str | None:
@@ -485,7 +739,7 @@ def run_rollback(
             {**who, "digest": target.digest, "previous": current, "at": now_iso(),
              "at_unix": time.time()},
         )  # fmt: skip
-    seen = len(entries)
+    seen = _Mark(entries[-1] if entries else None, now_iso())
     try:
         written = _replace_rules_file(rules_path, target.data)
     except OSError as exc:
@@ -523,9 +777,25 @@ def run_rollback(
     return _await_result(state, seen, target.digest, pid, current, rules_path, wait, out, err)
 
 
+@dataclass(frozen=True, slots=True)
+class _Mark:
+    """Where the audit log stood: its last entry, and the time (it may be trimmed away)."""
+
+    last: dict[str, Any] | None
+    at: str
+
+    def after(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The entries appended since."""
+        if self.last is not None:
+            for i in range(len(entries) - 1, -1, -1):
+                if entries[i] == self.last:
+                    return entries[i + 1 :]
+        return [e for e in entries if str(e.get("at", "")) >= self.at]
+
+
 def _await_result(
     state: Path,
-    seen: int,
+    seen: _Mark,
     digest: str,
     pid: int,
     current: str | None,
@@ -536,7 +806,7 @@ def _await_result(
 ) -> int:
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
-        for entry in read_audit(state)[seen:]:
+        for entry in seen.after(read_audit(state)):
             if entry.get("router_pid") != pid or entry.get("action") not in ("reload", "rollback"):
                 continue
             if entry.get("result") == "success" and entry.get("digest") == digest:

@@ -4,7 +4,9 @@ the audit log (the channel it speaks with workers is described in router.server)
 Reload triggers all take one path (`Supervisor._request_reload`): SIGHUP, the rule file
 changing on disk (router.watch.RulesWatcher), and `grayroute rollback`, which writes a kept
 version over the file and sends SIGHUP. Every start and reload is appended to
-STATE_DIR/audit.jsonl (see router.history).
+STATE_DIR/audit.jsonl through `Supervisor.audit` (router.history.AuditLog), which keeps it
+within the --audit-max-bytes/--history-max-age bounds; kept versions are pruned after
+each one that takes effect.
 """
 
 from __future__ import annotations
@@ -143,6 +145,11 @@ class Supervisor:
         self.certificates = certificates
         self.certificate_watch: CertificateWatch | None = None
         self.state_dir = state_dir
+        from router.history import AuditLog
+
+        # Every audit entry of this router goes through it (rollout transitions too),
+        # so they all share one bound.
+        self.audit = AuditLog(state_dir, settings.history_bounds)
         self.metrics: SupervisorMetrics = SupervisorMetrics(self._ready_count)
         self.exit_code = 0
         self.workers: dict[int, _Worker] = {}
@@ -152,6 +159,7 @@ class Supervisor:
         self._reload_task: asyncio.Task[None] | None = None
         self._reload_again: str | None = None  # the trigger of a reload asked for meanwhile
         self.last_reload: dict[str, Any] | None = None
+        self._previous_digest: str | None = None  # in force before the current rules
         self.watcher: RulesWatcher | None = None
         self._stop = asyncio.Event()  # SIGTERM/SIGINT, or a fatal start-up failure
         self._all_ready = asyncio.Event()
@@ -287,6 +295,10 @@ class Supervisor:
         # Recorded once traffic is served: the audit log lists versions that took effect.
         digest = self.snapshot.digest
         self._audit("start", "start", "success", previous=None, attempted=digest)
+        from router.history import previous_version
+
+        self._previous_digest = previous_version(self.state_dir)
+        self._prune_history()
         line = {
             "event": "ready",
             "listen": format_hostport(self.listen_host, self.listen_port),
@@ -600,6 +612,9 @@ class Supervisor:
         else:
             log.info("reload ok: rules %s -> %s", old[:12], snapshot.digest[:12])
             self._audit("reload", trigger, "success", old, snapshot.digest)
+        if old != snapshot.digest:
+            self._previous_digest = old
+        self._prune_history()
         for worker in list(self.workers.values()):
             self._send(worker, {"cmd": "reload", "digest": snapshot.digest})
 
@@ -634,7 +649,7 @@ class Supervisor:
         who: dict[str, Any] | None = None,
     ) -> None:
         """One line in STATE_DIR/audit.jsonl; `who` defaults to this process."""
-        from router.history import actor, append_audit, file_owner, now_iso
+        from router.history import actor, file_owner, now_iso
 
         path = self.settings.rules_path
         entry = {
@@ -652,9 +667,24 @@ class Supervisor:
             "problems": problems or [],
         }
         try:
-            append_audit(self.state_dir, entry)
+            self.audit.append(entry)
         except OSError as exc:
             log.warning("cannot append to the audit log in %s: %s", self.state_dir, exc)
+
+    def _prune_history(self) -> None:
+        """Drop kept rules versions beyond the bounds; never the one in force or the one
+        before it (what `grayroute rollback` goes back to)."""
+        from router.history import prune_versions
+
+        previous = self._previous_digest
+        keep = {self.snapshot.digest} | ({previous} if previous else set())
+        try:
+            dropped = prune_versions(self.state_dir, self.settings.history_bounds, keep)
+        except OSError as exc:
+            log.warning("cannot prune the rules history in %s: %s", self.state_dir, exc)
+            return
+        if dropped:
+            log.info("rules history: dropped %d old version(s)", len(dropped))
 
     def _write_pidfile(self) -> None:
         from router.history import write_pidfile

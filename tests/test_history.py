@@ -11,6 +11,7 @@ import hashlib
 import io
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -25,8 +26,12 @@ import pytest
 from router.demo import DemoUpstream, RouterProcess
 from router.errors import ConfigError
 from router.history import (
+    AuditLog,
+    HistoryBounds,
     append_audit,
     default_state_dirs,
+    iso_utc,
+    prune_versions,
     read_audit,
     resolve_state_dir,
     run_history,
@@ -117,6 +122,106 @@ def test_audit_log_and_versions_in_force(tmp_path: Path) -> None:
     entries = read_audit(tmp_path)
     assert len(entries) == 5
     assert versions_in_force(entries) == ["a", "b", "a"]
+
+
+def audit_size(state: Path) -> int:
+    return sum(p.stat().st_size for p in state.glob("audit.jsonl*"))
+
+
+def test_audit_log_is_kept_under_its_size_bound(tmp_path: Path) -> None:
+    audit = AuditLog(tmp_path, HistoryBounds(audit_max_bytes=3000, max_age=0, max_versions=0))
+    sizes = []
+    for i in range(100):
+        audit.append({"at": iso_utc(time.time()), "action": "reload", "n": i, "pad": "x" * 40})
+        sizes.append(audit_size(tmp_path))
+        assert (tmp_path / "audit.jsonl").stat().st_size <= 1000
+    assert max(sizes) <= 3000
+    # Rotated, not rewritten: the older parts are whole earlier files.
+    assert sorted(p.name for p in tmp_path.glob("audit.jsonl*")) == [
+        "audit.jsonl",
+        "audit.jsonl.1",
+        "audit.jsonl.2",
+    ]
+    assert (tmp_path / "audit.jsonl.2").stat().st_size > 900
+    numbers = [e["n"] for e in read_audit(tmp_path)]
+    assert numbers == list(range(100 - len(numbers), 100))  # the newest, in order
+    assert sizes[-1] > 2000
+    # An entry larger than the whole bound is still written.
+    audit.append({"action": "huge", "pad": "y" * 4000})
+    assert read_audit(tmp_path)[-1]["action"] == "huge"
+
+
+def test_audit_log_keeps_entries_at_least_max_age_and_at_most_half_as_long_again(
+    tmp_path: Path,
+) -> None:
+    day = 86400.0
+    now = [1.7e9]
+    audit = AuditLog(tmp_path, HistoryBounds(0, 10 * day, 0), clock=lambda: now[0])
+    written: list[float] = []
+    for _ in range(80):  # one entry every 0.7 days for eight weeks
+        audit.append({"at": iso_utc(now[0]), "action": "reload"})
+        written.append(now[0])
+        kept = [_unix(e["at"]) for e in read_audit(tmp_path)]
+        assert min(kept) >= now[0] - 15 * day - 1  # at most 1.5 x max_age
+        assert kept == [t for t in written if t >= min(kept)]  # nothing missing since
+        assert all(t in kept for t in written if t >= now[0] - 10 * day)  # at least max_age
+        now[0] += 0.7 * day
+
+
+def _unix(at: str) -> float:
+    import datetime
+
+    return datetime.datetime.fromisoformat(at).timestamp()
+
+
+def test_appends_from_many_writers_while_trimming_lose_no_recent_line(tmp_path: Path) -> None:
+    bounds = HistoryBounds(audit_max_bytes=6000, max_age=0, max_versions=0)
+
+    def writer(name: str) -> None:
+        audit = AuditLog(tmp_path, bounds)  # each with its own descriptors, as processes
+        for i in range(150):
+            audit.append({"w": name, "n": i, "pad": "z" * 30})
+
+    threads = [threading.Thread(target=writer, args=(str(w),)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert audit_size(tmp_path) <= 6000
+    data = b"".join(
+        (tmp_path / name).read_bytes() for name in ("audit.jsonl.2", "audit.jsonl.1", "audit.jsonl")
+    )
+    entries = [orjson.loads(line) for line in data.splitlines()]  # none torn
+    assert len(entries) > 40 and entries[-1]["n"] == 149  # the very last append is there
+    for w in "0123":
+        # A line written while another writer trimmed would be missing from the middle:
+        # each writer's kept lines run without a gap.
+        mine = [e["n"] for e in entries if e["w"] == w]
+        if mine:
+            assert mine == list(range(mine[0], mine[0] + len(mine)))
+
+
+def test_kept_versions_are_pruned_by_count_and_age_never_the_ones_in_use(
+    tmp_path: Path,
+) -> None:
+    now = time.time()
+    for i in range(10):
+        path = tmp_path / "rules" / f"v{i}.yaml"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"x")
+        os.utime(path, (now - (10 - i) * 3600, now - (10 - i) * 3600))  # v9 newest
+
+    def left() -> list[str]:
+        return sorted(p.stem for p in (tmp_path / "rules").glob("*.yaml"))
+
+    dropped = prune_versions(tmp_path, HistoryBounds(0, 0.0, 0), keep=set())
+    assert dropped == [] and len(left()) == 10
+    dropped = prune_versions(tmp_path, HistoryBounds(0, 5.5 * 3600, 0), keep={"v0"}, now=now)
+    assert sorted(dropped) == ["v1", "v2", "v3", "v4"]
+    assert left() == ["v0", "v5", "v6", "v7", "v8", "v9"]
+    dropped = prune_versions(tmp_path, HistoryBounds(0, 0.0, 3), keep={"v0", "v5"}, now=now)
+    assert sorted(dropped) == ["v6"]  # v9, v8, v7 are the three newest; v0 and v5 in use
+    assert left() == ["v0", "v5", "v7", "v8", "v9"]
 
 
 def test_intents_are_taken_once_and_expire(tmp_path: Path) -> None:
@@ -236,15 +341,47 @@ def test_rollback_print_and_unapplied_edits(tmp_path: Path) -> None:
 def test_history_lists_events_and_kept_versions(tmp_path: Path) -> None:
     a, b = rules_text(90, 10), rules_text(50, 50)
     rules, state = make_history(tmp_path, a, b)
+    broken = b"format: 1\nupstreams: {}\nroutes: []\n"
+    (state / "rules" / f"{sha(broken)}.yaml").write_bytes(broken)
     out = io.StringIO()
     assert run_history(str(rules), str(state), False, out) == 0
     text = out.getvalue()
-    assert f"{sha(b)}  in force" in text and f"{sha(a)}  previous" in text
+    # Each kept version with its weights per route, to pick what to roll back to.
+    assert (
+        f"  {sha(b)}  in force\n      all  v1 50, v2 50\n"
+        f"  {sha(a)}  previous\n      all  v1 90, v2 10\n"
+    ) in text
+    assert f"  {sha(broken)}  (never in force" in text
+    assert "(cannot be read as rules now: " in text and "upstreams: no upstreams" in text
     out = io.StringIO()
     run_history(str(rules), str(state), True, out)
     doc = orjson.loads(out.getvalue())
     assert (doc["in_force"], doc["previous"]) == (sha(b), sha(a))
-    assert doc["kept"] == [sha(b), sha(a)] and len(doc["events"]) == 2
+    assert doc["kept"] == [sha(b), sha(a), sha(broken)] and len(doc["events"]) == 2
+    assert doc["versions"][sha(a)] == {"routes": {"all": {"split": {"v1": 90.0, "v2": 10.0}}}}
+    assert "error" in doc["versions"][sha(broken)]
+
+
+def test_history_shows_what_each_kind_of_route_does(tmp_path: Path) -> None:
+    data = b"""\
+format: 1
+upstreams:
+  v1: {endpoints: ["127.0.0.1:1", "127.0.0.1:2"]}
+  v2: {endpoints: ["127.0.0.1:3"]}
+routes:
+  - {name: fixed, match: {path_prefix: /f}, to: v2}
+  - {name: buckets, match: {path_prefix: /b}, split_clients: {key: "$remote_addr",
+     buckets: [{"10%": v2}, {"*": v1}]}}
+  - {name: rest, split: replicas}
+"""
+    rules, state = make_history(tmp_path, data)
+    out = io.StringIO()
+    run_history(str(rules), str(state), False, out)
+    assert (
+        "      fixed    to v2\n"
+        "      buckets  split_clients v2 10%, v1 *\n"
+        "      rest     v1 2, v2 1 (replicas)\n"
+    ) in out.getvalue()
 
 
 # -- rollback end to end -----------------------------------------------------------------------
@@ -323,6 +460,47 @@ async def test_rollback_restores_the_exact_previous_decisions(
     assert not (Path(history["state_dir"]) / "supervisor.json").exists()
     done = await asyncio.to_thread(cli, "history", str(rules), "--json")
     assert orjson.loads(done.stdout)["in_force"] == sha(b)
+
+
+async def test_a_router_keeps_its_history_within_bounds_and_rollback_still_works(
+    upstreams: dict[str, DemoUpstream], tmp_path: Path
+) -> None:
+    eps = {"v1": upstreams["v1"].endpoint, "v2": upstreams["v2"].endpoint}
+    versions = [rules_text(100 - 10 * i, 10 * i, **eps) for i in range(6)]
+    rules = tmp_path / "rules.yaml"
+    state = tmp_path / "state"
+    rules.write_bytes(versions[0])
+    args = (
+        *("--state-dir", str(state), "--watch-interval", "0"),
+        *("--audit-max-bytes", "2500", "--history-max-versions", "2"),
+    )
+    with open(tmp_path / "router.log", "wb") as log:
+        router = await RouterProcess.start(rules, workers=1, args=args, stderr=log)
+    try:
+        async with httpx.AsyncClient(timeout=10.0) as client:
+
+            async def in_force(digest: str) -> bool:
+                info = (await client.get(f"{router.admin_url}/rules")).json()
+                return bool(info["digest"] == digest)
+
+            for data in versions[1:]:
+                rules.write_bytes(data)
+                router.signal(signal.SIGHUP)
+                await poll(lambda: in_force(sha(data)))  # noqa: B023 - awaited at once
+            assert audit_size(state) <= 2500 and (state / "audit.jsonl.2").exists()
+            # The version in force and the one before it; the older ones are gone.
+            kept = sorted(p.stem for p in (state / "rules").glob("*.yaml"))
+            assert kept == sorted([sha(versions[-1]), sha(versions[-2])])
+            done = await asyncio.to_thread(cli, "rollback", str(rules), "--state-dir", str(state))
+            assert done.returncode == 0, done.stderr
+            assert "in force in the router" in done.stdout
+            assert await in_force(sha(versions[-2]))
+            assert audit_size(state) <= 2500
+            assert read_audit(state)[-1]["action"] == "rollback"
+    finally:
+        assert await router.stop() == 0
+    done = await asyncio.to_thread(cli, "history", str(rules), "--state-dir", str(state))
+    assert f"{sha(versions[-2])}  in force\n      all  v1 60, v2 40\n" in done.stdout
 
 
 def test_rollback_reports_a_router_that_refuses_or_does_not_answer(tmp_path: Path) -> None:
