@@ -90,6 +90,8 @@ INTENT_TTL = 600.0
 # Results after which an audit entry's `digest` is the version in force (or, for
 # "written", the version that will be in force when the router next starts).
 IN_FORCE_RESULTS = frozenset({"success", "written"})
+# The actions of entries about the rule file; other writers use actions of their own.
+RULES_ACTIONS = frozenset({"start", "reload", "rollback"})
 
 # How much history the router keeps by default: at one reload every 10 s the audit log
 # grows about 4 MB a day, so the size bound is what holds it then; at a few reloads a
@@ -376,11 +378,17 @@ def read_audit(state_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def versions_in_force(entries: list[dict[str, Any]]) -> list[str]:
-    """The digests that were in force, oldest first, without immediate repeats."""
+    """The digests that were in force, oldest first, without immediate repeats. Only
+    entries about the rule file count (other writers' entries, e.g. a rollout's, may
+    name a digest too)."""
     out: list[str] = []
     for entry in entries:
         digest = entry.get("digest")
-        in_force = entry.get("result") in IN_FORCE_RESULTS and isinstance(digest, str)
+        in_force = (
+            entry.get("action") in RULES_ACTIONS
+            and entry.get("result") in IN_FORCE_RESULTS
+            and isinstance(digest, str)
+        )
         if in_force and digest and (not out or out[-1] != digest):
             out.append(digest)
     return out

@@ -115,12 +115,13 @@ def test_audit_log_and_versions_in_force(tmp_path: Path) -> None:
         {"action": "reload", "result": "success", "digest": "b"},
         {"action": "reload", "result": "success", "digest": "b"},
         {"action": "rollback", "result": "success", "digest": "a"},
+        {"action": "rollout", "result": "success", "digest": "c", "route": "r"},  # not rules
     ):
         append_audit(tmp_path, entry)
     with open(tmp_path / "audit.jsonl", "ab") as f:
         f.write(b'{"torn": \n')  # a crash mid-line never breaks reading
     entries = read_audit(tmp_path)
-    assert len(entries) == 5
+    assert len(entries) == 6
     assert versions_in_force(entries) == ["a", "b", "a"]
 
 
