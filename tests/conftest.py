@@ -198,7 +198,7 @@ async def switchable() -> AsyncIterator[Callable[[str], Awaitable[Switchable]]]:
 
 # -- the router in this process ------------------------------------------------------------
 class RecordingMetrics:
-    """Counts what the proxy (and router.tls) reports, for assertions."""
+    """Counts what the proxy (and router.tls, router.tunnel) reports, for assertions."""
 
     def __init__(self) -> None:
         self.requests: Counter[tuple[str, str, int]] = Counter()
@@ -206,6 +206,8 @@ class RecordingMetrics:
         self.fallbacks: Counter[tuple[str, str]] = Counter()
         self.handshakes: Counter[tuple[str, str]] = Counter()
         self.handshake_failures: Counter[str] = Counter()
+        self.tunnels_opened: Counter[str] = Counter()
+        self.tunnels_closed: Counter[tuple[str, str]] = Counter()
 
     def request_done(self, route: str, upstream: str, status: int, seconds: float) -> None:
         self.requests[(route, upstream, status)] += 1
@@ -221,6 +223,12 @@ class RecordingMetrics:
 
     def tls_handshake_failed(self, reason: str) -> None:
         self.handshake_failures[reason] += 1
+
+    def tunnel_opened(self, upstream: str) -> None:
+        self.tunnels_opened[upstream] += 1
+
+    def tunnel_closed(self, upstream: str, reason: str) -> None:
+        self.tunnels_closed[(upstream, reason)] += 1
 
 
 @dataclass
@@ -412,6 +420,15 @@ async def poll(check: Callable[[], Awaitable[Any]], timeout: float = 8.0) -> Any
             return last
         await asyncio.sleep(0.05)
     raise AssertionError(f"condition not met within {timeout} s (last: {last!r})")
+
+
+async def until(check: Callable[[], object], timeout: float = 8.0) -> None:
+    """`poll` for a plain (not awaitable) condition, e.g. a counter the router updates."""
+
+    async def probe() -> object:
+        return check()
+
+    await poll(probe, timeout)
 
 
 # -- TLS ---------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ import shutil
 import ssl
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from router.tls import (
     load_certificate,
 )
 
-from conftest import LocalCA, RunningProxy, Serve, poll, scrape
+from conftest import LocalCA, RunningProxy, Serve, poll, scrape, until
 
 RULES = """
 format: 1
@@ -59,7 +58,10 @@ def der_of(cert_file: str) -> bytes:
 async def handshake(
     port: int, server_name: str | None, ctx: ssl.SSLContext
 ) -> tuple[bytes, str, str | None]:
-    """Connect, and say which certificate (DER), TLS version and ALPN protocol we got."""
+    """Connect, and say which certificate (DER), TLS version and ALPN protocol we got.
+
+    The router counts a handshake when it reads the client's last message, which may
+    be after the client is done: tests wait for counters with `until`."""
     _, writer = await asyncio.open_connection(
         "127.0.0.1", port, ssl=ctx, server_hostname=server_name
     )
@@ -80,16 +82,6 @@ async def curl(*args: str) -> tuple[int, str, str]:
     out, err = await proc.communicate()
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
-
-
-async def eventually(check: Callable[[], object]) -> None:
-    """Wait (a bounded poll) until `check()` is true: the router counts a handshake when
-    it reads the client's last message, which may be after the client is done."""
-
-    async def probe() -> object:
-        return check()
-
-    await poll(probe)
 
 
 requires_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
@@ -211,7 +203,7 @@ async def test_sni_picks_the_certificate_python_client(
     der, version, alpn = await handshake(rp.tls_port, None, loose)  # no SNI: the default
     assert der == der_of(pairs["a"][0]) and version == "TLSv1.3" and alpn is None
     expected = {("a.test", "TLSv1.3"): 2, ("b.test", "TLSv1.3"): 2}
-    await eventually(lambda: rp.metrics.handshakes == expected)
+    await until(lambda: rp.metrics.handshakes == expected)
 
 
 async def test_alpn_offers_http11_only_and_tls12_works(
@@ -230,7 +222,7 @@ async def test_alpn_offers_http11_only_and_tls12_works(
     weak.set_ciphers("AES128-SHA256:AES256-SHA")  # RSA key exchange: no forward secrecy
     with pytest.raises((ssl.SSLError, ConnectionError)):
         await handshake(rp.tls_port, "a.test", weak)
-    await eventually(lambda: rp.metrics.handshake_failures["cipher"] == 1)
+    await until(lambda: rp.metrics.handshake_failures["cipher"] == 1)
 
 
 async def test_requests_over_tls_are_forwarded_as_https(
@@ -292,11 +284,11 @@ async def test_sni_and_alpn_with_curl(
     )  # fmt: skip
     assert rc == 60 and "c.test" in err, err
     expected = {("a.test", "TLSv1.3"): 2, ("b.test", "TLSv1.3"): 2}
-    await eventually(lambda: rp.metrics.handshakes == expected)
+    await until(lambda: rp.metrics.handshakes == expected)
     # A client that does not trust our CA says so during the handshake.
     rc, _, err = await curl("--resolve", f"a.test:{port}:127.0.0.1", f"https://a.test:{port}/")
     assert rc == 60, err
-    await eventually(lambda: rp.metrics.handshake_failures["certificate_rejected"] == 1)
+    await until(lambda: rp.metrics.handshake_failures["certificate_rejected"] == 1)
 
 
 async def test_old_tls_versions_are_refused_python_client(
@@ -316,7 +308,7 @@ async def test_old_tls_versions_are_refused_python_client(
             await handshake(rp.tls_port, "a.test", ctx)
     # The router saw both offers and refused them for their version (so the clients
     # really offered TLS 1.0 and 1.1: this is no client that gave up on its own).
-    await eventually(lambda: rp.metrics.handshake_failures["version"] == 2)
+    await until(lambda: rp.metrics.handshake_failures["version"] == 2)
     assert not rp.metrics.handshakes
 
 
@@ -334,7 +326,7 @@ async def test_old_tls_versions_are_refused_curl(
             f"https://a.test:{rp.tls_port}/",
         )  # fmt: skip
         assert rc == 35, err  # SSL connect error
-    await eventually(lambda: rp.metrics.handshake_failures["version"] == 2)
+    await until(lambda: rp.metrics.handshake_failures["version"] == 2)
     rc, _, err = await curl(
         "--cacert", str(tls_ca.cafile),
         "--resolve", f"a.test:{rp.tls_port}:127.0.0.1",
@@ -342,7 +334,7 @@ async def test_old_tls_versions_are_refused_curl(
         f"https://a.test:{rp.tls_port}/",
     )  # fmt: skip
     assert rc == 0, err
-    await eventually(lambda: rp.metrics.handshakes == {("a.test", "TLSv1.2"): 1})
+    await until(lambda: rp.metrics.handshakes == {("a.test", "TLSv1.2"): 1})
 
 
 async def test_plain_http_and_unfinished_handshakes_are_counted(
@@ -353,13 +345,13 @@ async def test_plain_http_and_unfinished_handshakes_are_counted(
     writer.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
     assert await asyncio.wait_for(reader.read(), 10) == b""  # closed, nothing proxied
     writer.close()
-    await eventually(lambda: rp.metrics.handshake_failures["plain_http"] == 1)
+    await until(lambda: rp.metrics.handshake_failures["plain_http"] == 1)
     # A client that connects and says nothing, and one that closes at once.
     _, silent = await asyncio.open_connection("127.0.0.1", rp.tls_port)
     _, gone = await asyncio.open_connection("127.0.0.1", rp.tls_port)
     gone.close()
     assert rp.tls is not None
-    await eventually(lambda: len(rp.tls._started) == 2)
+    await until(lambda: len(rp.tls._started) == 2)
     assert rp.tls.sweep(time.monotonic()) == 0  # they may still finish
     # handshake_timeout (header_timeout, 30 s) + 1 s later, neither can finish any more
     assert rp.tls.sweep(time.monotonic() + rp.tls.handshake_timeout + 1.5) == 2
