@@ -156,6 +156,75 @@ def test_json_round_trip_and_bad_input() -> None:
             Effective.from_json(bad)
 
 
+DNS_RULES = """\
+format: 1
+upstreams:
+  stable: {endpoints: {dns: stable.test, port: 8080}}
+  canary: {endpoints: {dns: canary.test, port: 8080}}
+user_id:
+  - header: X-User-Id
+routes:
+  - name: replicas
+    match: {path_prefix: /r}
+    split: replicas
+  - name: mapping
+    match: {path_prefix: /m}
+    split: {stable: replicas, canary: replicas}
+  - name: pinned
+    to: canary
+"""
+
+
+def _pods(count: int, first: int) -> tuple[tuple[str, int], ...]:
+    return tuple((f"10.0.0.{first + i}", 8080) for i in range(count))
+
+
+@pytest.mark.parametrize("path", ["/r", "/m"])
+def test_dns_replicas_follow_the_pods_and_move_only_who_must(path: str) -> None:
+    """8 stable pods and a canary scaled from 1 to 2: its share goes 1/9 -> 2/10, and the
+    users who move are the canary's new ones, all from stable; nobody else moves."""
+    snap = load_snapshot_text(DNS_RULES, "rules.yaml")
+    eight = Effective().with_endpoints("stable", _pods(8, 10))
+    one = apply_effective(snap, eight.with_endpoints("canary", _pods(1, 50)))
+    two = apply_effective(snap, eight.with_endpoints("canary", _pods(2, 50)))
+    users = 20_000
+    before = {i: decide(one, _view(path, f"user-{i}")).upstream for i in range(users)}
+    after = {i: decide(two, _view(path, f"user-{i}")).upstream for i in range(users)}
+    share_before = sum(u == "canary" for u in before.values()) / users
+    share_after = sum(u == "canary" for u in after.values()) / users
+    assert abs(share_before - 1 / 9) < 0.01, share_before
+    assert abs(share_after - 2 / 10) < 0.01, share_after
+    moved = [i for i in before if before[i] != after[i]]
+    assert all(before[i] == "stable" and after[i] == "canary" for i in moved)
+    # As few as the new shares allow: 2/10 - 1/9 of the users.
+    assert abs(len(moved) / users - (2 / 10 - 1 / 9)) < 0.01, len(moved)
+    # Scaling back down moves exactly those users back.
+    back = {i: decide(one, _view(path, f"user-{i}")).upstream for i in range(users)}
+    assert back == before
+
+
+def test_a_dns_upstream_without_records_gets_nothing_from_replicas() -> None:
+    snap = load_snapshot_text(DNS_RULES, "rules.yaml")
+    gone = apply_effective(
+        snap, Effective().with_endpoints("stable", _pods(3, 10)).with_endpoints("canary", ())
+    )
+    assert _shares("/r", gone, users=500) == Counter({"stable": 500})
+    # A `to` still names it: the proxy answers 503 for an upstream without endpoints.
+    assert decide(gone, _view("/p", "7")).upstream == "canary"
+    assert gone.upstreams["canary"].endpoints == ()
+
+
+def test_a_dns_split_with_no_records_anywhere_still_decides() -> None:
+    # At load nothing is known yet, and later every name may be gone: each request is
+    # still decided (sticky), and its upstream answers for itself (503 or its fallback).
+    snap = load_snapshot_text(DNS_RULES, "rules.yaml")
+    for current in (snap, apply_effective(snap, Effective().with_endpoints("canary", ()))):
+        split = current.routes[0].split
+        assert split is not None and split.names == ("stable", "canary")
+        shares = _shares("/r", current, users=1000)
+        assert set(shares) == {"stable", "canary"} and min(shares.values()) > 400
+
+
 async def test_every_worker_routes_with_the_state_the_supervisor_sets(
     tmp_path: Path, upstreams: dict[str, DemoUpstream]
 ) -> None:

@@ -10,7 +10,7 @@ import pytest
 from router.errors import Problem
 from router.rules import check_text
 from router.rules.load import load_text
-from router.rules.model import DEFAULT_BODY_LIMIT, HealthCheck, RuleSet
+from router.rules.model import DEFAULT_BODY_LIMIT, DnsEndpoints, HealthCheck, RuleSet
 from router.rules.validate import parse_duration, parse_size, validate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -717,3 +717,110 @@ def test_replicas_split_reaching_an_upstream_only_pins_send_to_warns() -> None:
     # The split names its upstreams itself: fine.
     named = REPLICAS.replace("split: replicas", "split: {v1: replicas, v1.1: replicas}")
     assert problems(named) == []
+
+
+# -- endpoints from DNS ----------------------------------------------------------------
+
+V2_LIST = '    endpoints: ["127.0.0.1:9002"]'
+
+
+def dns_text(endpoints: str, text: str = BASE) -> str:
+    return edit(V2_LIST, f"    endpoints: {endpoints}", text)
+
+
+def test_dns_endpoints_build_the_model() -> None:
+    rules = ruleset(dns_text("{dns: Orders-V2.Shop.svc.cluster.local., port: 8080}"))
+    v2 = rules.upstreams[1]
+    assert v2.endpoints == ()  # found at run time
+    assert v2.dns == DnsEndpoints("orders-v2.shop.svc.cluster.local.", 8080, 5.0)
+    assert rules.upstreams[0].dns is None
+    v2 = ruleset(dns_text("{dns: v2.test, port: 80, interval: 500ms}")).upstreams[1]
+    assert v2.dns == DnsEndpoints("v2.test", 80, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("endpoints", "where", "message"),
+    [
+        ("{dns: v2.test}", "6:16: upstreams.v2.endpoints.port",
+         "missing `port` (add `port:` to upstreams.v2.endpoints)"),
+        ("{port: 80}", "6:16: upstreams.v2.endpoints.dns",
+         "missing `dns` (add `dns:` to upstreams.v2.endpoints)"),
+        ("{dns: v2.test, port: 8080, intervall: 1s}", "6:43: upstreams.v2.endpoints.intervall",
+         "unknown key (did you mean `interval`?)"),
+        ("{dns: v2.test, port: 0}", "6:37: upstreams.v2.endpoints.port",
+         "port 0 is out of range (use a port from 1 to 65535)"),
+        ("{dns: v2.test, port: 80.5}", "6:37: upstreams.v2.endpoints.port",
+         "port 80.5 is not a whole number"),
+        ("{dns: v2.test, port: http}", "6:37: upstreams.v2.endpoints.port",
+         "the port must be a number, found `http` (write e.g. 8080)"),
+        ("{dns: v2.test, port: 80, interval: 10ms}", "6:51: upstreams.v2.endpoints.interval",
+         "10ms is too short to ask DNS again (use at least 100ms; 5s (the default) suits a "
+         "Kubernetes headless Service)"),
+        ("{dns: 10.0.0.1, port: 80}", "6:22: upstreams.v2.endpoints.dns",
+         '`10.0.0.1` is an address, not a DNS name (list fixed addresses as '
+         '`endpoints: ["HOST:PORT"]` instead)'),
+        ("{dns: 'v2.test:80', port: 80}", "6:22: upstreams.v2.endpoints.dns",
+         "`v2.test:80`: the port does not go in the name (write the name alone and the port "
+         "as `port:`)"),
+        ("{dns: 'http://v2.test', port: 80}", "6:22: upstreams.v2.endpoints.dns",
+         "`http://v2.test` is a URL, not a DNS name (write a name such as "
+         "orders-v1.shop.svc.cluster.local)"),
+        ("{dns: v2..test, port: 80}", "6:22: upstreams.v2.endpoints.dns",
+         "`v2..test` is not a DNS name (use letters, digits and hyphens in dot-separated "
+         "labels of at most 63 characters; write a name such as "
+         "orders-v1.shop.svc.cluster.local)"),
+        ("{dns: v2-.test, port: 80}", "6:22: upstreams.v2.endpoints.dns",
+         "`v2-.test` is not a DNS name (use letters, digits and hyphens in dot-separated "
+         "labels of at most 63 characters; write a name such as "
+         "orders-v1.shop.svc.cluster.local)"),
+        ("v2.test", "6:16: upstreams.v2.endpoints",
+         'expected a list, found text (write ["127.0.0.1:9001", "127.0.0.1:9002"], or '
+         "`{dns: NAME, port: PORT}` for the addresses a DNS name has)"),
+    ],
+)  # fmt: skip
+def test_dns_endpoint_errors(endpoints: str, where: str, message: str) -> None:
+    assert only(dns_text(endpoints)) == f"rules.yaml:{where}: {message}"
+
+
+def test_a_dns_upstream_with_no_records_yet_is_never_a_rules_error() -> None:
+    # v2 is named by a pin and by a split weight above 0: how many pods it has is known
+    # only at run time, so nothing about it is a problem now.
+    dns = "{dns: v2.test, port: 80}"
+    assert problems(dns_text(dns)) == []
+    to_v2 = edit("    split:\n      v1: 90\n      v2: 10", "    to: v2")
+    assert problems(dns_text(dns, edit("      - to: v2\n", "      - to: v1\n", to_v2))) == []
+    # Every upstream from DNS: `split: replicas` and `replicas` weights have nowhere to send
+    # requests at load time, and that is not an error either (nor a warning).
+    both = edit('    endpoints: ["127.0.0.1:9001"]', "    endpoints: {dns: v1.test, port: 80}",
+                dns_text(dns))  # fmt: skip
+    whole_text = edit("    split:\n      v1: 90\n      v2: 10", "    split: replicas", both)
+    whole_text = edit('    pins:\n      - to: v2\n        users: ["42"]\n', "", whole_text)
+    assert problems(whole_text) == []
+    whole = ruleset(whole_text)
+    split = whole.routes[0].split
+    assert split is not None and split.replicas and split.weights == (("v1", 0.0), ("v2", 0.0))
+    per_entry_text = edit("v1: 90\n      v2: 10", "v1: replicas\n      v2: replicas", both)
+    assert problems(per_entry_text) == []
+    per_entry = ruleset(per_entry_text).routes[0].split
+    assert per_entry is not None and not per_entry.replicas
+    assert per_entry.follows == frozenset({"v1", "v2"})
+
+
+def test_replicas_weights_follow_their_upstreams() -> None:
+    text = edit("      v1: 90", "      v1: replicas")
+    split = ruleset(text).routes[0].split
+    assert split is not None and split.follows == frozenset({"v1"})
+    assert split.counts_replicas("v1") and not split.counts_replicas("v2")
+
+
+def test_replicas_split_reaching_a_dns_upstream_only_pins_send_to_warns() -> None:
+    # No records yet at load, but once its pods are ready the split gives it users.
+    dns = REPLICAS.replace(
+        'v2: {endpoints: ["127.0.0.1:9005"]}', "v2: {endpoints: {dns: v2.test, port: 80}}"
+    )
+    assert problems(dns) == [
+        "rules.yaml:11:12: warning: routes[0].split: `split: replicas` gives `v2` a share as "
+        "soon as its DNS name has records, but only pins send requests to it: ordinary users "
+        "would reach it (name the upstreams the split is for: `split: {v1: replicas, v1.1: "
+        "replicas}`)"
+    ]

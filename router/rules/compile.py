@@ -325,6 +325,11 @@ def _compile_route(
 
 def _compile_split(split: Split, salt: str) -> SplitTable:
     positive = [(name, w) for name, w in split.weights if w > 0]
+    if not positive:
+        # Only a split of DNS upstreams that all have zero records gets here (validate.py
+        # rejects weights that add up to 0 otherwise): share requests evenly, and each
+        # gets the answer its upstream gives with no endpoints (503, or its fallback).
+        positive = [(name, 1.0) for name, _ in split.weights]
     label = "replicas" if split.replicas else "weights"
     shown = f"({label} {', '.join(f'{n}={_fmt(w)}' for n, w in split.weights)})"
     cumulative: list[float] = []

@@ -118,11 +118,11 @@ class Effective:
 def effective_weights(
     split: Split, upstreams: Mapping[str, Any], overrides: Mapping[str, float] | None
 ) -> tuple[tuple[str, float], ...]:
-    """A split's weights now: replica counts of the endpoints in use for `split: replicas`,
-    then the control plane's overrides; file order kept."""
+    """A split's weights now: replica counts of the endpoints in use for `split: replicas`
+    (and weights written `replicas`), then the control plane's overrides; file order kept."""
     weights = []
     for name, weight in split.weights:
-        if split.replicas and name in upstreams:
+        if split.counts_replicas(name) and name in upstreams:
             weight = float(len(upstreams[name].endpoints))
         if overrides is not None and name in overrides:
             weight = overrides[name]
@@ -158,7 +158,7 @@ def apply_effective(snapshot: Snapshot, effective: Effective) -> Snapshot:
         if weights == split.weights or sum(w for _, w in weights) <= 0:
             continue
         routes[i] = dataclasses.replace(
-            route, split=_compile_split(Split(weights, split.replicas), route.salt)
+            route, split=_compile_split(dataclasses.replace(split, weights=weights), route.salt)
         )
         changed = True
     if not changed:

@@ -7,7 +7,8 @@ nothing on the hot path reads these classes.
 
     RuleSet
     ├── upstreams: Upstream(name, endpoints, connect_timeout, read_timeout, health_check,
-    │                       fallback)
+    │                       fallback, dns)
+    │              └── DnsEndpoints(name, port, interval)      endpoints found in DNS
     ├── user_id:   UserIdSource(kind, name) ...       the file's sources, in order
     ├── body_limit
     ├── routes:    Route(name, match, pins, to | split | split_clients | lua
@@ -16,7 +17,7 @@ nothing on the hot path reads these classes.
     │              │         | path_regex, methods)
     │              ├── Pin(to, users, user_ranges, user_suffixes, user_pattern,
     │              │       user_percent, headers, client_cidrs)
-    │              ├── Split(weights, replicas)
+    │              ├── Split(weights, replicas, follows)
     │              ├── SplitClientsMode(key, buckets, unmatched)     nginx split_clients
     │              ├── LuaAction(file, phase, var, map, default, fallback, ...)
     │              ├── DirectResponse(status, body)        the route answers itself
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 DEFAULT_BODY_LIMIT = 64 * 1024
 DEFAULT_HEALTH_PATH = "/healthz"
 DEFAULT_HEALTH_INTERVAL = 5.0
+DEFAULT_DNS_INTERVAL = 5.0
 
 # The source kinds of `user_id:`, and which of them read the request body.
 SOURCE_KINDS = ("header", "cookie", "query", "json", "form")
@@ -59,16 +61,29 @@ class HealthCheck:
 
 
 @dataclass(frozen=True, slots=True)
+class DnsEndpoints:
+    """`endpoints: {dns, port, interval}`: one endpoint per A/AAAA record of `name`,
+    re-resolved every `interval` at run time (router/fleet/dns.py)."""
+
+    name: str  # as written, lower-case; a trailing dot makes it absolute
+    port: int
+    interval: float = DEFAULT_DNS_INTERVAL  # seconds
+
+
+@dataclass(frozen=True, slots=True)
 class Upstream:
     name: str
     # (host, port); IPv6 hosts without brackets. Empty for a version scaled to zero:
     # validate.py then lets no `to`, pin or positive split weight send requests to it.
+    # Always empty in the file for a DNS upstream: its endpoints are found at run time.
     endpoints: tuple[tuple[str, int], ...]
     connect_timeout: float | None = None  # seconds; None = the server's default
     read_timeout: float | None = None  # seconds; None = the server's default
     health_check: HealthCheck | None = None
     # Where its requests go while none of its endpoints is up (router/rules/fallback.py).
     fallback: str | None = None
+    # Endpoints from DNS instead of a list; zero records is zero replicas, never an error.
+    dns: DnsEndpoints | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +177,14 @@ class Split:
     """Weighted, sticky choice between upstreams (file order kept)."""
 
     weights: tuple[tuple[str, float], ...]  # replicas already resolved to endpoint counts
-    replicas: bool = False  # written as `split: replicas`
+    replicas: bool = False  # written as `split: replicas`: every weight is a replica count
+    # Upstreams whose weight is written `replicas` in a mapping: their counts, like a
+    # `split: replicas`, follow the endpoints in use (router/rules/effective.py).
+    follows: frozenset[str] = frozenset()
+
+    def counts_replicas(self, name: str) -> bool:
+        """True when `name`'s weight is its number of endpoints (it follows them)."""
+        return self.replicas or name in self.follows
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ from typing import Any
 from router.rules.model import SOURCE_KINDS, USER_CONDITIONS
 from router.rules.validate import (
     CORE_ROUTE_KEYS,
+    DNS_KEYS,
     FORMAT,
     HEALTH_KEYS,
     MATCH_KEYS,
@@ -316,14 +317,21 @@ UPSTREAM = Section(
             "`HOST:PORT` list; IPv6 addresses in brackets. Requests go round-robin over the "
             "healthy ones. An endpoint listed twice gets twice the share (a warning). Empty "
             "while a version is scaled to zero: then no `to`, pin or split weight above 0 "
-            "may name it, unless it has a `fallback` with endpoints.",
+            "may name it, unless it has a `fallback` with endpoints. Or `{dns: NAME, port: "
+            "PORT}`: one endpoint per address the name has, looked up again every `interval` "
+            "(see below).",
             "",
-            _list(
-                {
-                    "type": "string",
-                    "pattern": r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):[0-9]{1,5}$",
-                }
-            ),
+            {
+                "anyOf": [
+                    _list(
+                        {
+                            "type": "string",
+                            "pattern": r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):[0-9]{1,5}$",
+                        }
+                    ),
+                    {"$ref": "#/$defs/dns_endpoints"},
+                ]
+            },
         ),
         "connect_timeout": Key(
             "Time to open a connection to an endpoint.",
@@ -362,6 +370,32 @@ HEALTH_CHECK = Section(
             {"type": "string", "pattern": "^/"},
         ),
         "interval": Key("Time between two probes of an endpoint.", "`5s`", _REF["duration"]),
+    },
+)
+
+DNS_ENDPOINTS = Section(
+    "key",
+    DNS_KEYS,
+    ("dns", "port"),
+    {
+        "dns": Key(
+            "A DNS name, e.g. a headless Service `orders-v1.shop.svc.cluster.local`: each of "
+            "its A and AAAA records is one endpoint (one ready pod). No such name "
+            "(NXDOMAIN) or no records is zero endpoints, never an error.",
+            "",
+            {"type": "string", "pattern": r"^[A-Za-z0-9_.-]+$"},
+        ),
+        "port": Key(
+            "The port every address is reached on.",
+            "",
+            {"type": "integer", "minimum": 1, "maximum": 65535},
+        ),
+        "interval": Key(
+            "Time between two lookups (100ms at least). A failed lookup keeps the "
+            "endpoints found last.",
+            "`5s`",
+            _REF["duration"],
+        ),
     },
 )
 
@@ -596,6 +630,7 @@ PIN = Section(
 SECTIONS: dict[str, Section] = {
     "file": FILE,
     "upstream": UPSTREAM,
+    "dns_endpoints": DNS_ENDPOINTS,
     "health_check": HEALTH_CHECK,
     "source": SOURCE,
     "route": ROUTE,
@@ -641,6 +676,7 @@ def build_schema() -> Schema:
     defs: Schema = dict(DEFS)
     defs["upstream"] = _object("upstream")
     defs["health_check"] = _object("health_check")
+    defs["dns_endpoints"] = _object("dns_endpoints")
     defs["source"] = {
         **_object("source"),
         "description": "One source per item, e.g. `header: X-User-Id`.",

@@ -6,9 +6,9 @@ Problems are errors (the file is rejected) or warnings (the file works, but prob
 as meant). The grammar is docs/rules.md; in short:
 
     format: 1                                   required
-    upstreams: {NAME: {endpoints: [HOST:PORT, ...], connect_timeout: DURATION,
-                       read_timeout: DURATION, health_check: {path: /x, interval: DURATION},
-                       fallback: NAME}}
+    upstreams: {NAME: {endpoints: [HOST:PORT, ...] | {dns: NAME, port: PORT, interval: DURATION},
+                       connect_timeout: DURATION, read_timeout: DURATION,
+                       health_check: {path: /x, interval: DURATION}, fallback: NAME}}
     user_id: [{header|cookie|query|json|form: NAME}, ...]     default: none
     body_limit: SIZE                             default 64KiB
     routes: [{name, match: {hosts, host_regex, default_host,
@@ -43,11 +43,13 @@ from router.rules.hosts import host_pattern_problem, pattern_covers
 from router.rules.load import Entry, MapNode, Node, ScalarNode, SeqNode
 from router.rules.model import (
     DEFAULT_BODY_LIMIT,
+    DEFAULT_DNS_INTERVAL,
     DEFAULT_HEALTH_INTERVAL,
     DEFAULT_HEALTH_PATH,
     PIN_CONDITIONS,
     SOURCE_KINDS,
     DirectResponse,
+    DnsEndpoints,
     HealthCheck,
     LuaAction,
     Match,
@@ -73,6 +75,7 @@ CORE_TOP_KEYS = ("format", "upstreams", "user_id", "body_limit", "routes")
 TOP_KEYS = (*CORE_TOP_KEYS, "lua_shared_dicts")  # + the nginx-migration extension
 UPSTREAM_KEYS = ("endpoints", "connect_timeout", "read_timeout", "health_check", "fallback")
 HEALTH_KEYS = ("path", "interval")
+DNS_KEYS = ("dns", "port", "interval")
 CORE_ROUTE_KEYS = ("name", "match", "pins", "to", "split", "salt", "user_id", "body_limit")
 ROUTE_EXTENSION_KEYS = (
     "split_clients",  # nginx migration (lua_routes.py)
@@ -112,6 +115,9 @@ _SIZE_UNITS = {
     "gib": 1024**3,
 }
 _HOST = re.compile(r"[A-Za-z0-9._\-]+|\[?[0-9A-Fa-f:.]+\]?")
+_DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+# Below this a lookup would run more often than DNS servers expect to be asked.
+MIN_DNS_INTERVAL = 0.1
 
 
 def parse_duration(text: str) -> float:
@@ -148,6 +154,14 @@ def validate(root: Node | None, filename: str) -> tuple[RuleSet | None, list[Pro
 
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
+
+
+def _looks_like_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 def _did_you_mean(word: str, options: Collection[str]) -> str | None:
@@ -462,11 +476,16 @@ class _Validator:
             return None
         ok = "endpoints" in fields  # missing: reported by mapping()
         endpoints: list[tuple[str, int]] = []
-        if "endpoints" in fields:
+        dns: DnsEndpoints | None = None
+        if "endpoints" in fields and isinstance(fields["endpoints"].value, MapNode):
+            dns = self.dns_endpoints(fields["endpoints"].value, _join(path, "endpoints"))
+            ok = dns is not None
+        elif "endpoints" in fields:
             items = self.seq(
                 fields["endpoints"].value,
                 _join(path, "endpoints"),
-                '["127.0.0.1:9001", "127.0.0.1:9002"]',
+                '["127.0.0.1:9001", "127.0.0.1:9002"], or `{dns: NAME, port: PORT}` for the '
+                "addresses a DNS name has",
             )
             # An empty list is a version scaled to zero: allowed as long as nothing can
             # send it a request (checked where it is named: to, pins, split).
@@ -514,7 +533,89 @@ class _Validator:
             timeouts["read_timeout"],
             health,
             fallback,
+            dns=dns,
         )
+
+    def dns_endpoints(self, node: MapNode, path: str) -> DnsEndpoints | None:
+        """`{dns: NAME, port: PORT, interval: DURATION}`: one endpoint per A/AAAA record."""
+        fields = self.mapping(
+            node,
+            path,
+            DNS_KEYS,
+            required=("dns", "port"),
+            example="write `{dns: orders-v1.shop.svc.cluster.local, port: 8080}`",
+        )
+        if fields is None:
+            return None
+        name = self.dns_name(fields["dns"].value, _join(path, "dns")) if "dns" in fields else None
+        port: int | None = None
+        if "port" in fields:
+            port_node = fields["port"].value
+            value = self.number(port_node, _join(path, "port"), "the port", "8080")
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            if isinstance(value, int) and 1 <= value <= 65535:
+                port = value
+            elif isinstance(value, float):
+                self.error(port_node, _join(path, "port"), f"port {value} is not a whole number")
+            elif value is not None:
+                self.error(
+                    port_node,
+                    _join(path, "port"),
+                    f"port {value} is out of range",
+                    "use a port from 1 to 65535",
+                )
+        interval: float | None = DEFAULT_DNS_INTERVAL
+        if "interval" in fields:
+            interval_node = fields["interval"].value
+            interval = self.duration(interval_node, _join(path, "interval"))
+            if interval is not None and interval < MIN_DNS_INTERVAL:
+                self.error(
+                    interval_node,
+                    _join(path, "interval"),
+                    f"{interval * 1000:g}ms is too short to ask DNS again",
+                    "use at least 100ms; 5s (the default) suits a Kubernetes headless Service",
+                )
+                interval = None
+        if name is None or port is None or interval is None:
+            return None
+        return DnsEndpoints(name, port, interval)
+
+    def dns_name(self, node: Node, path: str) -> str | None:
+        text = self.text(node, path, "DNS name")
+        if text is None:
+            return None
+        example = "write a name such as orders-v1.shop.svc.cluster.local"
+        if "://" in text:
+            self.error(node, path, f"`{text}` is a URL, not a DNS name", example)
+            return None
+        if _looks_like_address(text):
+            self.error(
+                node,
+                path,
+                f"`{text}` is an address, not a DNS name",
+                'list fixed addresses as `endpoints: ["HOST:PORT"]` instead',
+            )
+            return None
+        if ":" in text:
+            self.error(
+                node,
+                path,
+                f"`{text}`: the port does not go in the name",
+                "write the name alone and the port as `port:`",
+            )
+            return None
+        labels = text[:-1].split(".") if text.endswith(".") else text.split(".")
+        if len(text.rstrip(".")) > 253 or not all(_DNS_LABEL.fullmatch(x) for x in labels):
+            self.error(
+                node,
+                path,
+                f"`{text}` is not a DNS name",
+                "use letters, digits and hyphens in dot-separated labels of at most 63 "
+                f"characters; {example}",
+            )
+            return None
+        return text.lower()
 
     def endpoint(self, node: Node, path: str) -> tuple[str, int] | None:
         text = self.text(node, path, "endpoint")
@@ -635,11 +736,17 @@ class _Validator:
 
     def has_no_endpoints(self, name: str) -> bool:
         """True when requests sent to `name` cannot find an endpoint: it has none, and
-        neither has any upstream it falls back to."""
+        neither has any upstream it falls back to. A DNS upstream's endpoints are found at
+        run time, and zero of them then is no rules error."""
         known = self.known_upstreams or {}
         seen: set[str] = set()
         upstream = known.get(name)
-        while upstream is not None and not upstream.endpoints and upstream.name not in seen:
+        while (
+            upstream is not None
+            and not upstream.endpoints
+            and upstream.dns is None
+            and upstream.name not in seen
+        ):
             seen.add(upstream.name)
             if upstream.fallback is None:
                 return True
@@ -1323,7 +1430,7 @@ class _Validator:
                 return None  # an upstream is broken; reported there
             self.used_upstreams.update(known)
             upstreams = [u for u in known.values() if u is not None]
-            if all(not u.endpoints for u in upstreams):
+            if all(self.has_no_endpoints(u.name) for u in upstreams):
                 self.error(
                     node,
                     path,
@@ -1332,7 +1439,7 @@ class _Validator:
                 )
                 return None
             for upstream in upstreams:
-                if not upstream.endpoints:
+                if self.has_no_endpoints(upstream.name):
                     self.warn_replicas_of_nothing(node, path, upstream.name)
             return Split(tuple((u.name, float(len(u.endpoints))) for u in upstreams), replicas=True)
         if not isinstance(node, MapNode):
@@ -1343,6 +1450,7 @@ class _Validator:
             self.error(node, path, "no upstreams in the split", example)
             return None
         weights: list[tuple[str, float]] = []
+        follows: set[str] = set()
         total = Decimal(0)
         ok = True
         for name, entry in node.items.items():
@@ -1362,7 +1470,11 @@ class _Validator:
                 ok = False
                 continue
             replicas = isinstance(entry.value, ScalarNode) and entry.value.value == "replicas"
-            if weight == 0 and replicas:
+            if replicas:
+                follows.add(name)
+            if replicas and self.is_dns(name):
+                pass  # its count is known only at run time; zero is a version scaled down
+            elif weight == 0 and replicas:
                 self.warn_replicas_of_nothing(entry.value, item_path, name)
             elif weight == 0:
                 self.warn(
@@ -1373,7 +1485,7 @@ class _Validator:
                 )
             total += Decimal(repr(weight))
             weights.append((name, weight))
-        if ok and total <= 0:
+        if ok and total <= 0 and not any(self.is_dns(name) for name in follows):
             self.error(
                 node,
                 path,
@@ -1381,7 +1493,11 @@ class _Validator:
                 "give at least one upstream a positive weight",
             )
             return None
-        return Split(tuple(weights)) if ok else None
+        return Split(tuple(weights), follows=frozenset(follows)) if ok else None
+
+    def is_dns(self, name: str) -> bool:
+        upstream = (self.known_upstreams or {}).get(name)
+        return upstream is not None and upstream.dns is not None
 
     def warn_replicas_of_nothing(self, node: Node, path: str, name: str) -> None:
         self.warn(
@@ -1496,15 +1612,20 @@ class _Validator:
         meant = [n for n, w in split.weights if w > 0 and n not in pinned_only]
         example = ", ".join(f"{n}: replicas" for n in meant) or "UPSTREAM: replicas"
         for name, weight in split.weights:
-            if weight <= 0 or name not in pinned_only:
+            if name not in pinned_only or (weight <= 0 and not self.is_dns(name)):
                 continue
             count = int(weight)
+            share = (
+                f"gives `{name}` {_fmt_number(round(100 * weight / total, 2))}% of the users it "
+                f"splits ({count} endpoint{'' if count == 1 else 's'})"
+                if weight > 0
+                else f"gives `{name}` a share as soon as its DNS name has records"
+            )
             self.warn(
                 node.items["split"].value,
                 path,
-                f"`split: replicas` gives `{name}` {_fmt_number(round(100 * weight / total, 2))}% "
-                f"of the users it splits ({count} endpoint{'' if count == 1 else 's'}), but "
-                "only pins send requests to it: ordinary users would reach it",
+                f"`split: replicas` {share}, but only pins send requests to it: ordinary users "
+                "would reach it",
                 f"name the upstreams the split is for: `split: {{{example}}}`",
             )
 
