@@ -13,6 +13,8 @@
         ├── TargetTooLong          414: a request target over --max-target-bytes
         ├── HeadersTooLarge        431: a header section over --max-header-bytes/-count
         ├── InternalError          500: a bug in Grayroute (logged with its traceback)
+        ├── NoEndpoints            503: the upstream has no endpoints now (a DNS name with
+        │                          no records: zero replicas)
         ├── UpstreamUnavailable    502: every endpoint refused or reset the connection
         ├── UpstreamBadResponse    502: the upstream answered something that is not HTTP
         └── UpstreamTimeout        504: connect or read timeout
@@ -102,6 +104,10 @@ class HeadersTooLarge(ProxyError):
 
 class InternalError(ProxyError):
     status, reason, code = 500, "Internal Server Error", "internal_error"
+
+
+class NoEndpoints(ProxyError):
+    status, reason, code = 503, "Service Unavailable", "no_endpoints"
 
 
 class UpstreamUnavailable(ProxyError):

@@ -37,6 +37,7 @@ from router.errors import (
     HeadersTooLarge,
     HeaderTimeout,
     InternalError,
+    NoEndpoints,
     NoRouteError,
     ProxyError,
     TargetTooLong,
@@ -188,11 +189,12 @@ class Router:
             pool.start_health_checks()
 
     def install(self, snapshot: Snapshot) -> None:
-        """Swap in new rules whole; pools whose upstream did not change are kept."""
+        """Swap in new rules whole; pools whose upstream did not change are kept, and so
+        are pools whose endpoints alone changed (with their connections to those that stay)."""
         pools: dict[str, UpstreamPool] = {}
         for name, spec in snapshot.upstreams.items():
             old = self.pools.get(name)
-            if old is not None and old.same_as(spec, self.settings):
+            if old is not None and old.follow(spec, self.settings):
                 pools[name] = old
             else:
                 pools[name] = UpstreamPool(spec, self.settings)
@@ -687,7 +689,7 @@ class HttpProxyProtocol(asyncio.Protocol):
         if pool is not None and pool.fallbacks and not pool.has_endpoint_up():
             pool = self._fall_back(req, pool)
         if pool is None or not pool.endpoints:
-            self._answer_error(req, UpstreamUnavailable(f"upstream {upstream!r} has no endpoints"))
+            self._answer_error(req, NoEndpoints(f"upstream {upstream!r} has no endpoints"))
             return
         endpoint = pool.next_endpoint()
         conn = pool.take_idle(endpoint)
@@ -700,6 +702,8 @@ class HttpProxyProtocol(asyncio.Protocol):
     async def _connect(self, req: _Request, pool: UpstreamPool, first: tuple[str, int]) -> None:
         """Open a connection, trying the other endpoints of the upstream when one fails."""
         endpoints = pool.endpoints
+        if first not in endpoints:  # the list changed since (DNS); `first` was in it then
+            endpoints = (first, *endpoints)
         start = endpoints.index(first)
         order = [endpoints[(start + i) % len(endpoints)] for i in range(len(endpoints))]
         timeouts = 0

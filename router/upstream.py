@@ -13,6 +13,10 @@ asks every endpoint for `path` every `interval`; an endpoint that does not answe
 is skipped until it does (active). When every endpoint is down, the upstream's `fallback`
 takes its requests (`standin()`); without one they are tried anyway: a guess is better
 than a certain 502.
+
+A pool follows its upstream's endpoint list when only that changes (endpoints from DNS:
+pods come and go): keep-alive connections to the endpoints that stay are kept, those to
+endpoints that left are closed (`follow`).
 """
 
 from __future__ import annotations
@@ -333,14 +337,34 @@ class UpstreamPool:
         self._created = time.time()
         self._changed: dict[Endpoint, float] = {}
 
-    def same_as(self, spec: UpstreamSpec, settings: Settings) -> bool:
-        """True when `spec` would build an identical pool (a reload can keep this one)."""
-        return _pool_key(spec, settings) == (
-            self.endpoints,
+    def follow(self, spec: UpstreamSpec, settings: Settings) -> bool:
+        """Serve `spec` from now on if it differs from this pool at most by its endpoints
+        (then taken in place); False when it needs a pool of its own."""
+        endpoints, connect_timeout, read_timeout, health_check = _pool_key(spec, settings)
+        if (connect_timeout, read_timeout, health_check) != (
             self.connect_timeout,
             self.read_timeout,
             self.health_check,
-        )
+        ):
+            return False
+        if endpoints != self.endpoints:
+            self._set_endpoints(endpoints)
+        return True
+
+    def _set_endpoints(self, endpoints: tuple[Endpoint, ...]) -> None:
+        old_idle = self._idle
+        self._idle = {ep: old_idle.pop(ep, []) for ep in endpoints}
+        for gone in old_idle.values():  # endpoints that left: their pods are going away
+            for conn in gone:
+                conn.abort()
+        kept = self._idle.keys()
+        self._failed_until = {ep: t for ep, t in self._failed_until.items() if ep in kept}
+        self._unhealthy.intersection_update(kept)
+        now, before = time.time(), set(self.endpoints)
+        self._changed = {ep: t for ep, t in self._changed.items() if ep in kept}
+        self._changed.update({ep: now for ep in kept if ep not in before})  # joined now
+        self.endpoints = endpoints
+        self._next = self._next % len(endpoints) if endpoints else 0
 
     def next_endpoint(self) -> Endpoint:
         """Round-robin over the endpoints that are up (over all of them when none is)."""
@@ -494,8 +518,12 @@ class UpstreamPool:
     async def _check_forever(self) -> None:
         assert self.health_check is not None
         while True:
-            results = await asyncio.gather(*(self._probe(ep) for ep in self.endpoints))
-            for endpoint, healthy in zip(self.endpoints, results, strict=True):
+            endpoints = self.endpoints
+            results = await asyncio.gather(*(self._probe(ep) for ep in endpoints))
+            current = self._idle.keys()  # the list may have changed meanwhile (DNS)
+            for endpoint, healthy in zip(endpoints, results, strict=True):
+                if endpoint not in current:
+                    continue
                 if healthy and endpoint in self._unhealthy:
                     log.warning("%s: endpoint %s:%d is healthy again", self.name, *endpoint)
                     self._unhealthy.discard(endpoint)

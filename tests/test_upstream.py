@@ -293,3 +293,52 @@ async def test_response_headers_named_in_connection_are_not_forwarded(
     assert r.headers["x-public"] == "1"
     assert "x-internal" not in r.headers
     assert "keep-alive" not in r.headers
+
+
+async def test_a_pool_follows_endpoint_changes_and_keeps_connections_that_stay(
+    scripted: Any, proxy: Any
+) -> None:
+    """Endpoints from DNS change while the router runs: the pool is kept, keep-alive
+    connections to endpoints that stay are reused, those to endpoints that left are closed,
+    and with no endpoint at all the answer is a 503 that names the upstream."""
+    from router.rules.effective import Effective, apply_effective
+
+    a, b, c = [await scripted(lambda conn, n: OK) for _ in range(3)]
+    rp = await proxy(rules(a.port, b.port))
+    base = rp.router.snapshot
+    pool = rp.router.pools["app"]
+
+    def install(*ports: int) -> None:
+        endpoints = tuple(("127.0.0.1", p) for p in ports)
+        rp.router.install(apply_effective(base, Effective().with_endpoints("app", endpoints)))
+
+    async with httpx.AsyncClient(base_url=rp.url) as client:
+        for _ in range(4):
+            assert (await client.get("/")).status_code == 200
+        assert (a.requests, a.connections, b.requests, b.connections) == (2, 1, 2, 1)
+        install(b.port, c.port)
+        assert rp.router.pools["app"] is pool
+        assert pool.endpoints == (("127.0.0.1", b.port), ("127.0.0.1", c.port))
+        for _ in range(4):
+            assert (await client.get("/")).status_code == 200
+        # b's connection was reused; c got one; a got nothing more.
+        assert (a.requests, b.requests, b.connections, c.requests, c.connections) == (
+            2, 4, 1, 2, 1,
+        )  # fmt: skip
+        assert pool.idle_count == 2  # the connection to a was closed, not kept idle
+        install()
+        response = await client.get("/")
+        assert response.status_code == 503
+        assert response.json() == {
+            "error": "no_endpoints",
+            "detail": "upstream 'app' has no endpoints",
+        }
+        assert pool.idle_count == 0
+        install(c.port)
+        assert (await client.get("/")).status_code == 200
+        assert rp.router.pools["app"] is pool
+        assert (c.requests, c.connections) == (3, 2)
+        # A change of anything else than the endpoints builds a new pool.
+        rp.reload(rules(c.port).replace("read_timeout: 2s", "read_timeout: 3s"))
+        assert rp.router.pools["app"] is not pool
+        assert (await client.get("/")).status_code == 200
