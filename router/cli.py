@@ -120,6 +120,14 @@ def _build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("GRAYROUTE_ADMIN_TOKEN", ""),
         help="bearer token for the admin address (default: $GRAYROUTE_ADMIN_TOKEN)",
     )
+    serve.add_argument(
+        "--resolver",
+        action="append",
+        default=[],
+        dest="resolvers",
+        metavar="HOST:PORT",
+        help="DNS server for `endpoints: {dns: ...}` (repeatable; default: /etc/resolv.conf's)",
+    )
     serve.add_argument("--log-level", default=defaults.log_level)
 
     sub.add_parser("demo", help="start demo upstreams and the router on rules/demo.yaml")
@@ -230,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                 access_log=args.access_log,
                 watch_interval=args.watch_interval,
                 admin_token=args.admin_token,
+                resolvers=args.resolvers,
                 log_level=args.log_level,
             )
             settings.validate()

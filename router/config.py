@@ -90,6 +90,9 @@ class Settings:
     # Bearer token the admin address requires (all but /healthz and /readyz); required
     # when the admin address is not loopback.
     admin_token: str = ""
+    # DNS servers (HOST:PORT) that find the endpoints of `endpoints: {dns: ...}`
+    # upstreams; empty = the system's, from /etc/resolv.conf.
+    resolvers: list[str] = field(default_factory=list)
     log_level: str = "info"
     # How often each worker sends its metric totals to the supervisor (seconds).
     metrics_interval: float = 0.5
@@ -150,6 +153,20 @@ class Settings:
                 ipaddress.ip_network(cidr, strict=False)
             except ValueError as exc:
                 raise ConfigError(f"--trusted-proxy: {cidr!r} is not an address or CIDR") from exc
+
+        for resolver in self.resolvers:
+            host, _ = parse_hostport(resolver, "--resolver")
+            try:
+                ipaddress.ip_address(host)
+            except ValueError as exc:
+                raise ConfigError(
+                    f"--resolver: {resolver!r}: give the DNS server's IP address and port, "
+                    "e.g. 10.96.0.10:53"
+                ) from exc
+
+    @property
+    def resolver_addrs(self) -> list[tuple[str, int]]:
+        return [parse_hostport(r, "--resolver") for r in self.resolvers]
 
     @property
     def history_bounds(self) -> HistoryBounds:

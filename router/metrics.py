@@ -259,6 +259,10 @@ class SupervisorMetrics:
         self.certificates: list[tuple[str, str, float]] = []
         self.certificate_reloads = {"success": 0, "failure": 0}
         self._workers_alive = workers_alive or (lambda: 0)
+        # Endpoints from DNS (router.fleet.dns): lookups by (upstream, result), and the
+        # addresses in use now per upstream, as the supervisor knows them.
+        self.dns_lookups: dict[tuple[str, str], int] = {}
+        self.upstream_endpoints: Callable[[], Mapping[str, int]] = dict
         self.registry = _build_registry(self)
 
     def set_workers_alive(self, fn: Callable[[], int]) -> None:
@@ -335,16 +339,9 @@ def _build_registry(state: SupervisorMetrics) -> CollectorRegistry:
                 "Endpoints of an upstream that are up (one down in any worker counts as down).",
                 labels=("upstream",),
             )
-            endpoints = GaugeMetricFamily(
-                "grayroute_upstream_endpoints",
-                "Endpoints of an upstream, as the workers route to them.",
-                labels=("upstream",),
-            )
-            for upstream, (up, total) in sorted(state.health.counts().items()):
+            for upstream, (up, _) in sorted(state.health.counts().items()):
                 healthy.add_metric((upstream,), up)
-                endpoints.add_metric((upstream,), total)
             yield healthy
-            yield endpoints
 
             workers = GaugeMetricFamily(
                 "grayroute_workers", "Worker processes currently up and accepting."
@@ -397,6 +394,27 @@ def _build_registry(state: SupervisorMetrics) -> CollectorRegistry:
 
             if state.certificates:
                 yield from _tls_metrics(state, totals)
+
+            endpoints = GaugeMetricFamily(
+                "grayroute_upstream_endpoints",
+                "Endpoints (addresses) each upstream has in use now: its list, or what DNS "
+                "gave last for `endpoints: {dns: ...}`; 0 for a name with no records.",
+                labels=("upstream",),
+            )
+            for upstream, count in sorted(state.upstream_endpoints().items()):
+                endpoints.add_metric((upstream,), count)
+            yield endpoints
+
+            lookups = CounterMetricFamily(
+                "grayroute_dns_lookups",
+                "DNS lookups of `endpoints: {dns: ...}` upstreams, by result: ok, nxdomain "
+                "(no such name: 0 endpoints), or timeout, servfail, error (the endpoints "
+                "found last are kept).",
+                labels=("upstream", "result"),
+            )
+            for (upstream, result), n in sorted(state.dns_lookups.items()):
+                lookups.add_metric((upstream, result), n)
+            yield lookups
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(GrayrouteCollector())

@@ -43,6 +43,7 @@ from router.server import (
 from router.watch import RulesWatcher
 
 if TYPE_CHECKING:
+    from router.fleet.dns import EndpointDiscovery
     from router.health import HealthBoard
     from router.metrics import SupervisorMetrics
     from router.rules import Snapshot
@@ -52,6 +53,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("grayroute.supervisor")
 _MAX_LINE = 16 * 1024 * 1024  # a metrics line grows with routes x upstreams x statuses
 STARTUP_TIMEOUT = 60.0  # seconds for every worker to report ready at start
+# Seconds the first DNS lookups may hold back the workers at start (router/fleet/dns.py).
+DNS_STARTUP_WAIT = 5.0
 
 
 def _now_iso() -> str:
@@ -167,6 +170,8 @@ class Supervisor:
         # worker applies them, and a worker started later gets them at start.
         self.effective = Effective()
         self.effective_seq = 0
+        self.discovery: EndpointDiscovery | None = None  # endpoints from DNS, once running
+        self.metrics.upstream_endpoints = self._endpoint_counts
         self._accept(snapshot, raw)
 
     # -- state the admin app reads (router.admin.AdminSource) ---------------------------
@@ -187,9 +192,7 @@ class Supervisor:
             "source": str(snap.source),
             "digest": snap.digest,
             "loaded_at": self.loaded_at,
-            "upstreams": describe_upstreams(
-                snap, self.settings, self.effective_snapshot.fallbacks, self.metrics.health
-            ),
+            "upstreams": self._describe_upstreams(),
             "routes": describe_routes(snap),
             "last_reload": self.last_reload,
             "state_dir": self.state_dir,
@@ -231,6 +234,7 @@ class Supervisor:
             # Only once SIGHUP is handled may `grayroute rollback` find us (its default
             # action would end the process).
             self._write_pidfile()
+            await self._start_discovery()
             slots = [self._keep(self._slot_loop(slot)) for slot in range(self.settings.workers)]
             if self.settings.watch_interval > 0:
                 self.watcher = RulesWatcher(
@@ -260,6 +264,8 @@ class Supervisor:
 
             remove_pidfile(self.state_dir)
             await admin.close()
+            if self.discovery is not None:
+                await self.discovery.close()
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -517,6 +523,48 @@ class Supervisor:
         """True when every running worker has applied the latest effective state."""
         return all(w.effective_seq == self.effective_seq for w in self.workers.values())
 
+    def _set_endpoints(self, upstream: str, endpoints: tuple[tuple[str, int], ...] | None) -> None:
+        # From the state in force, so a rollout's weights set meanwhile stay as they are.
+        self.set_effective(self.effective.with_endpoints(upstream, endpoints))
+
+    def _endpoint_counts(self) -> dict[str, int]:
+        """Addresses in use now, per upstream (the metric grayroute_upstream_endpoints)."""
+        found = self.effective.endpoints
+        return {
+            name: len(found.get(name, spec.endpoints))
+            for name, spec in self.snapshot.upstreams.items()
+        }
+
+    def _describe_upstreams(self) -> dict[str, Any]:
+        """For /rules: the endpoints in use (DNS's, not the file's empty list), and for DNS
+        upstreams the name and the last lookup."""
+        effective = self.effective_snapshot
+        upstreams = describe_upstreams(
+            effective, self.settings, effective.fallbacks, self.metrics.health
+        )
+        if self.discovery is not None:
+            for name, dns in self.discovery.describe().items():
+                if name in upstreams:
+                    upstreams[name]["dns"] = dns
+        return upstreams
+
+    async def _start_discovery(self) -> None:
+        """Follow the DNS upstreams; before any worker takes traffic, wait (a bounded
+        time) for their first lookups, so a fresh router does not start with none."""
+        from router.fleet.dns import EndpointDiscovery
+
+        self.discovery = EndpointDiscovery(
+            self._set_endpoints, self.metrics.dns_lookups, self.settings.resolver_addrs
+        )
+        self.discovery.follow(self.snapshot.upstreams)
+        pending = await self.discovery.settle(DNS_STARTUP_WAIT)
+        if pending:
+            log.warning(
+                "no DNS answer within %.0f s for %s; starting without their endpoints",
+                DNS_STARTUP_WAIT,
+                ", ".join(pending),
+            )
+
     @property
     def effective_snapshot(self) -> Snapshot:
         """The rules as the workers route now: the file's, with the effective state."""
@@ -533,6 +581,8 @@ class Supervisor:
         self.metrics.rules_loaded_at = time.time()
         if raw is not None:
             _write_atomic(rules_copy_path(self.state_dir, snapshot.digest), raw)
+        if self.discovery is not None:  # at start: followed once running (_start_discovery)
+            self.discovery.follow(snapshot.upstreams)
 
     def _on_sighup(self) -> None:
         """SIGHUP: the rule file, and the certificates when they changed (as nginx does)."""

@@ -13,19 +13,30 @@
   `scrape` reads its /metrics.
 - `tls_ca`: a throw-away certificate authority (trustme) that issues certificates as
   files, and client contexts that trust it; `proxy(..., tls=pairs)` adds a TLS listener.
+- `dnsmasq`: a real DNS server (Debian's dnsmasq) on a loopback port, answering for one
+  domain from a hosts file that tests rewrite as pods come and go.
+- `pods`: upstream servers on distinct loopback addresses (127.0.0.2, 127.0.0.3, ...: on
+  Linux all of 127.0.0.0/8 reaches this host) and one port, standing for pods.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
+import os
+import pwd
+import shutil
+import signal
+import socket
 import ssl
+import subprocess
 import textwrap
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,10 +71,11 @@ class Backend:
     version: str
     port: int = 0
     seen: list[dict[str, Any]] = field(default_factory=list)
+    host: str = "127.0.0.1"
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
 
 def _backend_app(backend: Backend) -> web.Application:
@@ -75,6 +87,7 @@ def _backend_app(backend: Backend) -> web.Application:
             size += len(chunk)
         info = {
             "version": backend.version,
+            "host": backend.host,
             "method": request.method,
             "path": request.path,
             "query": request.query_string,
@@ -464,3 +477,181 @@ class LocalCA:
 @pytest.fixture
 def tls_ca(tmp_path: Path) -> LocalCA:
     return LocalCA(tmp_path / "pki")
+
+
+# -- DNS and pods ----------------------------------------------------------------------------
+DNS_DOMAIN = "pods.test"
+DNSMASQ = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"  # sbin: not on every user's PATH
+
+
+class Dnsmasq:
+    """Debian's dnsmasq on 127.0.0.1:`port`, authoritative for DNS_DOMAIN from a hosts file.
+
+    `await set(label, *addresses)` rewrites the file, reloads (SIGHUP) and returns once the
+    server answers with the new records; no addresses removes the name (NXDOMAIN, thanks to
+    --local; without it a removed name answers REFUSED). `pause()`/`resume()` stop and
+    continue the process: meanwhile nobody answers, so lookups time out.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.hosts = workdir / "dns-hosts"
+        self.log = workdir / "dnsmasq.log"
+        self.records: dict[str, tuple[str, ...]] = {}
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def resolver(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @staticmethod
+    def name(label: str) -> str:
+        return f"{label}.{DNS_DOMAIN}"
+
+    def start(self) -> None:
+        self._write()
+        for _ in range(5):  # the free port found may be taken before dnsmasq binds it
+            self.port = _free_udp_port()
+            with open(self.log, "ab") as log:
+                self.proc = subprocess.Popen(
+                    [
+                        DNSMASQ, "--no-daemon", "--conf-file=/dev/null",
+                        f"--port={self.port}", "--listen-address=127.0.0.1",
+                        "--bind-interfaces", "--no-resolv", "--no-hosts",
+                        f"--addn-hosts={self.hosts}", f"--local=/{DNS_DOMAIN}/",
+                        "--local-ttl=1", "--pid-file=", "--log-facility=-",
+                        # stay who we are: the hosts file is re-read on SIGHUP, from a
+                        # directory only we may read
+                        f"--user={pwd.getpwuid(os.getuid()).pw_name}",
+                    ],
+                    stdout=log,
+                    stderr=log,
+                )  # fmt: skip
+            if self._wait_answering():
+                return
+            self.stop()
+        raise AssertionError(f"dnsmasq did not start: {self.log.read_text()[-2000:]}")
+
+    def _wait_answering(self) -> bool:
+        import dns.message
+        import dns.query
+
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                return False
+            query = dns.message.make_query(self.name("probe"), "A")
+            with contextlib.suppress(Exception):
+                dns.query.udp(query, "127.0.0.1", port=self.port, timeout=0.2)
+                return True
+            time.sleep(0.05)
+        return False
+
+    def _write(self) -> None:
+        lines = [f"{a} {self.name(label)}" for label, addrs in self.records.items() for a in addrs]
+        tmp = self.hosts.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in lines))
+        tmp.replace(self.hosts)
+
+    async def set(self, label: str, *addresses: str) -> None:
+        import dns.asyncquery
+        import dns.message
+        import dns.rcode
+
+        if addresses:
+            self.records[label] = addresses
+        else:
+            self.records.pop(label, None)
+        self._write()
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGHUP)
+        want = sorted(a for a in addresses if ":" not in a)
+
+        async def answers() -> bool:
+            query = dns.message.make_query(self.name(label), "A")
+            try:
+                reply = await dns.asyncquery.udp(query, "127.0.0.1", port=self.port, timeout=0.5)
+            except Exception:
+                return False
+            if not addresses:
+                return reply.rcode() == dns.rcode.NXDOMAIN
+            got = sorted(rr.address for rrset in reply.answer for rr in rrset)
+            return reply.rcode() == dns.rcode.NOERROR and got == want
+
+        await poll(answers, timeout=10)
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGCONT)  # a paused process would not act on SIGTERM
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def _free_udp_port() -> int:
+    """A port free for both UDP and TCP on 127.0.0.1 (dnsmasq binds both)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", 0))
+            port = int(udp.getsockname()[1])
+            with socket.socket() as tcp:
+                try:
+                    tcp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+
+
+@pytest.fixture
+def dnsmasq(tmp_path: Path) -> Iterator[Dnsmasq]:
+    """A running dnsmasq for DNS_DOMAIN (see Dnsmasq); stopped by its pid at teardown."""
+    server = Dnsmasq(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def pods() -> AsyncIterator[Callable[..., Awaitable[list[Backend]]]]:
+    """`await pods("canary", ["127.0.0.20", "127.0.0.21"], port)` starts one upstream per
+    address, all on `port` (0: a free one, then the same for every later call), each
+    answering as the `backends` fixture's do, with its version and its host."""
+    runners: list[web.AppRunner] = []
+    chosen = {"port": 0}
+
+    async def start(version: str, hosts: list[str], port: int = 0) -> list[Backend]:
+        port = port or chosen["port"]
+        started = []
+        for host in hosts:
+            backend = Backend(version, port, host=host)
+            runner = web.AppRunner(_backend_app(backend), access_log=None)
+            await runner.setup()
+            site = web.TCPSite(runner, host, port)
+            await site.start()
+            runners.append(runner)
+            server = site._server
+            assert server is not None
+            port = backend.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            chosen["port"] = port
+            started.append(backend)
+        return started
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
