@@ -436,3 +436,31 @@ async def test_a_fleet_follows_the_pods_in_dns(
         assert info["upstreams"]["canary"]["dns"]["last_lookup"]["result"] == "nxdomain"
     finally:
         await fleet.close()
+
+
+async def test_a_version_without_records_goes_to_its_fallback(
+    backends: Callable[..., Any], proxy: Callable[..., Any]
+) -> None:
+    """NXDOMAIN with `fallback:`: the requests a `to` or pin sends there go to the fallback
+    instead of a 503, until the name has records again."""
+    stable, canary = await backends("stable", "canary")
+    rp = await proxy(
+        f"""\
+        format: 1
+        upstreams:
+          stable: {{endpoints: ["{stable.endpoint}"]}}
+          canary:
+            endpoints: {{dns: canary.pods.test, port: {canary.port}}}
+            fallback: stable
+        routes:
+          - {{name: canary, to: canary}}
+        """
+    )
+    base = rp.router.snapshot
+    async with httpx.AsyncClient(base_url=rp.url) as client:
+        assert (await client.get("/")).headers["X-Version"] == "stable"
+        found = Effective().with_endpoints("canary", (("127.0.0.1", canary.port),))
+        rp.router.install(apply_effective(base, found))
+        assert (await client.get("/")).headers["X-Version"] == "canary"
+        rp.router.install(apply_effective(base, found.with_endpoints("canary", ())))
+        assert (await client.get("/")).headers["X-Version"] == "stable"
