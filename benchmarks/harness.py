@@ -344,10 +344,42 @@ def start_backends(kind: str, cpu: int | None, workdir: Path) -> Proc:
 # the routers
 
 
+def make_certificate(workdir: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and localhost from a throw-away CA (trustme), with an
+    ECDSA P-256 key as most sites serve today; both routers are given this same pair."""
+    import trustme
+
+    leaf = trustme.CA().issue_cert("127.0.0.1", "localhost")
+    cert, key = workdir / "tls-cert.pem", workdir / "tls-key.pem"
+    cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    leaf.private_key_pem.write_to_path(str(key))
+    return cert, key
+
+
+def _nginx_tls(port: int, tls: tuple[Path, Path]) -> str:
+    """The listen and ssl_* lines of the baseline: Grayroute's protocol settings
+    (router.tls) as nginx spells them."""
+    from router.tls import TLS12_CIPHERS
+
+    cert, key = tls
+    return (
+        f"        listen 127.0.0.1:{port} ssl backlog=4096;\n"
+        f"        ssl_certificate {cert};\n"
+        f"        ssl_certificate_key {key};\n"
+        f"        ssl_protocols TLSv1.2 TLSv1.3;\n"
+        f"        ssl_ciphers {TLS12_CIPHERS};"
+    )
+
+
 def start_nginx_router(
-    rules: dict[str, Any], backends: dict[str, str], cpu: int | None, workdir: Path
+    rules: dict[str, Any],
+    backends: dict[str, str],
+    cpu: int | None,
+    workdir: Path,
+    tls: tuple[Path, Path] | None = None,
 ) -> Proc:
-    """The Nginx + Lua baseline, configured from the same rule file as Grayroute."""
+    """The Nginx + Lua baseline, configured from the same rule file as Grayroute; with
+    `tls` (certificate, key) also on a TLS port (`info["tls_addr"]`)."""
     exp = expectation(rules)
     if set(exp.split) != {"v1", "v1.1"} or exp.pin_to != "v2":
         raise BenchError("the Nginx + Lua baseline implements pins to v2 and a v1/v1.1 split")
@@ -355,7 +387,7 @@ def start_nginx_router(
     prefix.mkdir(parents=True, exist_ok=True)
     whitelist = prefix / "whitelist.txt"
     whitelist.write_text("".join(f"{u}\n" for u in sorted(exp.whitelist)))
-    (port,) = free_ports(1)
+    port, tls_port = free_ports(2)
     conf = render(
         NGINX_DIR / "router.conf.in",
         {
@@ -367,9 +399,14 @@ def start_nginx_router(
             "V1_1": backends["v1.1"],
             "V2": backends["v2"],
             "LISTEN": f"127.0.0.1:{port}",
+            "TLS": _nginx_tls(tls_port, tls) if tls else "",
         },
     )
-    return _start_nginx("nginx+lua", conf, prefix, cpu, port)
+    proc = _start_nginx("nginx+lua", conf, prefix, cpu, port)
+    if tls:
+        wait_port("127.0.0.1", tls_port, 5, proc.popen)
+        proc.info["tls_addr"] = f"127.0.0.1:{tls_port}"
+    return proc
 
 
 def start_grayroute(
@@ -379,7 +416,10 @@ def start_grayroute(
     workers: int = 1,
     extra_env: dict[str, str] | None = None,
     ready_timeout: float = 30.0,
+    tls: tuple[Path, Path] | None = None,
 ) -> Proc:
+    """`grayroute serve`; with `tls` (certificate, key) also on a TLS port
+    (`info["tls_addr"]`)."""
     listen, admin = free_ports(2)
     exe = Path(sys.executable).with_name("grayroute")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "router.cli"]
@@ -395,6 +435,10 @@ def start_grayroute(
         "--log-level",
         "warning",
     ]
+    if tls:
+        (tls_port,) = free_ports(1)
+        cmd += ["--listen-tls", f"127.0.0.1:{tls_port}"]
+        cmd += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
     log = workdir / "grayroute.stderr"
     with open(log, "wb") as err:
         popen = subprocess.Popen(
@@ -409,6 +453,8 @@ def start_grayroute(
     proc = Proc("grayroute", popen, addr=f"127.0.0.1:{listen}", info=ready, workdir=workdir)
     proc._drain = _drain_to(popen.stdout, workdir / "grayroute.stdout")
     wait_port("127.0.0.1", listen, 10, popen)
+    if tls:
+        proc.info["tls_addr"] = ready["listen_tls"][0]
     return proc
 
 
@@ -628,6 +674,52 @@ def run_wrk(
         error_detail=errs,
         extra=doc,
     )
+
+
+@dataclass
+class HandshakeResult:
+    """New TLS connections made by `openssl s_time -new` clients, each a full handshake
+    and one HTTP/1.0 GET. `requests` is the number of connections (as WrkResult's)."""
+
+    requests: int
+    duration_s: float
+    rps: float
+    clients: int
+    failed_clients: int
+
+
+def s_time_available() -> bool:
+    return shutil.which("openssl") is not None
+
+
+def run_handshakes(
+    addr: str, path: str, duration: float, clients: int, cpu: int | None
+) -> HandshakeResult:
+    """`clients` concurrent `openssl s_time -new` processes against addr for `duration`
+    seconds: every connection is a full handshake (no session resumption) carrying one
+    GET. wrk is not used here: it resumes TLS sessions when it reconnects."""
+    cmd = [
+        *taskset(cpu),
+        "openssl", "s_time", "-connect", addr, "-new",
+        "-time", str(max(1, round(duration))), "-www", path,
+    ]  # fmt: skip
+    t0 = time.monotonic()
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(clients)
+    ]
+    total = failed = 0
+    for proc in procs:
+        out, _ = proc.communicate(timeout=duration + 60)
+        m = re.search(r"^(\d+) connections in [\d.]+ real seconds", out, re.M)
+        if proc.returncode != 0 or m is None:
+            failed += 1
+            continue
+        total += int(m.group(1))
+    wall = time.monotonic() - t0
+    if failed == clients:
+        raise BenchError(f"openssl s_time failed against {addr}: {out.strip()[-300:]}")
+    return HandshakeResult(total, wall, total / wall, clients, failed)
 
 
 # ---------------------------------------------------------------------------------------

@@ -16,7 +16,10 @@ What one run does, in order:
    directly in the same run to show they are not the bottleneck;
 4. measures latency at a fixed rate (2,500 req/s, open loop, corrected for coordinated
    omission: benchmarks/wrk/open_loop.lua);
-5. prints the tables and writes them, with the machine, versions and command, into
+5. over TLS, both routers with the same certificate: workload (c), keep-alive GETs
+   (wrk), and new TLS connections per second, each a full handshake and one GET
+   (``openssl s_time -new`` clients); ``--no-tls`` skips both;
+6. prints the tables and writes them, with the machine, versions and command, into
    docs/benchmarks.md (between the ``results`` markers; ``--no-docs`` to skip).
 
 Durations come from flags or the environment (GR_BENCH_DURATION, GR_BENCH_ROUNDS,
@@ -38,9 +41,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from benchmarks import harness as h
 
@@ -49,8 +53,18 @@ LOAD_CPU = 1  # wrk and the upstreams
 WORKLOADS = {
     "get": ("get_header.lua", "(a) GET, X-User-Id"),
     "post": ("post_json.lua", "(b) POST, JSON body"),
+    "tls": ("get_header.lua", "(c) GET over TLS, keep-alive"),
 }
+TLS_WORKLOADS = frozenset({"tls"})  # measured on the routers' TLS ports
 TARGET_NAMES = ("backends", "nginx+lua", "grayroute")
+
+
+class _Counted(Protocol):
+    @property
+    def requests(self) -> int: ...
+
+
+_R = TypeVar("_R", bound=_Counted)
 
 
 def _env_float(name: str, default: float) -> float:
@@ -93,7 +107,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=",".join(TARGET_NAMES),
         help="comma-separated subset of backends,nginx+lua,grayroute",
     )
-    p.add_argument("--workloads", default="get,post", help="comma-separated subset of get,post")
+    p.add_argument(
+        "--workloads", default="get,post,tls", help="comma-separated subset of get,post,tls"
+    )
+    p.add_argument(
+        "--no-tls",
+        action="store_true",
+        help="skip TLS: workload (c) and the new-connection (handshake) measurement",
+    )
+    p.add_argument(
+        "--handshake-clients",
+        type=int,
+        default=8,
+        help="concurrent `openssl s_time -new` clients for new TLS connections (8)",
+    )
     p.add_argument("--rules", type=Path, default=h.DEFAULT_RULES, help="Grayroute rule file")
     p.add_argument("--rate", type=int, default=2500, help="fixed-rate test, req/s (2500)")
     p.add_argument(
@@ -135,6 +162,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    if args.no_tls:
+        args.workloads = [w for w in args.workloads if w not in TLS_WORKLOADS]
     for t in args.targets:
         if t not in TARGET_NAMES:
             p.error(f"--targets: {t!r} is not one of {', '.join(TARGET_NAMES)}")
@@ -157,6 +186,12 @@ class Target:
     proc: h.Proc | None = None
     skipped: str = ""  # why it is not measured
     load_pid: int = 0  # the upstreams' process (on the load CPU with wrk)
+    tls_addr: str = ""  # HOST:PORT of its TLS listener (routers, unless --no-tls)
+
+    def url_for(self, workload: str) -> str:
+        if workload in TLS_WORKLOADS:
+            return f"https://{self.tls_addr}/api/orders" if self.tls_addr else ""
+        return self.url
 
 
 @dataclass
@@ -203,16 +238,28 @@ def measure(
     duration: float,
     connections: int,
     env: dict[str, str],
+    url: str = "",
 ) -> tuple[h.WrkResult, float, float, Noise]:
     """One wrk run; also the target's CPU µs per request, its share of one core, and how
     much of each pinned core other processes (the machine is shared) took meanwhile."""
+    threads = connections if script == "open_loop.lua" else 1
+    return measured(
+        target,
+        lambda: h.run_wrk(
+            url or target.url, script, duration, connections, threads, LOAD_CPU, env=env
+        ),
+    )
+
+
+def measured(target: Target, run: Callable[[], _R]) -> tuple[_R, float, float, Noise]:
+    """`run()` (a load generator on the load CPU, whose result counts `requests`), with
+    the target's CPU µs per request, its share of one core and the noise meanwhile."""
     pids = h.process_tree(target.root_pid)
     load_pids = [] if target.load_pid == target.root_pid else h.process_tree(target.load_pid)
     cpu0, load0, wrk0 = h.cpu_seconds(pids), h.cpu_seconds(load_pids), h.children_cpu_seconds()
     busy_r0, busy_l0 = h.cpu_busy_seconds(ROUTER_CPU), h.cpu_busy_seconds(LOAD_CPU)
     t0 = time.monotonic()
-    threads = connections if script == "open_loop.lua" else 1
-    res = h.run_wrk(target.url, script, duration, connections, threads, LOAD_CPU, env=env)
+    res = run()
     wall = time.monotonic() - t0
     cpu = h.cpu_seconds(pids) - cpu0
     ours_on_load = h.cpu_seconds(load_pids) - load0 + h.children_cpu_seconds() - wrk0
@@ -233,12 +280,19 @@ def measure_quiet(
     connections: int,
     env: dict[str, str],
     args: argparse.Namespace,
+    url: str = "",
 ) -> tuple[h.WrkResult, float, float, Noise, int]:
     """`measure`, again (up to --retries times) while other processes took more than
     --max-noise of either pinned core; the last attempt counts. Also: the retries made."""
+    return quiet(lambda: measure(target, script, duration, connections, env, url), target, args)
+
+
+def quiet(
+    once: Callable[[], tuple[_R, float, float, Noise]], target: Target, args: argparse.Namespace
+) -> tuple[_R, float, float, Noise, int]:
     retries = 0
     while True:
-        res, per_req, util, noise = measure(target, script, duration, connections, env)
+        res, per_req, util, noise = once()
         if noise.worst <= args.max_noise or retries >= args.retries:
             return res, per_req, util, noise, retries
         retries += 1
@@ -254,6 +308,7 @@ def start_targets(args: argparse.Namespace, workdir: Path) -> tuple[list[Target]
     addrs: dict[str, str] = backends.info["backends"]
     print(f"upstreams ({args.backends}) on CPU {LOAD_CPU}: {addrs}", flush=True)
     rules = h.load_rules(args.rules)
+    tls = None if args.no_tls else h.make_certificate(workdir)
     targets: list[Target] = []
     if "backends" in args.targets:
         targets.append(Target("backends", f"http://{addrs['v1']}/api/orders", backends.pid))
@@ -262,27 +317,45 @@ def start_targets(args: argparse.Namespace, workdir: Path) -> tuple[list[Target]
         if missing:
             targets.append(Target("nginx+lua", "", 0, skipped=missing))
         else:
-            proc = h.start_nginx_router(rules, addrs, ROUTER_CPU, workdir)
-            targets.append(Target("nginx+lua", f"http://{proc.addr}/api/orders", proc.pid, proc))
+            proc = h.start_nginx_router(rules, addrs, ROUTER_CPU, workdir, tls=tls)
+            targets.append(
+                Target(
+                    "nginx+lua",
+                    f"http://{proc.addr}/api/orders",
+                    proc.pid,
+                    proc,
+                    tls_addr=proc.info.get("tls_addr", ""),
+                )
+            )
     if "grayroute" in args.targets:
         why = ""
         gr: h.Proc | None = None
         rules_file = h.write_rules_for(rules, addrs, workdir / "rules.yaml")
         try:
-            gr = h.start_grayroute(rules_file, ROUTER_CPU, workdir, workers=1)
+            gr = h.start_grayroute(rules_file, ROUTER_CPU, workdir, workers=1, tls=tls)
         except h.BenchError as exc:
             why = str(exc)
         if gr is None:
             targets.append(Target("grayroute", "", 0, skipped=f"grayroute serve: {why}"))
         else:
             h.grayroute_worker_pids(gr, 1)
-            targets.append(Target("grayroute", f"http://{gr.addr}/api/orders", gr.pid, gr))
+            targets.append(
+                Target(
+                    "grayroute",
+                    f"http://{gr.addr}/api/orders",
+                    gr.pid,
+                    gr,
+                    tls_addr=gr.info.get("tls_addr", ""),
+                )
+            )
     for t in targets:
         t.load_pid = backends.pid
     for t in targets:
         if t.proc is not None:
             pids = h.process_tree(t.root_pid)
-            print(f"{t.name} on CPU {ROUTER_CPU}: {t.proc.addr} (pids {pids})", flush=True)
+            tls_note = f", TLS {t.tls_addr}" if t.tls_addr else ""
+            where = f"{t.proc.addr}{tls_note}"
+            print(f"{t.name} on CPU {ROUTER_CPU}: {where} (pids {pids})", flush=True)
     return targets, backends
 
 
@@ -304,17 +377,20 @@ def check_targets(targets: list[Target], rules: dict[str, Any]) -> list[str]:
 def throughput(targets: list[Target], args: argparse.Namespace) -> dict[tuple[str, str], Row]:
     env = {"GR_USERS": str(args.users)}
     live = [t for t in targets if not t.skipped]
-    rows = {(t.name, w): Row(t.name, w) for t in live for w in args.workloads}
+    rows = {(t.name, w): Row(t.name, w) for t in live for w in args.workloads if t.url_for(w)}
     for w in args.workloads if args.warmup > 0 else []:
         script = WORKLOADS[w][0]
         for t in live:
-            h.run_wrk(t.url, script, args.warmup, args.connections, 1, LOAD_CPU, env=env)
+            if t.url_for(w):
+                h.run_wrk(t.url_for(w), script, args.warmup, args.connections, 1, LOAD_CPU, env=env)
     for rnd in range(args.rounds):
         for w in args.workloads:
             script = WORKLOADS[w][0]
             for t in live:
+                if not t.url_for(w):
+                    continue
                 res, per_req, util, noise, retries = measure_quiet(
-                    t, script, args.duration, args.connections, env, args
+                    t, script, args.duration, args.connections, env, args, t.url_for(w)
                 )
                 rows[t.name, w].samples.append(
                     Sample(res.rps, res.p50_ms, res.p99_ms, res.errors, per_req, util, noise)
@@ -362,6 +438,62 @@ def fixed_rate(targets: list[Target], args: argparse.Namespace) -> list[dict[str
             flush=True,
         )
     return out
+
+
+def handshakes(targets: list[Target], args: argparse.Namespace) -> dict[str, Row]:
+    """New TLS connections per second (full handshakes, one GET each), interleaved
+    rounds like the throughput runs; `rps` of each sample is connections per second."""
+    live = [t for t in targets if not t.skipped and t.tls_addr]
+    rows = {t.name: Row(t.name, "handshake") for t in live}
+    n = args.handshake_clients
+    for rnd in range(args.rounds):
+        for t in live:
+
+            def once(t: Target = t) -> tuple[h.HandshakeResult, float, float, Noise]:
+                return measured(
+                    t,
+                    lambda: h.run_handshakes(t.tls_addr, "/api/orders", args.duration, n, LOAD_CPU),
+                )
+
+            res, per_conn, util, noise, retries = quiet(once, t, args)
+            errors = res.failed_clients
+            rows[t.name].samples.append(Sample(res.rps, 0.0, 0.0, errors, per_conn, util, noise))
+            rows[t.name].retries += retries
+            print(
+                f"round {rnd + 1}/{args.rounds} new TLS connections {t.name:10} "
+                f"{res.rps:8.0f} /s ({res.requests} by {n} clients, {errors} failed) "
+                f"cpu {per_conn:6.1f} us/connection ({util:.0%}), others on CPU "
+                f"{ROUTER_CPU} / {LOAD_CPU}: {noise}",
+                flush=True,
+            )
+    return rows
+
+
+def handshake_table(rows: dict[str, Row]) -> str:
+    out = [
+        "| target | new connections/s | best round | target CPU µs/connection | target CPU "
+        f"| others on CPU {ROUTER_CPU} / {LOAD_CPU} | Grayroute / Nginx+Lua |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    base = rows.get("nginx+lua")
+    for name in TARGET_NAMES:
+        row = rows.get(name)
+        if row is None or not row.samples:
+            continue
+        ratio = ""
+        if name == "grayroute" and base is not None and base.samples:
+            ratio = (
+                f"{row.median('rps') / base.median('rps'):.2f} (connections/s), "
+                f"{row.median('cpu_us_per_req') / base.median('cpu_us_per_req'):.1f}x "
+                "CPU/connection"
+            )
+        noise = row.samples[[s.rps for s in row.samples].index(_median_rps(row))].noise
+        out.append(
+            f"| {name} | {row.median('rps'):,.0f} | {max(s.rps for s in row.samples):,.0f} "
+            f"| {row.median('cpu_us_per_req'):.0f} | {row.median('cpu_util'):.0%} "
+            f"| {noise} | {ratio} |"
+        )
+    return "\n".join(out)
 
 
 # ---------------------------------------------------------------------------------------
@@ -538,6 +670,7 @@ def report(
     rates: list[dict[str, Any]],
     load_before: tuple[float, float, float],
     started: dt.datetime,
+    shakes: dict[str, Row] | None = None,
 ) -> str:
     m = h.machine_info()
     v = h.versions()
@@ -588,6 +721,21 @@ def report(
             "vanishing. `backlog at end` = requests the schedule called for but not yet sent. "
             + noise_note(sum(r["retries"] for r in rates), args),
         ]
+    if shakes:
+        lines += [
+            "",
+            "### New TLS connections (full handshakes)",
+            "",
+            handshake_table(shakes),
+            "",
+            f"{args.handshake_clients} concurrent `openssl s_time -new` clients on CPU "
+            f"{LOAD_CPU} for {args.duration:g} s per round, median of {args.rounds} "
+            "interleaved rounds: every connection is a full TLS 1.3 handshake (ECDSA P-256 "
+            "certificate, the same file for both routers; no session resumption) and one "
+            "HTTP/1.0 GET, then closed. Workload (c) above is the keep-alive side: one "
+            "handshake per wrk connection, then requests. "
+            + noise_note(sum(r.retries for r in shakes.values()), args),
+        ]
     return "\n".join(lines)
 
 
@@ -613,7 +761,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{t.name}: NOT MEASURED: {t.skipped}", flush=True)
         rows = throughput(targets, args)
         rates = [] if args.no_rate else fixed_rate(targets, args)
-        text = report(args, argv, targets, checks, rows, rates, load_before, started)
+        shakes: dict[str, Row] = {}
+        if not args.no_tls:
+            if h.s_time_available():
+                shakes = handshakes(targets, args)
+            else:
+                print("new TLS connections: openssl is not installed; skipped", flush=True)
+        text = report(args, argv, targets, checks, rows, rates, load_before, started, shakes)
         print("\n" + text, flush=True)
         if not args.no_docs:
             h.update_docs_block("results", text)

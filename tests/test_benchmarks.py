@@ -204,3 +204,40 @@ def test_locust_smoke_run_through_grayroute(grayroute: h.Proc, tmp_path: Path) -
     code, check = _locust(grayroute.addr, tmp_path, {"GR_RULES": str(rules)}, seconds=2)
     assert not check["ok"]
     assert code == 1
+
+
+def test_both_routers_serve_tls_with_the_same_certificate(
+    backends: dict[str, str], tmp_path: Path
+) -> None:
+    import ssl
+
+    missing = h.nginx_available()
+    if missing:
+        pytest.skip(missing)
+    if not h.s_time_available():
+        pytest.skip("openssl is not installed")
+    cert, key = h.make_certificate(tmp_path)
+    expected = ssl.PEM_cert_to_DER_cert(cert.read_text())  # the leaf: no intermediates
+    rules = h.write_rules_for(h.load_rules(), backends, tmp_path / "rules.yaml")
+    procs = [
+        h.start_nginx_router(h.load_rules(), backends, None, tmp_path, tls=(cert, key)),
+        h.start_grayroute(rules, None, tmp_path, workers=1, tls=(cert, key)),
+    ]
+    try:
+        for proc in procs:
+            host, port = proc.info["tls_addr"].rsplit(":", 1)
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE  # the benchmark compares, it does not verify
+            conn = http.client.HTTPSConnection(host, int(port), timeout=5, context=ctx)
+            conn.request("GET", "/api/orders", headers={"X-User-Id": "42"})
+            resp = conn.getresponse()
+            assert (resp.status, resp.read()) == (200, b"v2"), proc.name
+            assert conn.sock.getpeercert(binary_form=True) == expected, proc.name
+            assert conn.sock.version() == "TLSv1.3"
+            conn.close()
+            shakes = h.run_handshakes(proc.info["tls_addr"], "/api/orders", 1, 2, None)
+            assert shakes.requests > 0 and shakes.failed_clients == 0, proc.name
+    finally:
+        for proc in procs:
+            proc.stop()
