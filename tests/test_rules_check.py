@@ -69,7 +69,7 @@ def test_errors_fail(tmp_path: Path) -> None:
     assert lines == [
         f"{path}:9:20: routes[0].split.b9: unknown upstream (known: a, b, c; did you mean b?)",
         f"{path}:12:5: routes[1].x: unknown key (known keys here: name, match, pins, to, split, "
-        "salt, user_id, body_limit)",
+        "salt, user_id, body_limit, rollout)",
         f"{path}: FAILED (2 errors)",
     ]
 

@@ -18,6 +18,7 @@ import yaml
 
 from router.rules import check_text
 from router.rules.model import SOURCE_KINDS
+from router.rules.rollout_block import ERROR_RATE_KEYS, GATES_KEYS, LATENCY_KEYS, ROLLOUT_KEYS
 from router.rules.schema import SECTIONS, build_schema, docs_tables, schema_text, update_docs
 from router.rules.validate import (
     HEALTH_KEYS,
@@ -80,6 +81,10 @@ def test_key_sets_are_the_validators() -> None:
     assert list(_props(schema, "route")) == list(ROUTE_KEYS)
     assert list(_props(schema, "match")) == list(MATCH_KEYS)
     assert list(_props(schema, "pin")) == list(PIN_KEYS)
+    assert list(_props(schema, "rollout")) == list(ROLLOUT_KEYS)
+    assert list(_props(schema, "gates")) == list(GATES_KEYS)
+    assert list(_props(schema, "error_rate")) == list(ERROR_RATE_KEYS)
+    assert list(_props(schema, "latency")) == list(LATENCY_KEYS)
 
 
 def test_unknown_keys_are_refused_wherever_the_validator_refuses_them() -> None:
@@ -267,6 +272,7 @@ def test_files_the_router_accepts_follow_the_schema(source: Path | str) -> None:
 
 # (where, what to set there): each makes the file wrong in a way the schema sees.
 SPEC = yaml.safe_load((ROOT / "rules" / "examples" / "spec.yaml").read_text(encoding="utf-8"))
+ROLLOUT = {"canary": "orders-v1.1", "stable": "orders-v1", "steps": [1, 5, 20, 50, 100]}
 BROKEN: list[tuple[str, tuple[str | int, ...], object]] = [
     ("unknown top key", ("upstream",), {}),
     ("unknown upstream key", ("upstreams", "orders-v1", "endpoint"), []),
@@ -296,6 +302,12 @@ BROKEN: list[tuple[str, tuple[str | int, ...], object]] = [
     ("no routes", ("routes",), []),
     ("no upstreams", ("upstreams",), {}),
     ("route name true", ("routes", 1, "name"), True),
+    ("rollout without canary", ("routes", 0, "rollout"), {"stable": "orders-v1", "steps": [5]}),
+    ("unknown rollout key", ("routes", 0, "rollout"), {"canary": "a", "stable": "b", "step": [1]}),
+    ("percent without sign", ("routes", 0, "rollout"), ROLLOUT | {"gates": {"max_error_rate": 1}}),
+    ("step above 100", ("routes", 0, "rollout"), ROLLOUT | {"steps": [5, 150]}),
+    ("unknown gate", ("routes", 0, "rollout"), ROLLOUT | {"gates": {"errors": {}}}),
+    ("quantile 99", ("routes", 0, "rollout"), ROLLOUT | {"gates": {"latency": {"quantile": 99}}}),
 ]
 
 

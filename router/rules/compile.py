@@ -147,6 +147,8 @@ class CompiledRoute:
     action_reads_body: bool = False  # a Lua script that reads the request body
     # prefix_rewrite / regex_rewrite: the request's path -> the path sent upstream
     rewrite: Callable[[str], str] | None = field(default=None, repr=False)
+    # A rollout judges this route's split traffic: its decisions are JudgedDecisions.
+    judged: bool = False
 
     def wants_body(self, view: RequestView) -> bool:
         """True only when holding the body could change this route's decision.
@@ -320,6 +322,7 @@ def _compile_route(
         action=None if action is None else action[0],  # type: ignore[arg-type]
         action_reads_body=action is not None and action[1],
         rewrite=None if route.rewrite is None else direct.compile_rewrite(route.rewrite),
+        judged=route.rollout is not None and split is not None,
     )
 
 

@@ -7,9 +7,10 @@ the rule file's:
     1. the route: the first whose match holds (hosts, paths, methods)
     2. the user ID: the first of the route's sources that yields one
     3. the pins, in order: the first that holds decides
-    4. the route's `to`, or its split: sticky by user ID, at random without one; or its
-       split_clients / Lua script (`CompiledRoute.action`, see lua_routes.py), or the
-       route's own answer (direct_response, redirect: direct.py)
+    4. the route's `to`, or its split: sticky by user ID, at random without one (a
+       JudgedDecision when a rollout judges the route); or its split_clients / Lua
+       script (`CompiledRoute.action`, see lua_routes.py), or the route's own answer
+       (direct_response, redirect: direct.py)
     5. the path sent upstream, when the route rewrites it (prefix_rewrite, regex_rewrite)
 
 Everything that does not depend on the request was prepared by compile.py, so this
@@ -33,6 +34,7 @@ __all__ = [
     "NO_ROUTE_REASON",
     "AnswerDecision",
     "Decision",
+    "JudgedDecision",
     "RequestView",
     "decide",
     "host_from_header",
@@ -110,6 +112,9 @@ class Decision:
 
     __slots__ = ("reason", "route", "target", "upstream", "user_id", "user_id_source")
 
+    # The split's choice, set only on a JudgedDecision: a rollout counts the request.
+    split_pick: str = ""
+
     # What only an AnswerDecision carries (it has them as slots):
     # class attributes here, so that every other decision costs nothing more.
     status: int = 0
@@ -173,6 +178,25 @@ class AnswerDecision(Decision):
         self.response_headers = ()
 
 
+class JudgedDecision(Decision):
+    """A decision by the split of a route with a rollout: the rollout judges the canary
+    on these requests only (router/rollout/). `split_pick` keeps the split's choice even
+    when the proxy then sends the request to a fallback and rewrites `upstream`."""
+
+    __slots__ = ("split_pick",)
+
+    def __init__(
+        self,
+        route: str | None,
+        upstream: str,
+        user_id: str | None,
+        user_id_source: str | None,
+        reason: str,
+    ) -> None:
+        super().__init__(route, upstream, user_id, user_id_source, reason)
+        self.split_pick = upstream
+
+
 def decide(snapshot: Snapshot, view: RequestView, route: CompiledRoute | None = None) -> Decision:
     """Where `view` goes and why. `route`: already matched by the caller (skips matching)."""
     if route is None:
@@ -206,11 +230,12 @@ def _decide_in_route(route: CompiledRoute, view: RequestView) -> Decision:
         return action(route, view, user_id, source)
     split = route.split
     assert split is not None  # validated: exactly one of `to`, `split` and the actions
+    kind = JudgedDecision if route.judged else Decision
     if user_id is None:
         i = split.pick_random()
-        return Decision(route.name, split.names[i], None, None, split.random_reasons[i])
+        return kind(route.name, split.names[i], None, None, split.random_reasons[i])
     i = split.pick(user_id)
-    return Decision(route.name, split.names[i], user_id, source, split.user_reasons[i])
+    return kind(route.name, split.names[i], user_id, source, split.user_reasons[i])
 
 
 def host_from_header(value: str) -> str:

@@ -12,12 +12,14 @@ nothing on the hot path reads these classes.
     ├── user_id:   UserIdSource(kind, name) ...       the file's sources, in order
     ├── body_limit
     ├── routes:    Route(name, match, pins, to | split | split_clients | lua
-    │              │       | direct_response | redirect, salt, user_id, body_limit, rewrite)
+    │              │       | direct_response | redirect, salt, user_id, body_limit, rewrite,
+    │              │       rollout)
     │              ├── Match(hosts, host_regex, default_host, path_prefix | path_exact
     │              │         | path_regex, methods)
     │              ├── Pin(to, users, user_ranges, user_suffixes, user_pattern,
     │              │       user_percent, headers, client_cidrs)
     │              ├── Split(weights, replicas, follows)
+    │              ├── Rollout(canary, stable, steps, interval, ..., gates, notify)
     │              ├── SplitClientsMode(key, buckets, unmatched)     nginx split_clients
     │              ├── LuaAction(file, phase, var, map, default, fallback, ...)
     │              ├── DirectResponse(status, body)        the route answers itself
@@ -256,6 +258,42 @@ class Redirect:
 
 
 @dataclass(frozen=True, slots=True)
+class ErrorRateGate:
+    """The canary's failure rate against the stable version's (router/rollout/gates.py)."""
+
+    max_increase: float = 0.01  # a fraction: canary minus stable above this may fail
+    confidence: float = 0.99  # of the one-sided test that the canary fails more
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyGate:
+    """A latency quantile of the canary against the stable version's."""
+
+    quantile: float = 0.99
+    max_ratio: float = 1.2  # canary above this times stable's ...
+    min_increase: float = 0.05  # ... and above stable's plus this many seconds may fail
+    confidence: float = 0.99  # of the one-sided test that the canary's tail is slower
+
+
+@dataclass(frozen=True, slots=True)
+class Rollout:
+    """A route's `rollout:` block: the router drives `canary`'s weight step by step,
+    judging it against `stable` on the route's split traffic (router/rollout/)."""
+
+    canary: str
+    stable: str
+    steps: tuple[float, ...] | None  # canary weight per step (percent); None: guard only
+    interval: float = 30.0  # seconds between two analyses
+    min_requests: int = 200  # per version per interval; fewer is NODATA
+    max_nodata: int = 10  # NODATA intervals in a row, then Paused
+    failures: int = 2  # FAIL verdicts within one step, then rolled back
+    error_rate: ErrorRateGate = ErrorRateGate()
+    latency: LatencyGate = LatencyGate()
+    max_error_rate: float = 0.5  # hard guard: the canary above this is rolled back at once
+    notify: tuple[str, ...] = ()  # URLs told of every phase change (JSON POST)
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     name: str
     match: Match
@@ -270,6 +308,7 @@ class Route:
     direct_response: DirectResponse | None = None
     redirect: Redirect | None = None
     rewrite: PathRewrite | None = None  # prefix_rewrite / regex_rewrite toward the upstream
+    rollout: Rollout | None = None  # only with a split
 
     @property
     def answers_itself(self) -> bool:

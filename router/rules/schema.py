@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from router.rules.model import SOURCE_KINDS, USER_CONDITIONS
+from router.rules.rollout_block import ERROR_RATE_KEYS, GATES_KEYS, LATENCY_KEYS, ROLLOUT_KEYS
 from router.rules.validate import (
     CORE_ROUTE_KEYS,
     DNS_KEYS,
@@ -69,7 +70,9 @@ class Section:
 
 _TOKEN = "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"  # header and cookie names, methods
 _NAME: Schema = {"type": ["string", "number"]}  # text; a bare number counts as written
-_REF = {name: {"$ref": f"#/$defs/{name}"} for name in ("duration", "size", "user_id")}
+_REF = {
+    name: {"$ref": f"#/$defs/{name}"} for name in ("duration", "size", "user_id", "percent")
+}
 _UPSTREAM_NAME: Schema = {"$ref": "#/$defs/upstream_name"}
 
 DEFS: Schema = {
@@ -82,6 +85,11 @@ DEFS: Schema = {
                 "pattern": r"^\s*(\d+(\.\d+)?|\.\d+)\s*([mM][sS]|[sSmMhH])?\s*$",
             },
         ],
+    },
+    "percent": {
+        "description": "A percentage with its sign: 1%, 0.5%, 99.9%.",
+        "type": "string",
+        "pattern": r"^\s*(\d+(\.\d+)?|\.\d+)\s*%\s*$",
     },
     "size": {
         "description": "A number of bytes, or a number with a unit: B, KB (1000 bytes), "
@@ -485,6 +493,13 @@ ROUTE = Section(
             "the file's",
             _REF["size"],
         ),
+        "rollout": Key(
+            "Progressive rollout of the split's canary: the router judges it against the "
+            "stable version on this route's split traffic and moves its weight step by "
+            "step, or back to 0 (docs/rollout.md). Only with `split`.",
+            "none",
+            {"$ref": "#/$defs/rollout"},
+        ),
     },
 )
 
@@ -627,6 +642,136 @@ PIN = Section(
     defaults=False,
 )
 
+_COUNT: Schema = {"type": "integer", "minimum": 1}
+
+ROLLOUT = Section(
+    "key",
+    ROLLOUT_KEYS,
+    ("canary", "stable"),
+    {
+        "canary": Key(
+            "The upstream whose weight the rollout drives; in the route's split (at 0 "
+            "where the rollout starts).",
+            "",
+            _UPSTREAM_NAME,
+        ),
+        "stable": Key(
+            "The upstream the canary is compared with; it takes the remainder of the "
+            "weight the two have in the split.",
+            "",
+            _UPSTREAM_NAME,
+        ),
+        "steps": Key(
+            "The canary's weight (percent of the two versions' traffic) at each step, "
+            "increasing, above 0 and at most 100. After the last step the canary has "
+            "100. Leave out with `split: replicas`: the rollout then only guards.",
+            "required without `split: replicas`",
+            _list({"type": "number", "exclusiveMinimum": 0, "maximum": 100}, min_items=1),
+        ),
+        "interval": Key("Time between two analyses.", "`30s`", _REF["duration"]),
+        "min_requests": Key(
+            "Requests each version needs in an interval; with fewer the gates say NODATA, "
+            "which holds the weight and is never a failure.",
+            "`200`",
+            _COUNT,
+        ),
+        "max_nodata": Key(
+            "NODATA intervals in a row after which the rollout is Paused.", "`10`", _COUNT
+        ),
+        "failures": Key(
+            "FAIL verdicts within one step that roll the canary back (weight 0, Failed).",
+            "`2`",
+            _COUNT,
+        ),
+        "gates": Key(
+            "What is judged every interval: `error_rate`, `latency`, `max_error_rate`.",
+            "all three, with their defaults",
+            {"$ref": "#/$defs/gates"},
+        ),
+        "notify": Key(
+            "http(s) URLs that get a JSON POST on every phase change.",
+            "none",
+            _list({"type": "string", "pattern": "^https?://"}),
+        ),
+    },
+)
+
+GATES = Section(
+    "gate",
+    GATES_KEYS,
+    (),
+    {
+        "error_rate": Key(
+            "Fails when the canary's failure rate (5xx, connect errors, timeouts) exceeds "
+            "the stable version's by more than `max_increase` and a one-sided test says "
+            "the canary fails more often, at `confidence`.",
+            "`{max_increase: 1%, confidence: 99%}`",
+            {"$ref": "#/$defs/error_rate"},
+        ),
+        "latency": Key(
+            "Fails when the canary's `quantile` exceeds both `max_ratio` x the stable "
+            "version's and the stable version's + `min_increase`, and a one-sided test "
+            "says so at `confidence`.",
+            "`{quantile: 0.99, max_ratio: 1.2, min_increase: 50ms, confidence: 99%}`",
+            {"$ref": "#/$defs/latency"},
+        ),
+        "max_error_rate": Key(
+            "Hard guard: a canary failing more than this over at least 20 requests is "
+            "rolled back at once (held when the stable version fails as much).",
+            "`50%`",
+            _REF["percent"],
+        ),
+    },
+)
+
+ERROR_RATE = Section(
+    "key",
+    ERROR_RATE_KEYS,
+    (),
+    {
+        "max_increase": Key(
+            "How much higher than the stable version's the canary's failure rate may be.",
+            "`1%`",
+            _REF["percent"],
+        ),
+        "confidence": Key(
+            "How sure the test must be that the canary fails more often (below 100%).",
+            "`99%`",
+            _REF["percent"],
+        ),
+    },
+)
+
+LATENCY = Section(
+    "key",
+    LATENCY_KEYS,
+    (),
+    {
+        "quantile": Key(
+            "The latency quantile compared, between 0 and 1.",
+            "`0.99`",
+            {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        ),
+        "max_ratio": Key(
+            "How many times the stable version's quantile the canary's may be (1 or more).",
+            "`1.2`",
+            {"type": "number", "minimum": 1},
+        ),
+        "min_increase": Key(
+            "How much above the stable version's quantile the canary's may be in any case, "
+            "so that fast services are not failed for a millisecond.",
+            "`50ms`",
+            {"anyOf": [{"const": 0}, _REF["duration"]]},
+        ),
+        "confidence": Key(
+            "How sure the test must be that more of the canary's requests are slower "
+            "than the threshold than the quantile allows (below 100%).",
+            "`99%`",
+            _REF["percent"],
+        ),
+    },
+)
+
 SECTIONS: dict[str, Section] = {
     "file": FILE,
     "upstream": UPSTREAM,
@@ -636,6 +781,10 @@ SECTIONS: dict[str, Section] = {
     "route": ROUTE,
     "match": MATCH,
     "pin": PIN,
+    "rollout": ROLLOUT,
+    "gates": GATES,
+    "error_rate": ERROR_RATE,
+    "latency": LATENCY,
 }
 
 
@@ -693,6 +842,8 @@ def build_schema() -> Schema:
         "oneOf": [{"required": [key]} for key in ROUTE_ACTIONS],
     }
     defs["match"] = _object("match")
+    for name in ("rollout", "gates", "error_rate", "latency"):
+        defs[name] = _object(name)
     defs["pin"] = {
         **_object("pin"),
         "description": "Holds when all the conditions it names hold; it names at least one.",

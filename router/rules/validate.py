@@ -17,10 +17,12 @@ as meant). The grammar is docs/rules.md; in short:
               to: NAME | split: {NAME: WEIGHT | replicas, ...} | split: replicas
                 | split_clients: {key, buckets, unmatched} | lua: {file, phase, ...}
                 | direct_response: {status, body} | redirect: {status, scheme, ...},
-              prefix_rewrite | regex_rewrite, salt, user_id, body_limit}, ...]
+              prefix_rewrite | regex_rewrite, salt, user_id, body_limit,
+              rollout: {canary, stable, steps, ...}}, ...]
     lua_shared_dicts: {NAME: SIZE}               default: none (lua_routes.py has the
                                                  split_clients and lua grammar, direct.py
-                                                 direct_response, redirect and rewrites)
+                                                 direct_response, redirect and rewrites,
+                                                 rollout_block.py the rollout's)
 
     DURATION  1s, 500ms, 2m, 1h, or a plain number of seconds (> 0)
     SIZE      512, 10KB, 64KiB, 1MiB, 1GB ... (KB = 1000 bytes, KiB = 1024 bytes)
@@ -37,7 +39,7 @@ from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING
 
 from router.errors import Problem
-from router.rules import direct, lua_routes
+from router.rules import direct, lua_routes, rollout_block
 from router.rules.fallback import find_cycle
 from router.rules.hosts import host_pattern_problem, pattern_covers
 from router.rules.load import Entry, MapNode, Node, ScalarNode, SeqNode
@@ -76,7 +78,17 @@ TOP_KEYS = (*CORE_TOP_KEYS, "lua_shared_dicts")  # + the nginx-migration extensi
 UPSTREAM_KEYS = ("endpoints", "connect_timeout", "read_timeout", "health_check", "fallback")
 HEALTH_KEYS = ("path", "interval")
 DNS_KEYS = ("dns", "port", "interval")
-CORE_ROUTE_KEYS = ("name", "match", "pins", "to", "split", "salt", "user_id", "body_limit")
+CORE_ROUTE_KEYS = (
+    "name",
+    "match",
+    "pins",
+    "to",
+    "split",
+    "salt",
+    "user_id",
+    "body_limit",
+    "rollout",
+)
 ROUTE_EXTENSION_KEYS = (
     "split_clients",  # nginx migration (lua_routes.py)
     "lua",
@@ -911,7 +923,9 @@ class _Validator:
             to = self.upstream_ref(fields["to"].value, _join(path, "to"))
             ok = ok and to is not None
         if "split" in fields:
-            split = self.split(fields["split"].value, _join(path, "split"))
+            # The canary of a rollout starts at weight 0 on purpose: no warning for it.
+            canary = rollout_block.canary_written(fields.get("rollout"))
+            split = self.split(fields["split"].value, _join(path, "split"), canary)
             ok = ok and split is not None
         split_clients: SplitClientsMode | None = None
         lua: LuaAction | None = None
@@ -989,6 +1003,13 @@ class _Validator:
         if "body_limit" in fields:
             body_limit = self.size(fields["body_limit"].value, _join(path, "body_limit"))
             ok = ok and body_limit is not None
+        rollout = None
+        if "rollout" in fields:
+            action = next((k for k in ROUTE_ACTIONS if k in fields and k != "split"), None)
+            rollout = rollout_block.validate_rollout(
+                self, fields["rollout"].value, _join(path, "rollout"), split, action
+            )
+            ok = ok and rollout is not None
         if not ok or name is None or salt is None or isinstance(rewrite, bool):
             return None
         return Route(
@@ -1005,6 +1026,7 @@ class _Validator:
             direct_response,
             redirect,
             rewrite,
+            rollout,
         )
 
     def match(self, node: Node, path: str) -> Match | None:
@@ -1420,7 +1442,8 @@ class _Validator:
 
     # -- split -------------------------------------------------------------------------
 
-    def split(self, node: Node, path: str) -> Split | None:
+    def split(self, node: Node, path: str, driven: str | None = None) -> Split | None:
+        """`driven`: an upstream whose weight a rollout drives (weight 0 is its start)."""
         example = "write `UPSTREAM: WEIGHT` lines, e.g. `orders-v1: 95` and `orders-v1.1: 5`"
         if isinstance(node, ScalarNode) and node.value == "replicas":
             known = self.known_upstreams
@@ -1476,7 +1499,7 @@ class _Validator:
                 pass  # its count is known only at run time; zero is a version scaled down
             elif weight == 0 and replicas:
                 self.warn_replicas_of_nothing(entry.value, item_path, name)
-            elif weight == 0:
+            elif weight == 0 and name != driven:
                 self.warn(
                     entry.value,
                     item_path,
