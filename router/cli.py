@@ -1,13 +1,15 @@
 """`grayroute` command line: parse arguments, call the library, turn errors into exit codes.
 
-grayroute serve RULES --listen HOST:PORT [--listen-tls HOST:PORT --tls-cert F --tls-key F]
+grayroute serve RULES|etcd://HOST:PORT[,...]/KEY --listen HOST:PORT
+                      [--listen-tls HOST:PORT --tls-cert F --tls-key F]
                       --admin HOST:PORT --workers N
+grayroute push RULES etcd://HOST:PORT[,...]/KEY [--expect-revision N] [--strict]
 grayroute demo
 grayroute check RULES [--strict]
 grayroute explain RULES [REQUESTS.jsonl]
 grayroute diff OLD NEW (--requests FILE | --access-log FILE) [--json] [--fail-on-move]
-grayroute history RULES [--state-dir DIR] [--json]
-grayroute rollback RULES [--to HASH] [--state-dir DIR] [--print]
+grayroute history RULES|etcd://.../KEY [--state-dir DIR] [--json]
+grayroute rollback RULES|etcd://.../KEY [--to HASH|REVISION] [--state-dir DIR] [--print]
 grayroute import-nginx NGINX.CONF [-o RULES] [--scripts-dir DIR]
 """
 
@@ -19,6 +21,31 @@ import sys
 
 from router.config import Settings
 from router.errors import ConfigError, RulesError
+from router.fleet import is_etcd_url
+
+
+def _add_etcd_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("etcd (rules at etcd://HOST:PORT[,HOST:PORT...]/KEY)")
+    group.add_argument("--etcd-cacert", default="", metavar="FILE", help="CA of etcd's TLS")
+    group.add_argument("--etcd-cert", default="", metavar="FILE", help="client certificate")
+    group.add_argument("--etcd-key", default="", metavar="FILE", help="its private key")
+    group.add_argument(
+        "--etcd-user",
+        default=os.environ.get("GRAYROUTE_ETCD_USER", ""),
+        help="etcd user (password: $GRAYROUTE_ETCD_PASSWORD; default: $GRAYROUTE_ETCD_USER)",
+    )
+
+
+def _etcd_settings(args: argparse.Namespace, **more: object) -> Settings:
+    return Settings(
+        etcd_cacert=args.etcd_cacert,
+        etcd_cert=args.etcd_cert,
+        etcd_key=args.etcd_key,
+        etcd_user=args.etcd_user,
+        # Never a flag: a password on the command line shows in `ps`.
+        etcd_password=os.environ.get("GRAYROUTE_ETCD_PASSWORD", ""),
+        **more,  # type: ignore[arg-type]
+    )
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -28,7 +55,7 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the router on a rule file")
-    serve.add_argument("rules", help="rule file (YAML)")
+    serve.add_argument("rules", help="rule file (YAML), or etcd://HOST:PORT[,...]/KEY")
     defaults = Settings()
     serve.add_argument("--listen", default=defaults.listen, help="HOST:PORT for client traffic")
     serve.add_argument(
@@ -129,6 +156,20 @@ def _build_parser() -> argparse.ArgumentParser:
         help="DNS server for `endpoints: {dns: ...}` (repeatable; default: /etc/resolv.conf's)",
     )
     serve.add_argument("--log-level", default=defaults.log_level)
+    _add_etcd_flags(serve)
+
+    push = sub.add_parser("push", help="validate a rule file and write it to an etcd key")
+    push.add_argument("rules", help="rule file (YAML)")
+    push.add_argument("url", help="etcd://HOST:PORT[,HOST:PORT...]/KEY")
+    push.add_argument(
+        "--expect-revision",
+        type=int,
+        default=None,
+        metavar="N",
+        help="write only if the key is still at revision N (default: as read just before)",
+    )
+    push.add_argument("--strict", action="store_true", help="warnings refuse the push too")
+    _add_etcd_flags(push)
 
     sub.add_parser("demo", help="start demo upstreams and the router on rules/demo.yaml")
 
@@ -158,10 +199,19 @@ def _build_parser() -> argparse.ArgumentParser:
     history.add_argument("rules")
     history.add_argument("--state-dir", default="", help="as given to `grayroute serve`")
     history.add_argument("--json", action="store_true")
+    history.add_argument(
+        "--limit", type=int, default=50, help="etcd: revisions to show at most (default 50)"
+    )
+    _add_etcd_flags(history)
 
     rollback = sub.add_parser("rollback", help="put the previous rules version back in force")
     rollback.add_argument("rules")
-    rollback.add_argument("--to", default="", metavar="HASH", help="a kept version (a prefix)")
+    rollback.add_argument(
+        "--to",
+        default="",
+        metavar="HASH",
+        help="a kept version (a prefix of its hash); for etcd, a revision number too",
+    )
     rollback.add_argument("--state-dir", default="", help="as given to `grayroute serve`")
     rollback.add_argument(
         "--print", action="store_true", help="write the version to stdout, change nothing"
@@ -169,6 +219,7 @@ def _build_parser() -> argparse.ArgumentParser:
     rollback.add_argument(
         "--wait", type=float, default=10.0, help="seconds to wait for the router to confirm"
     )
+    _add_etcd_flags(rollback)
 
     imp = sub.add_parser(
         "import-nginx", help="write a rule file from nginx.conf; list what was not translated"
@@ -211,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             from router.supervisor import run_serve
 
-            settings = Settings(
+            settings = _etcd_settings(
+                args,
                 rules_path=args.rules,
                 listen=args.listen,
                 listen_tls=args.listen_tls,
@@ -268,6 +320,26 @@ def main(argv: list[str] | None = None) -> int:
                 fail_on_broken_promise=args.fail_on_broken_promise,
                 out=sys.stdout,
             )
+        if args.command == "push":
+            from router.fleet.revisions import run_push
+
+            settings = _etcd_settings(args, rules_path=args.url)
+            settings.validate()
+            return run_push(
+                args.rules,
+                args.url,
+                settings,
+                expect_revision=args.expect_revision,
+                strict=args.strict,
+            )
+        if args.command in ("history", "rollback") and is_etcd_url(args.rules):
+            from router.fleet.revisions import run_etcd_history, run_etcd_rollback
+
+            settings = _etcd_settings(args, rules_path=args.rules)
+            settings.validate()
+            if args.command == "history":
+                return run_etcd_history(args.rules, settings, as_json=args.json, limit=args.limit)
+            return run_etcd_rollback(args.rules, settings, to=args.to, print_only=args.print)
         if args.command == "history":
             from router.history import run_history
 

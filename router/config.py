@@ -96,6 +96,12 @@ class Settings:
     log_level: str = "info"
     # How often each worker sends its metric totals to the supervisor (seconds).
     metrics_interval: float = 0.5
+    # Rules in etcd (rules_path etcd://...): TLS files and credentials for the cluster.
+    etcd_cacert: str = ""
+    etcd_cert: str = ""
+    etcd_key: str = ""
+    etcd_user: str = ""
+    etcd_password: str = ""
 
     def validate(self) -> None:
         parse_hostport(self.listen, "--listen")
@@ -110,6 +116,14 @@ class Settings:
             raise ConfigError("--listen-tls: give the certificate, --tls-cert FILE --tls-key FILE")
         if self.tls_cert and not self.listen_tls:
             raise ConfigError("--tls-cert: no --listen-tls HOST:PORT to serve it on")
+        if self.rules_path.startswith("etcd://"):
+            from router.fleet import EtcdLocation
+
+            EtcdLocation.parse(self.rules_path)
+        if self.etcd_key and not self.etcd_cert:
+            raise ConfigError("--etcd-key: give the certificate too (--etcd-cert FILE)")
+        if self.etcd_password and not self.etcd_user:
+            raise ConfigError("an etcd password is set but no --etcd-user")
         parse_hostport(self.admin, "--admin")
         if self.workers < 1:
             raise ConfigError(f"--workers: {self.workers} must be at least 1")

@@ -20,7 +20,10 @@ Where it is (`resolve_state_dir`): `--state-dir DIR` when given; else
 created; else (a read-only directory such as a Kubernetes ConfigMap mount)
 `${XDG_STATE_HOME:-~/.local/state}/grayroute/RULES_NAME-HASH8/`, HASH8 naming the rule
 file's absolute path. `serve`, `history` and `rollback` find the same directory from
-the same rule file path, so a rollback works across restarts.
+the same rule file path, so a rollback works across restarts. Rules in etcd
+(`etcd://.../KEY`) have no file to live beside: `${XDG_STATE_HOME:-~/.local/state}/
+grayroute/etcd-NAME-HASH8/`, HASH8 naming the key (their history is in etcd itself,
+see router.fleet.revisions; the state directory holds the cached last good rules).
 
 Both are bounded (`HistoryBounds`, from `grayroute serve --audit-max-bytes,
 --history-max-age, --history-max-versions`): the router's `AuditLog` rotates the log as
@@ -152,11 +155,15 @@ def file_owner(path: str) -> str | None:
 
 def default_state_dirs(rules_path: str) -> list[Path]:
     """The default state directories of a rule file, in the order they are tried."""
-    rules = Path(os.path.abspath(rules_path))  # not resolved: a ConfigMap symlink moves
-    tag = hashlib.sha256(str(rules).encode("utf-8", "surrogateescape")).hexdigest()[:8]
     xdg = os.environ.get("XDG_STATE_HOME") or os.path.join(
         os.path.expanduser("~"), ".local", "state"
     )
+    from router.fleet import EtcdLocation, is_etcd_url
+
+    if is_etcd_url(rules_path):  # no file to live beside: the key names the directory
+        return [Path(xdg) / "grayroute" / EtcdLocation.parse(rules_path).state_dir_name()]
+    rules = Path(os.path.abspath(rules_path))  # not resolved: a ConfigMap symlink moves
+    tag = hashlib.sha256(str(rules).encode("utf-8", "surrogateescape")).hexdigest()[:8]
     return [
         rules.parent / STATE_DIR_NAME / rules.name,
         Path(xdg) / "grayroute" / f"{rules.name}-{tag}",

@@ -258,6 +258,8 @@ class SupervisorMetrics:
         # by router.tls.CertificateWatch. Empty without TLS listeners.
         self.certificates: list[tuple[str, str, float]] = []
         self.certificate_reloads = {"success": 0, "failure": 0}
+        # Where the rules in force came from: {"file": 1}, or {"etcd": 0, "cache": 1}.
+        self.rules_source_kinds: Callable[[], Mapping[str, int]] = dict
         self._workers_alive = workers_alive or (lambda: 0)
         # Endpoints from DNS (router.fleet.dns): lookups by (upstream, result), and the
         # addresses in use now per upstream, as the supervisor knows them.
@@ -357,6 +359,16 @@ def _build_registry(state: SupervisorMetrics) -> CollectorRegistry:
             if state.rules_digest:
                 info.add_metric((state.rules_digest, state.rules_source), 1)
             yield info
+
+            kinds = GaugeMetricFamily(
+                "grayroute_rules_source",
+                "Where the rules in force came from: 1 for file, etcd, or cache (the last "
+                "good rules of an etcd key, kept in the state directory), 0 for the others.",
+                labels=("source",),
+            )
+            for kind, value in sorted(state.rules_source_kinds().items()):
+                kinds.add_metric((kind,), value)
+            yield kinds
 
             if state.rules_loaded_at:
                 loaded = GaugeMetricFamily(

@@ -1,12 +1,14 @@
 """The supervisor of `grayroute serve`: it owns the workers, the admin app, reloads and
 the audit log (the channel it speaks with workers is described in router.server).
 
-Reload triggers all take one path (`Supervisor._request_reload`): SIGHUP, the rule file
-changing on disk (router.watch.RulesWatcher), and `grayroute rollback`, which writes a kept
-version over the file and sends SIGHUP. Every start and reload is appended to
-STATE_DIR/audit.jsonl through `Supervisor.audit` (router.history.AuditLog), which keeps it
-within the --audit-max-bytes/--history-max-age bounds; kept versions are pruned after
-each one that takes effect.
+Where the rules come from is a `router.fleet.source.RulesSource`: a file (or a ConfigMap
+volume) or an etcd key. Reload triggers all take one path (`Supervisor._request_reload`):
+SIGHUP, the source's news (the rule file changing on disk, router.watch.FilesWatcher; a
+new value of the etcd key), and `grayroute rollback`, which writes a kept version over the
+file and sends SIGHUP. Every start and reload is appended to STATE_DIR/audit.jsonl through
+`Supervisor.audit` (router.history.AuditLog), which keeps it within the
+--audit-max-bytes/--history-max-age bounds; kept versions are pruned after each one that
+takes effect.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
-import hashlib
 import logging
 import os
 import signal
@@ -34,16 +35,15 @@ from router.rules.effective import Effective, apply_effective
 from router.server import (
     WORKER_ENV,
     format_hostport,
-    load_rules_stable,
     log_problems,
     reuseport_socket,
     rules_copy_path,
     setup_logging,
 )
-from router.watch import RulesWatcher
 
 if TYPE_CHECKING:
     from router.fleet.dns import EndpointDiscovery
+    from router.fleet.source import Loaded, RulesSource
     from router.health import HealthBoard
     from router.metrics import SupervisorMetrics
     from router.rules import Snapshot
@@ -64,15 +64,32 @@ def _now_iso() -> str:
 def run_serve(settings: Settings) -> int:
     """Run `grayroute serve` until SIGTERM/SIGINT; the process exit code."""
     setup_logging(settings.log_level, "supervisor")
+    from router.fleet.source import open_source
+
     try:
-        snapshot, raw = load_rules_stable(settings.rules_path)
+        return uvloop.run(_serve(settings, open_source(settings)))
+    except ConfigError as exc:
+        print(f"grayroute: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _serve(settings: Settings, source: RulesSource) -> int:
+    try:
+        return await _serve_from(settings, source)
+    finally:
+        await source.aclose()
+
+
+async def _serve_from(settings: Settings, source: RulesSource) -> int:
+    try:
+        loaded = await source.initial()
     except RulesError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         if not exc.problems:
             print(f"{settings.rules_path}: {exc}", file=sys.stderr)
         return 1
-    for warning in snapshot.warnings:
+    for warning in loaded.snapshot.warnings:
         log.warning("%s", warning)
 
     from router.history import resolve_state_dir
@@ -108,9 +125,9 @@ def run_serve(settings: Settings) -> int:
                 print(f"grayroute: {flag} {address}: {exc.strerror or exc}", file=sys.stderr)
                 return 1
             supervisor = Supervisor(
-                settings, snapshot, raw, listen_port, state_dir, tls_listen, certificates
+                settings, loaded, listen_port, state_dir, source, tls_listen, certificates
             )
-            return uvloop.run(supervisor.run())
+            return await supervisor.run()
     except ConfigError as exc:
         print(f"grayroute: {exc}", file=sys.stderr)
         return 1
@@ -132,16 +149,17 @@ class Supervisor:
     def __init__(
         self,
         settings: Settings,
-        snapshot: Snapshot,
-        raw: bytes | None,
+        loaded: Loaded,
         listen_port: int,
         state_dir: str,
+        source: RulesSource,
         tls_listen: list[str] | None = None,
         certificates: CertificateSet | None = None,
     ) -> None:
         from router.metrics import SupervisorMetrics
 
         self.settings = settings
+        self.source = source
         self.listen_host = settings.listen_addr[0]
         self.listen_port = listen_port
         self.tls_listen = tls_listen or []  # the TLS addresses, ports chosen
@@ -154,6 +172,7 @@ class Supervisor:
         # so they all share one bound.
         self.audit = AuditLog(state_dir, settings.history_bounds)
         self.metrics: SupervisorMetrics = SupervisorMetrics(self._ready_count)
+        self.metrics.rules_source_kinds = source.kinds
         self.exit_code = 0
         self.workers: dict[int, _Worker] = {}
         self._spawned = 0
@@ -163,7 +182,6 @@ class Supervisor:
         self._reload_again: str | None = None  # the trigger of a reload asked for meanwhile
         self.last_reload: dict[str, Any] | None = None
         self._previous_digest: str | None = None  # in force before the current rules
-        self.watcher: RulesWatcher | None = None
         self._stop = asyncio.Event()  # SIGTERM/SIGINT, or a fatal start-up failure
         self._all_ready = asyncio.Event()
         # Run-time changes on top of the file (rollout weights, endpoints from DNS); every
@@ -172,7 +190,10 @@ class Supervisor:
         self.effective_seq = 0
         self.discovery: EndpointDiscovery | None = None  # endpoints from DNS, once running
         self.metrics.upstream_endpoints = self._endpoint_counts
-        self._accept(snapshot, raw)
+        self._accept(loaded)
+        problems = source.start_problems()
+        if problems:  # started from the cache: the source's value is reported as a failure
+            self._reload_failed("start", problems, source.attempted_digest())
 
     # -- state the admin app reads (router.admin.AdminSource) ---------------------------
 
@@ -189,7 +210,8 @@ class Supervisor:
     def rules_info(self) -> dict[str, Any]:
         snap = self.snapshot
         return {
-            "source": str(snap.source),
+            "source": self.source.location,
+            "source_status": self.source.status(),
             "digest": snap.digest,
             "loaded_at": self.loaded_at,
             "upstreams": self._describe_upstreams(),
@@ -236,14 +258,7 @@ class Supervisor:
             self._write_pidfile()
             await self._start_discovery()
             slots = [self._keep(self._slot_loop(slot)) for slot in range(self.settings.workers)]
-            if self.settings.watch_interval > 0:
-                self.watcher = RulesWatcher(
-                    self.settings.rules_path,
-                    lambda: self.snapshot.digest,
-                    lambda: self._request_reload("watch"),
-                    self.settings.watch_interval,
-                )
-                self._keep(self.watcher.run())
+            self._keep(self.source.watch(lambda: self.snapshot.digest, self._request_reload))
             if self.certificates is not None:
                 from router.tls import CertificateWatch
 
@@ -405,6 +420,7 @@ class Supervisor:
         if self.settings.access_log:
             settings["access_log"] = os.path.abspath(self.settings.access_log)
         settings["admin_token"] = ""  # workers never need it; keep it out of their env
+        settings["etcd_password"] = ""
         env = dict(os.environ)
         env[WORKER_ENV] = orjson.dumps(
             {
@@ -572,17 +588,19 @@ class Supervisor:
 
     # -- rules ----------------------------------------------------------------------------
 
-    def _accept(self, snapshot: Snapshot, raw: bytes | None) -> None:
-        """Make `snapshot` the rules in force (at start and after a successful reload)."""
-        self.snapshot = snapshot
+    def _accept(self, loaded: Loaded) -> None:
+        """Make `loaded` the rules in force (at start and after a successful reload)."""
+        snapshot = self.snapshot = loaded.snapshot
         self.loaded_at = _now_iso()
         self.metrics.rules_digest = snapshot.digest
-        self.metrics.rules_source = str(snapshot.source)
+        self.metrics.rules_source = self.source.location
         self.metrics.rules_loaded_at = time.time()
-        if raw is not None:
-            _write_atomic(rules_copy_path(self.state_dir, snapshot.digest), raw)
+        if loaded.raw is not None:
+            # Before the source caches it: a cache never points at a missing copy.
+            _write_atomic(rules_copy_path(self.state_dir, snapshot.digest), loaded.raw)
         if self.discovery is not None:  # at start: followed once running (_start_discovery)
             self.discovery.follow(snapshot.upstreams)
+        self.source.accepted(loaded)
 
     def _on_sighup(self) -> None:
         """SIGHUP: the rule file, and the certificates when they changed (as nginx does)."""
@@ -595,7 +613,7 @@ class Supervisor:
             self._send(worker, {"cmd": "tls_reload"})
 
     def _request_reload(self, trigger: str) -> None:
-        """Reload the rule file (trigger: "sighup" or "watch"); merged while one runs."""
+        """Reload the rules (trigger: "sighup", "watch", "etcd"); merged while one runs."""
         if self._stop.is_set():
             return
         if self._reload_task is not None and not self._reload_task.done():
@@ -612,12 +630,11 @@ class Supervisor:
             trigger = self._reload_again
 
     async def _reload_once(self, trigger: str) -> None:
-        path = self.settings.rules_path
-        loop = asyncio.get_running_loop()
-        log.info("%s: reloading %s", "SIGHUP" if trigger == "sighup" else "file changed", path)
+        source = self.source
+        log.info("%s: reloading %s", source.describe(trigger), source.location)
         old = self.snapshot.digest
         try:
-            snapshot, raw = await loop.run_in_executor(None, load_rules_stable, path)
+            loaded = await source.load(trigger)
         except RulesError as exc:
             problems = [str(p) for p in exc.problems] or [str(exc)]
             errors = sum(1 for p in exc.problems if p.severity != "warning") or 1
@@ -628,15 +645,16 @@ class Supervisor:
                 "" if errors == 1 else "s",
             )
             log_problems(exc)
-            self._reload_failed(trigger, problems, _digest_of_file(path))
+            self._reload_failed(trigger, problems, source.attempted_digest())
             return
         except Exception as exc:  # a bug, not a bad file: keep the traceback
             log.exception("reload crashed; keeping rules %s", old[:12])
-            self._reload_failed(trigger, [f"internal error: {exc!r}"], _digest_of_file(path))
+            self._reload_failed(trigger, [f"internal error: {exc!r}"], source.attempted_digest())
             return
+        snapshot = loaded.snapshot
         for warning in snapshot.warnings:
             log.warning("%s", warning)
-        self._accept(snapshot, raw)
+        self._accept(loaded)
         self.metrics.reloads["success"] += 1
         self.metrics.last_reload_ok = True
         self.last_reload = {
@@ -715,6 +733,7 @@ class Supervisor:
             "router_pid": os.getpid(),
             "file_owner": file_owner(path),
             "problems": problems or [],
+            **self.source.audit_fields(),
         }
         try:
             self.audit.append(entry)
@@ -743,14 +762,6 @@ class Supervisor:
             write_pidfile(self.state_dir, self.settings.rules_path)
         except OSError as exc:
             log.warning("cannot write the pid file (rollback cannot signal us): %s", exc)
-
-
-def _digest_of_file(path: str) -> str | None:
-    """sha256 of the file as it is now (what a failed reload tried), None if unreadable."""
-    try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    except OSError:
-        return None
 
 
 def _describe_exit(rc: int | None) -> str:

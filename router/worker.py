@@ -19,7 +19,8 @@ import orjson
 import uvloop
 
 from router.config import Settings, parse_hostport
-from router.errors import ConfigError, RulesError
+from router.errors import ConfigError, Problem, RulesError
+from router.fleet import is_etcd_url
 from router.metrics import WorkerMetrics
 from router.rules.effective import Effective, apply_effective
 from router.server import (
@@ -282,15 +283,25 @@ class Worker:
             self._keep(self.tls.reload())
 
     async def _load(self, expected: str | None) -> Snapshot:
-        """Load the rule file; when it is not the `expected` digest, the saved copy of it."""
+        """Load the rule file; when it is not the `expected` digest, the saved copy of it.
+
+        Rules in etcd have no file here: only the supervisor talks to etcd, and a worker
+        always loads the copy of the digest it is told (SIGHUP to a worker: its own)."""
         loop = asyncio.get_running_loop()
         path = self.settings.rules_path
         snapshot: Snapshot | None = None
         error: RulesError | None = None
-        try:
-            snapshot = await loop.run_in_executor(None, load_snapshot_file, path)
-        except RulesError as exc:
-            error = exc
+        if is_etcd_url(path):
+            expected = expected or getattr(self, "digest", None)
+            where = rules_copy_path(self.settings.state_dir, expected or "DIGEST")
+            error = RulesError(
+                [Problem(str(where), 1, 1, "rules", "the supervisor's copy cannot be loaded", "")]
+            )
+        else:
+            try:
+                snapshot = await loop.run_in_executor(None, load_snapshot_file, path)
+            except RulesError as exc:
+                error = exc
         if snapshot is not None and (not expected or snapshot.digest == expected):
             return snapshot
         if expected:
@@ -300,6 +311,8 @@ class Worker:
             except (RulesError, OSError):
                 saved = None
             if saved is not None and saved.digest == expected:
+                if is_etcd_url(path):
+                    return saved
                 log.warning(
                     "%s is not the rules in force (%s); using the saved copy %s",
                     path,

@@ -17,6 +17,8 @@
   domain from a hosts file that tests rewrite as pods come and go.
 - `pods`: upstream servers on distinct loopback addresses (127.0.0.2, 127.0.0.3, ...: on
   Linux all of 127.0.0.0/8 reaches this host) and one port, standing for pods.
+- `etcd`: a real etcd (Debian's etcd-server) shared by the session, `etcd_key` a fresh
+  key in it per test; `own_etcd`: a private one a test may stop, kill and start again.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ import uvloop
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from lua_compat.nginx_check import free_ports
 from router.config import Settings
 from router.demo import DemoUpstream, RouterProcess, start_upstream
 from router.proxy import Router
@@ -655,3 +658,95 @@ async def pods() -> AsyncIterator[Callable[..., Awaitable[list[Backend]]]]:
     yield start
     for runner in runners:
         await runner.cleanup()
+
+
+# -- etcd ----------------------------------------------------------------------------------
+class EtcdServer:
+    """A real etcd on two loopback ports with its own data directory; stopped by its pid.
+
+    `stop()` and `start()` again keep the ports and the data (etcd down, etcd back).
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        binary = shutil.which("etcd")
+        if binary is None:
+            raise RuntimeError("etcd is not installed (Debian: apt-get install etcd-server)")
+        self.binary = binary
+        self.data_dir = data_dir
+        self.client_port, self.peer_port = free_ports(2)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = data_dir.parent / f"{data_dir.name}.log"
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.client_port}"
+
+    def url(self, key: str) -> str:
+        return f"etcd://{self.endpoint}{key}"
+
+    def start(self, timeout: float = 20.0) -> None:
+        client = f"http://127.0.0.1:{self.client_port}"
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    self.binary, "--name", "test", "--data-dir", str(self.data_dir),
+                    "--listen-client-urls", client, "--advertise-client-urls", client,
+                    "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                    "--initial-cluster", f"test={peer}",
+                    "--logger", "zap", "--log-level", "error",
+                ],
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"etcd exited ({self.proc.returncode}): {self.log.read_text()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{client}/health", timeout=1.0).json().get("health") == "true":
+                    return
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"etcd did not become healthy within {timeout} s")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        os.kill(proc.pid, sig)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
+    """One real etcd for the whole session; tests keep to their own keys (`etcd_key`)."""
+    server = EtcdServer(tmp_path_factory.mktemp("etcd") / "data")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def etcd_key(etcd: EtcdServer, request: pytest.FixtureRequest) -> str:
+    """A key of this test's own in the shared etcd, e.g. /t/test_push_3f2a/rules."""
+    name = "".join(c if c.isalnum() else "_" for c in request.node.name)[:60]
+    return f"/t/{name}_{os.urandom(3).hex()}/rules"
+
+
+@pytest.fixture
+def own_etcd(tmp_path: Path) -> Iterator[EtcdServer]:
+    """A private etcd this test may stop, kill and start again."""
+    server = EtcdServer(tmp_path / "etcd-data")
+    server.start()
+    yield server
+    server.stop()

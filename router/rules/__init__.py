@@ -3,6 +3,8 @@
     load_snapshot(path) -> Snapshot          read, parse, validate, compile; RulesError
                                              with every problem if the file is rejected
     load_snapshot_text(text, filename)       the same for text already in memory
+    load_snapshot_bytes(data, filename)      the same for bytes (etcd values): the digest is
+                                             of the bytes, as for a file
     check_file(path) -> list[Problem]        every error and warning, nothing raised
     decide(snapshot, view, route=None)       -> Decision (route, upstream, user ID, reason)
 
@@ -46,6 +48,7 @@ __all__ = [
     "decide",
     "host_from_header",
     "load_snapshot",
+    "load_snapshot_bytes",
     "load_snapshot_text",
     "split_target",
 ]
@@ -62,6 +65,11 @@ def load_snapshot(path: str) -> Snapshot:
 def load_snapshot_text(text: str, filename: str) -> Snapshot:
     """Like load_snapshot for text in memory; the digest is of its UTF-8 bytes."""
     return _snapshot(text, filename, hashlib.sha256(text.encode("utf-8")).hexdigest())
+
+
+def load_snapshot_bytes(data: bytes, filename: str) -> Snapshot:
+    """Like load_snapshot for a file's bytes in memory (same digest, same checks)."""
+    return _snapshot(decode_rules_bytes(data, filename), filename, hashlib.sha256(data).hexdigest())
 
 
 def check_file(path: str) -> list[Problem]:
