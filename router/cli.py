@@ -256,43 +256,59 @@ def _age(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not an age (e.g. 90d or 12h)") from exc
 
 
+def serve_settings(args: argparse.Namespace) -> Settings:
+    """The settings of `grayroute serve` from its parsed arguments (not yet validated)."""
+    return _etcd_settings(
+        args,
+        rules_path=args.rules,
+        listen=args.listen,
+        listen_tls=args.listen_tls,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        admin=args.admin,
+        workers=args.workers,
+        connect_timeout=args.connect_timeout,
+        read_timeout=args.read_timeout,
+        fail_timeout=args.fail_timeout,
+        keepalive_timeout=args.keepalive_timeout,
+        header_timeout=args.header_timeout,
+        drain_timeout=args.drain_timeout,
+        max_header_bytes=args.max_header_bytes,
+        max_header_count=args.max_header_count,
+        max_target_bytes=args.max_target_bytes,
+        max_body_bytes=args.max_body_bytes,
+        max_connections=args.max_connections,
+        trusted_proxies=args.trusted_proxies,
+        state_dir=args.state_dir,
+        audit_max_bytes=args.audit_max_bytes,
+        history_max_age=args.history_max_age,
+        history_max_versions=args.history_max_versions,
+        access_log=args.access_log,
+        watch_interval=args.watch_interval,
+        admin_token=args.admin_token,
+        resolvers=args.resolvers,
+        log_level=args.log_level,
+    )
+
+
+def parse_serve(argv: list[str]) -> Settings:
+    """`grayroute serve` arguments as the command line takes them, to settings, validated
+    (deploy/kubernetes/ is checked against this); SystemExit or ConfigError when wrong."""
+    args = _build_parser().parse_args(argv)
+    if args.command != "serve":
+        raise ConfigError(f"not a serve command: {argv[:1]}")
+    settings = serve_settings(args)
+    settings.validate()
+    return settings
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
         if args.command == "serve":
             from router.supervisor import run_serve
 
-            settings = _etcd_settings(
-                args,
-                rules_path=args.rules,
-                listen=args.listen,
-                listen_tls=args.listen_tls,
-                tls_cert=args.tls_cert,
-                tls_key=args.tls_key,
-                admin=args.admin,
-                workers=args.workers,
-                connect_timeout=args.connect_timeout,
-                read_timeout=args.read_timeout,
-                fail_timeout=args.fail_timeout,
-                keepalive_timeout=args.keepalive_timeout,
-                header_timeout=args.header_timeout,
-                drain_timeout=args.drain_timeout,
-                max_header_bytes=args.max_header_bytes,
-                max_header_count=args.max_header_count,
-                max_target_bytes=args.max_target_bytes,
-                max_body_bytes=args.max_body_bytes,
-                max_connections=args.max_connections,
-                trusted_proxies=args.trusted_proxies,
-                state_dir=args.state_dir,
-                audit_max_bytes=args.audit_max_bytes,
-                history_max_age=args.history_max_age,
-                history_max_versions=args.history_max_versions,
-                access_log=args.access_log,
-                watch_interval=args.watch_interval,
-                admin_token=args.admin_token,
-                resolvers=args.resolvers,
-                log_level=args.log_level,
-            )
+            settings = serve_settings(args)
             settings.validate()
             return run_serve(settings)
         if args.command == "demo":

@@ -55,6 +55,9 @@ _MAX_LINE = 16 * 1024 * 1024  # a metrics line grows with routes x upstreams x s
 STARTUP_TIMEOUT = 60.0  # seconds for every worker to report ready at start
 # Seconds the first DNS lookups may hold back the workers at start (router/fleet/dns.py).
 DNS_STARTUP_WAIT = 5.0
+# Seconds past --drain-timeout a draining worker gets to exit before it is killed (the
+# interpreter's own exit); a pod's terminationGracePeriodSeconds must cover both.
+WORKER_EXIT_MARGIN = 5.0
 
 
 def _now_iso() -> str:
@@ -354,7 +357,7 @@ class Supervisor:
             self._send(worker, {"cmd": "drain"})
         # Workers bound their own drain by drain_timeout; the margin covers interpreter
         # exit. A worker that is still there after that is killed.
-        grace = self.settings.drain_timeout + 5.0
+        grace = self.settings.drain_timeout + WORKER_EXIT_MARGIN
         _, pending = await asyncio.wait(slots, timeout=grace)
         if pending:
             for worker in list(self.workers.values()):
