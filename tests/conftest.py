@@ -665,9 +665,10 @@ class EtcdServer:
     """A real etcd on two loopback ports with its own data directory; stopped by its pid.
 
     `stop()` and `start()` again keep the ports and the data (etcd down, etcd back).
+    With `tls` (certificate file, key file, CA file) clients must speak TLS.
     """
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, tls: tuple[str, str, str] | None = None) -> None:
         binary = shutil.which("etcd")
         if binary is None:
             raise RuntimeError("etcd is not installed (Debian: apt-get install etcd-server)")
@@ -676,6 +677,7 @@ class EtcdServer:
         self.client_port, self.peer_port = free_ports(2)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = data_dir.parent / f"{data_dir.name}.log"
+        self.tls = tls
 
     @property
     def endpoint(self) -> str:
@@ -685,8 +687,9 @@ class EtcdServer:
         return f"etcd://{self.endpoint}{key}"
 
     def start(self, timeout: float = 20.0) -> None:
-        client = f"http://127.0.0.1:{self.client_port}"
+        client = f"{'https' if self.tls else 'http'}://127.0.0.1:{self.client_port}"
         peer = f"http://127.0.0.1:{self.peer_port}"
+        tls = ["--cert-file", self.tls[0], "--key-file", self.tls[1]] if self.tls else []
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [
@@ -694,22 +697,31 @@ class EtcdServer:
                     "--listen-client-urls", client, "--advertise-client-urls", client,
                     "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
                     "--initial-cluster", f"test={peer}",
-                    "--logger", "zap", "--log-level", "error",
+                    "--logger", "zap", "--log-level", "error", *tls,
                 ],
                 stdout=log,
                 stderr=log,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )  # fmt: skip
+        try:
+            self._wait_healthy(client, timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_healthy(self, client: str, timeout: float) -> None:
+        assert self.proc is not None
+        verify = ssl.create_default_context(cafile=self.tls[2]) if self.tls else False
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"etcd exited ({self.proc.returncode}): {self.log.read_text()}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{client}/health", timeout=1.0).json().get("health") == "true":
+                answer = httpx.get(f"{client}/health", timeout=1.0, verify=verify)
+                if answer.json().get("health") == "true":
                     return
             time.sleep(0.05)
-        self.stop()
         raise RuntimeError(f"etcd did not become healthy within {timeout} s")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:

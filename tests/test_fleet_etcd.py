@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from lua_compat.nginx_check import free_ports
+from router.config import Settings
+from router.fleet import EtcdLocation
 from router.fleet.etcd import (
     EtcdAuthError,
     EtcdClient,
     EtcdCompacted,
     EtcdUnavailable,
+    TLSConfig,
     mod_revision_is,
     prefix_end,
     put_op,
     range_op,
 )
+from router.fleet.source import etcd_client
 
-from conftest import EtcdServer
+from conftest import EtcdServer, LocalCA
 
 
 def test_prefix_end() -> None:
@@ -149,3 +155,28 @@ async def test_user_and_password(own_etcd: EtcdServer) -> None:
         root._token = "expired"  # a token etcd no longer knows: one fresh login, then on
         kv, _ = await root.get(b"/k")
         assert kv is not None and kv.value == b"v"
+
+
+async def test_tls(tls_ca: LocalCA, tmp_path: Path) -> None:
+    cert, key = tls_ca.issue("127.0.0.1", "localhost")
+    server = EtcdServer(tmp_path / "etcd-tls", tls=(cert, key, str(tls_ca.cafile)))
+    server.start()
+    try:
+        # As `grayroute serve --etcd-cacert FILE` builds it.
+        settings = Settings(etcd_cacert=str(tls_ca.cafile))
+        async with etcd_client(EtcdLocation((server.endpoint,), "/k"), settings) as ok:
+            revision = await ok.put(b"/k", b"over TLS")
+            kv, _ = await ok.get(b"/k")
+            assert kv is not None and (kv.value, kv.mod_revision) == (b"over TLS", revision)
+        # A CA that did not sign etcd's certificate: refused, never sent in the clear.
+        other = LocalCA(tmp_path / "other-ca")
+        async with EtcdClient(
+            [server.endpoint], tls=TLSConfig(cacert=str(other.cafile)), timeout=2.0
+        ) as untrusting:
+            with pytest.raises(EtcdUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+                await untrusting.get(b"/k")
+        async with EtcdClient([server.endpoint], timeout=2.0) as plain:
+            with pytest.raises(EtcdUnavailable):
+                await plain.get(b"/k")
+    finally:
+        server.stop()
