@@ -239,7 +239,7 @@ async def test_every_worker_routes_with_the_state_the_supervisor_sets(
         "routes:\n"
         "  - {name: all, split: {v1: 100, v2: 0}}\n"
     )
-    from router.supervisor import load_rules_stable
+    from router.fleet.source import FileSource
 
     settings = Settings(
         rules_path=str(rules),
@@ -250,10 +250,11 @@ async def test_every_worker_routes_with_the_state_the_supervisor_sets(
         watch_interval=0,
     )
     settings.validate()
-    snapshot, raw = load_rules_stable(str(rules))
+    source = FileSource(str(rules), settings.watch_interval)
+    loaded = await source.initial()
     with reuseport_socket("127.0.0.1", 0) as reserved:
         port = reserved.getsockname()[1]
-        supervisor = Supervisor(settings, snapshot, raw, port, str(tmp_path / "state"))
+        supervisor = Supervisor(settings, loaded, port, str(tmp_path / "state"), source)
         running = asyncio.get_running_loop().create_task(supervisor.run())
         try:
             await poll(lambda: _true(supervisor._all_ready.is_set()), timeout=30)
