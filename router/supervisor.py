@@ -425,6 +425,8 @@ class Supervisor:
         settings["admin_token"] = ""  # workers never need it; keep it out of their env
         settings["etcd_password"] = ""
         env = dict(os.environ)
+        for secret in ("GRAYROUTE_ADMIN_TOKEN", "GRAYROUTE_ETCD_PASSWORD"):
+            env.pop(secret, None)  # workers need neither; /proc/PID/environ would show them
         env[WORKER_ENV] = orjson.dumps(
             {
                 "settings": settings,
