@@ -808,6 +808,8 @@ def describe_upstreams(
             "read_timeout": settings.read_timeout if read is None else read,
             "health_check": dataclasses.asdict(spec.health_check) if spec.health_check else None,
             "fallback": fallbacks.get(name, (None,))[0],
+            "max_fails": 1 if spec.max_fails is None else spec.max_fails,
+            "fail_timeout": spec.fail_timeout or settings.fail_timeout,
             "health": states,
             "healthy_endpoints": sum(1 for e in states.values() if e["state"] == "up"),
         }

@@ -6,9 +6,10 @@ open are reused) and opens new ones when none is idle. `UpstreamConnection` pars
 response with httptools and reports it to the request that owns the connection through
 the small `ResponseSink` interface; it knows nothing about clients.
 
-Endpoint health, as nginx does it by default (max_fails=1, fail_timeout=10s): an endpoint
-that refuses a connection or times out is skipped by round-robin for `--fail-timeout`
-seconds (passive). With `health_check: {path, interval}` on the upstream, each worker also
+Endpoint health, as nginx does it (max_fails=1, fail_timeout=10s by default; an upstream's
+`max_fails`/`fail_timeout` change them): an endpoint whose connections are refused or time
+out max_fails times within fail_timeout is skipped by round-robin for fail_timeout
+(passive). With `health_check: {path, interval}` on the upstream, each worker also
 asks every endpoint for `path` every `interval`; an endpoint that does not answer 2xx/3xx
 is skipped until it does (active). When every endpoint is down, the upstream's `fallback`
 takes its requests (`standin()`); without one they are tried anyway: a guess is better
@@ -321,9 +322,10 @@ class UpstreamPool:
 
     def __init__(self, spec: UpstreamSpec, settings: Settings) -> None:
         self.name = spec.name
-        self.endpoints, self.connect_timeout, self.read_timeout, _ = _pool_key(spec, settings)
+        key = _pool_key(spec, settings)
+        self.endpoints, self.connect_timeout, self.read_timeout, _, self.max_fails = key[:5]
+        self.fail_timeout = key[5]
         self.max_idle = settings.upstream_keepalive
-        self.fail_timeout = settings.fail_timeout
         self.health_check = spec.health_check
         # Where requests go while no endpoint is up, in order (set by Router.install).
         self.fallbacks: tuple[UpstreamPool, ...] = ()
@@ -331,6 +333,7 @@ class UpstreamPool:
         self._idle: dict[Endpoint, list[UpstreamConnection]] = {ep: [] for ep in self.endpoints}
         self._next = 0
         self._failed_until: dict[Endpoint, float] = {}  # passive: connection failures
+        self._fails: dict[Endpoint, tuple[int, float]] = {}  # below max_fails: (count, since)
         self._unhealthy: set[Endpoint] = set()  # active: failed its last health check
         self._checker: asyncio.Task[None] | None = None
         # Unix time each endpoint's state last changed (for reports; the pool's birth else).
@@ -340,11 +343,13 @@ class UpstreamPool:
     def follow(self, spec: UpstreamSpec, settings: Settings) -> bool:
         """Serve `spec` from now on if it differs from this pool at most by its endpoints
         (then taken in place); False when it needs a pool of its own."""
-        endpoints, connect_timeout, read_timeout, health_check = _pool_key(spec, settings)
-        if (connect_timeout, read_timeout, health_check) != (
+        endpoints, *rest = _pool_key(spec, settings)
+        if tuple(rest) != (
             self.connect_timeout,
             self.read_timeout,
             self.health_check,
+            self.max_fails,
+            self.fail_timeout,
         ):
             return False
         if endpoints != self.endpoints:
@@ -359,6 +364,7 @@ class UpstreamPool:
                 conn.abort()
         kept = self._idle.keys()
         self._failed_until = {ep: t for ep, t in self._failed_until.items() if ep in kept}
+        self._fails = {ep: f for ep, f in self._fails.items() if ep in kept}
         self._unhealthy.intersection_update(kept)
         now, before = time.time(), set(self.endpoints)
         self._changed = {ep: t for ep, t in self._changed.items() if ep in kept}
@@ -418,6 +424,16 @@ class UpstreamPool:
 
     def mark_failed(self, endpoint: Endpoint) -> None:
         now = time.monotonic()
+        if self.max_fails != 1:  # nginx: max_fails failures within fail_timeout; 0: never
+            if not self.max_fails:
+                return
+            count, since = self._fails.get(endpoint, (0, now))
+            if now - since >= self.fail_timeout:
+                count, since = 0, now
+            if count + 1 < self.max_fails:
+                self._fails[endpoint] = (count + 1, since)
+                return
+            self._fails.pop(endpoint, None)
         until = self._failed_until.get(endpoint)
         if until is None or now >= until:
             log.warning(
@@ -430,6 +446,7 @@ class UpstreamPool:
         self._failed_until[endpoint] = now + self.fail_timeout
 
     def mark_ok(self, endpoint: Endpoint) -> None:
+        self._fails.pop(endpoint, None)
         until = self._failed_until.pop(endpoint, None)
         if until is not None:
             self._changed[endpoint] = time.time() - max(0.0, time.monotonic() - until)
@@ -477,7 +494,7 @@ class UpstreamPool:
         except OSError as exc:
             self.mark_failed(endpoint)
             raise UpstreamUnavailable(f"connect to {host}:{port} failed: {exc.strerror}") from exc
-        if self._failed_until:
+        if self._failed_until or self._fails:
             self.mark_ok(endpoint)
         return conn
 
@@ -563,11 +580,14 @@ class UpstreamPool:
 
 def _pool_key(
     spec: UpstreamSpec, settings: Settings
-) -> tuple[tuple[Endpoint, ...], float, float, HealthCheck | None]:
-    """What a pool is built from: endpoints, timeouts (server defaults filled in), checks."""
+) -> tuple[tuple[Endpoint, ...], float, float, HealthCheck | None, int, float]:
+    """What a pool is built from: endpoints, timeouts (server defaults filled in), checks,
+    passive health (max_fails, fail_timeout)."""
     return (
         tuple(spec.endpoints),
         spec.connect_timeout if spec.connect_timeout is not None else settings.connect_timeout,
         spec.read_timeout if spec.read_timeout is not None else settings.read_timeout,
         spec.health_check,
+        1 if spec.max_fails is None else spec.max_fails,
+        settings.fail_timeout if spec.fail_timeout is None else spec.fail_timeout,
     )

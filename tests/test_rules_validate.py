@@ -372,6 +372,14 @@ def test_timeouts_and_health_check() -> None:
     assert defaults.upstreams[1].health_check == HealthCheck("/healthz", 5.0)
 
 
+def test_passive_health_settings() -> None:
+    passive = ruleset(edit('    endpoints: ["127.0.0.1:9002"]\n',
+                           '    endpoints: ["127.0.0.1:9002"]\n    max_fails: 3\n'
+                           '    fail_timeout: 30s\n'))
+    assert (passive.upstreams[1].max_fails, passive.upstreams[1].fail_timeout) == (3, 30.0)
+    assert (passive.upstreams[0].max_fails, passive.upstreams[0].fail_timeout) == (None, None)
+
+
 @pytest.mark.parametrize(
     ("line", "message"),
     [
@@ -391,6 +399,15 @@ def test_timeouts_and_health_check() -> None:
         ("    health_check: {path: /h, timeout: 1s}", "rules.yaml:7:30: upstreams.v2."
                                                       "health_check.timeout: unknown key "
                                                       "(known keys here: path, interval)"),
+        ("    max_fails: -1", "rules.yaml:7:16: upstreams.v2.max_fails: expected a whole "
+                              "number of 0 or more, found `-1` (write e.g. 3 (0: failures "
+                              "never take an endpoint out))"),
+        ("    max_fails: '3'", "rules.yaml:7:16: upstreams.v2.max_fails: expected a whole "
+                               "number of 0 or more, found `3` (write e.g. 3 (0: failures "
+                               "never take an endpoint out))"),
+        ("    fail_timeout: 30 sec", "rules.yaml:7:19: upstreams.v2.fail_timeout: not a "
+                                     "duration: `30 sec` (write e.g. 1s, 500ms, 2m or a "
+                                     "number of seconds)"),
     ],
 )
 def test_upstream_setting_errors(line: str, message: str) -> None:

@@ -342,3 +342,31 @@ async def test_a_pool_follows_endpoint_changes_and_keeps_connections_that_stay(
         rp.reload(rules(c.port).replace("read_timeout: 2s", "read_timeout: 3s"))
         assert rp.router.pools["app"] is not pool
         assert (await client.get("/")).status_code == 200
+
+
+async def test_max_fails_refusals_within_fail_timeout_take_an_endpoint_out(
+    scripted: Any, proxy: Any
+) -> None:
+    """nginx's `server ... max_fails=3 fail_timeout=30s`: the third refusal takes it out."""
+    up = await scripted(lambda c, n: OK)
+    dead = free_port()
+    rp = await proxy(rules(dead, up.port, extra="    max_fails: 3\n    fail_timeout: 30s\n"))
+    async with httpx.AsyncClient(base_url=rp.url) as client:
+        for _ in range(12):
+            assert (await client.get("/")).status_code == 200
+    # Round-robin reaches the dead endpoint every other request until it is out.
+    assert rp.metrics.errors[("app", "connect")] == 3
+    pool = rp.router.pools["app"]
+    assert (pool.max_fails, pool.fail_timeout) == (3, 30.0)
+    assert [state for _, state, _ in pool.endpoint_states()] == ["passive", "up"]
+
+
+async def test_max_fails_zero_never_takes_an_endpoint_out(scripted: Any, proxy: Any) -> None:
+    up = await scripted(lambda c, n: OK)
+    dead = free_port()
+    rp = await proxy(rules(dead, up.port, extra="    max_fails: 0\n"))
+    async with httpx.AsyncClient(base_url=rp.url) as client:
+        for _ in range(8):
+            assert (await client.get("/")).status_code == 200
+    assert rp.metrics.errors[("app", "connect")] == 4  # every other request tries it
+    assert [s for _, s, _ in rp.router.pools["app"].endpoint_states()] == ["up", "up"]

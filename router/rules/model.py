@@ -7,7 +7,7 @@ nothing on the hot path reads these classes.
 
     RuleSet
     ├── upstreams: Upstream(name, endpoints, connect_timeout, read_timeout, health_check,
-    │                       fallback, dns)
+    │                       fallback, dns, max_fails, fail_timeout)
     │              └── DnsEndpoints(name, port, interval)      endpoints found in DNS
     ├── user_id:   UserIdSource(kind, name) ...       the file's sources, in order
     ├── body_limit
@@ -86,6 +86,10 @@ class Upstream:
     fallback: str | None = None
     # Endpoints from DNS instead of a list; zero records is zero replicas, never an error.
     dns: DnsEndpoints | None = None
+    # Passive health, as nginx's server parameters: an endpoint whose connections fail
+    # max_fails times within fail_timeout is skipped for fail_timeout (0: never skipped).
+    max_fails: int | None = None  # None = 1
+    fail_timeout: float | None = None  # seconds; None = the server's --fail-timeout
 
 
 @dataclass(frozen=True, slots=True)

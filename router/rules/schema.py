@@ -364,6 +364,19 @@ UPSTREAM = Section(
             "none (502)",
             _UPSTREAM_NAME,
         ),
+        "max_fails": Key(
+            "*Extension* (passive health, as nginx's `max_fails`): an endpoint whose "
+            "connections fail (refused, timed out) this many times within `fail_timeout` is "
+            "skipped for `fail_timeout`; `0` never skips it.",
+            "`1`",
+            {"type": "integer", "minimum": 0},
+        ),
+        "fail_timeout": Key(
+            "*Extension* (as nginx's `fail_timeout`): the window in which `max_fails` "
+            "failures count, and how long the endpoint is then skipped.",
+            "the server's `--fail-timeout` (10 s)",
+            _REF["duration"],
+        ),
     },
 )
 

@@ -8,7 +8,8 @@ as meant). The grammar is docs/rules.md; in short:
     format: 1                                   required
     upstreams: {NAME: {endpoints: [HOST:PORT, ...] | {dns: NAME, port: PORT, interval: DURATION},
                        connect_timeout: DURATION, read_timeout: DURATION,
-                       health_check: {path: /x, interval: DURATION}, fallback: NAME}}
+                       health_check: {path: /x, interval: DURATION}, fallback: NAME,
+                       max_fails: N, fail_timeout: DURATION}}
     user_id: [{header|cookie|query|json|form: NAME}, ...]     default: none
     body_limit: SIZE                             default 64KiB
     routes: [{name, match: {hosts, host_regex, default_host,
@@ -75,7 +76,15 @@ FORMAT = 1
 
 CORE_TOP_KEYS = ("format", "upstreams", "user_id", "body_limit", "routes")
 TOP_KEYS = (*CORE_TOP_KEYS, "lua_shared_dicts")  # + the nginx-migration extension
-UPSTREAM_KEYS = ("endpoints", "connect_timeout", "read_timeout", "health_check", "fallback")
+UPSTREAM_KEYS = (
+    "endpoints",
+    "connect_timeout",
+    "read_timeout",
+    "health_check",
+    "fallback",
+    "max_fails",
+    "fail_timeout",
+)
 HEALTH_KEYS = ("path", "interval")
 DNS_KEYS = ("dns", "port", "interval")
 CORE_ROUTE_KEYS = (
@@ -536,6 +545,29 @@ class _Validator:
             fallback = self.text(node, _join(path, "fallback"), "upstream name", numbers_ok=True)
             ok = ok and fallback is not None
             self.fallback_nodes[name] = node  # the name is checked once every one is known
+        max_fails: int | None = None
+        if "max_fails" in fields:
+            mnode = fields["max_fails"].value
+            if (
+                isinstance(mnode, ScalarNode)
+                and isinstance(mnode.value, int)
+                and not isinstance(mnode.value, bool)
+                and mnode.value >= 0
+            ):
+                max_fails = mnode.value
+            else:
+                shown = f"`{mnode.text}`" if isinstance(mnode, ScalarNode) else mnode.kind
+                self.error(
+                    mnode,
+                    _join(path, "max_fails"),
+                    f"expected a whole number of 0 or more, found {shown}",
+                    "write e.g. 3 (0: failures never take an endpoint out)",
+                )
+                ok = False
+        fail_timeout: float | None = None
+        if "fail_timeout" in fields:
+            fail_timeout = self.duration(fields["fail_timeout"].value, _join(path, "fail_timeout"))
+            ok = ok and fail_timeout is not None
         if not ok:
             return None
         return Upstream(
@@ -546,6 +578,8 @@ class _Validator:
             health,
             fallback,
             dns=dns,
+            max_fails=max_fails,
+            fail_timeout=fail_timeout,
         )
 
     def dns_endpoints(self, node: MapNode, path: str) -> DnsEndpoints | None:
