@@ -257,12 +257,17 @@ def _holds(r: dict[str, object], v: RequestView, named: list[str], regexes: list
         return False
     if regex is not None and re.search(str(regex), v.path) is None:
         return False
+    for name, rx in dict(r.get("headers", {})).items():  # type: ignore[call-overload]
+        value = v.headers.get(name.lower())
+        if value is None or re.search(rx, value) is None:
+            return False
     methods = r.get("methods")
     return methods is None or v.method in methods  # type: ignore[operator]
 
 
 def test_index_agrees_with_a_scan_for_every_condition() -> None:
-    """Exact and regex paths, wildcard and regex hosts and default_host, in any order."""
+    """Exact and regex paths, wildcard and regex hosts, default_host and headers, in any
+    order (a route whose headers do not hold lets the next one that matches decide)."""
     rng = random.Random(11)
     host_patterns = ["a.com", "b.a.com", "*.a.com", "www.a.*", "*.b.a.com", "x.org"]
     host_regexes = ["^api[0-9]+\\.", "org$"]
@@ -290,6 +295,8 @@ def test_index_agrees_with_a_scan_for_every_condition() -> None:
                 r[key] = rng.choice(values)
             if rng.random() < 0.3:
                 r["methods"] = rng.sample(["GET", "POST"], 1)
+            if rng.random() < 0.3:
+                r["headers"] = rng.choice([{"X-A": "^1$"}, {"X-B": "b"}, {"X-A": "1", "X-B": "."}])
             routes.append(r)
         lines = ["format: 1", "upstreams: {a: {endpoints: ['h:1']}}", "routes:"]
         for r in routes:
@@ -301,7 +308,12 @@ def test_index_agrees_with_a_scan_for_every_condition() -> None:
         named = [h for r in routes for h in r.get("hosts", [])]  # type: ignore[attr-defined]
         regexes = [str(r["host_regex"]) for r in routes if "host_regex" in r]
         for _ in range(80):
-            v = view(rng.choice(paths), rng.choice(requests_hosts), rng.choice(["GET", "POST"]))
+            headers = {
+                k: rng.choice(["1", "2", "abc"]) for k in ("x-a", "x-b") if rng.random() < 0.6
+            }
+            v = view(
+                rng.choice(paths), rng.choice(requests_hosts), rng.choice(["GET", "POST"]), headers
+            )
             got = s.match_route(v)
             expected = next((r["name"] for r in routes if _holds(r, v, named, regexes)), None)
             assert (got.name if got else None) == expected, (trial, v.host, v.path, v.method)

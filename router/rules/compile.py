@@ -145,6 +145,10 @@ class CompiledRoute:
         default=None, repr=False
     )
     action_reads_body: bool = False  # a Lua script that reads the request body
+    # match.headers: checked after the lookup, only on routes that have them
+    match_headers: Callable[[str | None, RequestView], bool] | None = field(
+        default=None, repr=False
+    )
     # prefix_rewrite / regex_rewrite: the request's path -> the path sent upstream
     rewrite: Callable[[str], str] | None = field(default=None, repr=False)
     # A rollout judges this route's split traffic: its decisions are JudgedDecisions.
@@ -170,13 +174,16 @@ class CompiledRoute:
 
 # Route lookup tables. A bucket holds the routes whose host and method conditions hold
 # for one (host, method) key: the prefix routes as groups of (prefix length, {prefix:
-# (position, route)}, lowest position in the group), ordered by that lowest position;
-# the path_exact routes as {path: (position, route)}; the path_regex routes as
-# (position, search, route) in file order. Exact paths and prefixes cost one dict probe
-# each; regexes are searched only in buckets that have them.
-_Group = tuple[int, dict[str, tuple[int, CompiledRoute]], int]
+# hit}, lowest position in the group), ordered by that lowest position; the path_exact
+# routes as {path: hit}; the path_regex routes as (position, search, route) in file
+# order. A hit is (position, route, later routes with the same path) where the later
+# ones matter only when the route has match.headers (tried in order when they fail).
+# Exact paths and prefixes cost one dict probe each; regexes are searched only in
+# buckets that have them.
+_Hit = tuple[int, CompiledRoute, tuple[tuple[int, CompiledRoute], ...]]
+_Group = tuple[int, dict[str, _Hit], int]
 _Regex = tuple[int, "Callable[[str], object]", CompiledRoute]
-_Bucket = tuple[tuple[_Group, ...], dict[str, tuple[int, CompiledRoute]], tuple[_Regex, ...]]
+_Bucket = tuple[tuple[_Group, ...], dict[str, _Hit], tuple[_Regex, ...]]
 _MethodIndex = tuple[dict[str, _Bucket], _Bucket]  # (by method, any other method)
 _NOT_FOUND = 1 << 62
 _EMPTY_BUCKET: _Bucket = ((), {}, ())
@@ -222,18 +229,24 @@ class Snapshot:
         if exact:
             hit = exact.get(path)
             if hit is not None:
-                best_pos, best = hit
+                best_pos = hit[0]
+                best = hit[1]
         for length, prefixes, lowest in groups:
             if lowest >= best_pos:
                 break  # every later group starts after the route already found
             hit = prefixes.get(path[:length])
             if hit is not None and hit[0] < best_pos:
-                best_pos, best = hit
+                best_pos = hit[0]
+                best = hit[1]
         for position, search, route in regexes:
             if position >= best_pos:
                 break
             if search(path) is not None:
-                return route
+                best = route
+                break
+        headers = best.match_headers if best is not None else None
+        if headers is not None and not headers(None, view):
+            return _first_with_headers(bucket, view)
         return best
 
 
@@ -260,6 +273,8 @@ def compile_ruleset(
                 header_names.add("cookie")
             elif src.kind in (JSON, FORM):
                 header_names.add("content-type")
+        for name, _ in route.match.headers or ():
+            header_names.add(name.lower())
         for pin in route.pins:
             for name, _ in pin.headers or ():
                 header_names.add(name.lower())
@@ -323,6 +338,9 @@ def _compile_route(
         action_reads_body=action is not None and action[1],
         rewrite=None if route.rewrite is None else direct.compile_rewrite(route.rewrite),
         judged=route.rollout is not None and split is not None,
+        match_headers=None
+        if route.match.headers is None
+        else _headers_check(tuple((n.lower(), re.compile(rx)) for n, rx in route.match.headers)),
     )
 
 
@@ -593,24 +611,53 @@ def _route_index(
     return by_host, other, HostPatterns(wildcards, regexes, for_signature, other)
 
 
+def _first_with_headers(bucket: _Bucket, view: RequestView) -> CompiledRoute | None:
+    """The first route whose path and match.headers hold: the lookup's pick had headers
+    that did not (rare: only files with match.headers get here)."""
+    groups, exact, regexes = bucket
+    path = view.path
+    found: list[tuple[int, CompiledRoute]] = []
+    hits = [exact.get(path)] + [prefixes.get(path[:length]) for length, prefixes, _ in groups]
+    for hit in hits:
+        if hit is not None:
+            found.append((hit[0], hit[1]))
+            found += hit[2]
+    found += [(position, route) for position, search, route in regexes if search(path)]
+    for _, route in sorted(found, key=lambda f: f[0]):
+        if route.match_headers is None or route.match_headers(None, view):
+            return route
+    return None
+
+
+def _add_hit(table: dict[str, _Hit], key: str, position: int, route: CompiledRoute) -> None:
+    """The first route for `key`, and the later ones while every route before has headers."""
+    hit = table.get(key)
+    if hit is None:
+        table[key] = (position, route, ())
+        return
+    first, rest = hit[1], hit[2]
+    if first.match_headers is not None and all(r.match_headers is not None for _, r in rest):
+        table[key] = (hit[0], first, (*rest, (position, route)))
+
+
 def _bucket(
     positions: tuple[int, ...], models: tuple[Route, ...], routes: tuple[CompiledRoute, ...]
 ) -> _Bucket:
-    groups: dict[int, dict[str, tuple[int, CompiledRoute]]] = {}
-    exact: dict[str, tuple[int, CompiledRoute]] = {}
+    groups: dict[int, dict[str, _Hit]] = {}
+    exact: dict[str, _Hit] = {}
     regexes: list[_Regex] = []
     for i in positions:
         match = models[i].match
         if match.path_exact is not None:
-            exact.setdefault(match.path_exact, (i, routes[i]))
+            _add_hit(exact, match.path_exact, i, routes[i])
         elif match.path_regex is not None:
             regexes.append((i, re.compile(match.path_regex).search, routes[i]))
         else:
             prefix = match.path_prefix or ""
-            groups.setdefault(len(prefix), {}).setdefault(prefix, (i, routes[i]))
+            _add_hit(groups.setdefault(len(prefix), {}), prefix, i, routes[i])
     ordered = sorted(
         (
-            (length, table, min(pos for pos, _ in table.values()))
+            (length, table, min(hit[0] for hit in table.values()))
             for length, table in groups.items()
         ),
         key=lambda g: g[2],

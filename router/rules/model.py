@@ -15,7 +15,7 @@ nothing on the hot path reads these classes.
     │              │       | direct_response | redirect, salt, user_id, body_limit, rewrite,
     │              │       rollout)
     │              ├── Match(hosts, host_regex, default_host, path_prefix | path_exact
-    │              │         | path_regex, methods)
+    │              │         | path_regex, methods, headers)
     │              ├── Pin(to, users, user_ranges, user_suffixes, user_pattern,
     │              │       user_percent, headers, client_cidrs)
     │              ├── Split(weights, replicas, follows)
@@ -124,6 +124,7 @@ class Match:
     path_regex: str | None = None  # searched in the path
     host_regex: str | None = None  # searched in the host
     default_host: bool = False
+    headers: tuple[tuple[str, str], ...] | None = None  # (name as written, regex), searched
 
     @property
     def matches_everything(self) -> bool:
@@ -135,6 +136,7 @@ class Match:
             and self.path_regex is None
             and self.host_regex is None
             and not self.default_host
+            and self.headers is None
         )
 
     @property
@@ -152,6 +154,7 @@ class Match:
             ("path_exact", self.path_exact),
             ("path_regex", self.path_regex),
             ("methods", self.methods),
+            ("headers", None if self.headers is None else dict(self.headers)),
         )
         return {k: v for k, v in pairs if v is not None}
 

@@ -590,6 +590,16 @@ MATCH = Section(
             "any host",
             {"type": "string"},
         ),
+        "headers": Key(
+            "*Extension*: every listed header is present and its regular expression is found "
+            "in its value (the first of repeated headers), as a pin's `headers`.",
+            "any headers",
+            {
+                "type": "object",
+                "propertyNames": {"pattern": _TOKEN},
+                "additionalProperties": _NAME,
+            },
+        ),
         "default_host": Key(
             "*Extension*: `true`: the Host matches no route's `hosts` or `host_regex` (or "
             "there is none), as nginx's default server.",

@@ -110,7 +110,14 @@ ROUTE_KEYS = (*CORE_ROUTE_KEYS, *ROUTE_EXTENSION_KEYS)
 # What a route does with a request: exactly one of these (`to` and `split` are format 1).
 ROUTE_ACTIONS = ("to", "split", "split_clients", "lua", "direct_response", "redirect")
 CORE_MATCH_KEYS = ("hosts", "path_prefix", "methods")
-MATCH_KEYS = (*CORE_MATCH_KEYS, "path_exact", "path_regex", "host_regex", "default_host")
+MATCH_KEYS = (
+    *CORE_MATCH_KEYS,
+    "path_exact",
+    "path_regex",
+    "host_regex",
+    "default_host",
+    "headers",
+)
 PATH_CONDITIONS = ("path_prefix", "path_exact", "path_regex")
 PIN_KEYS = ("to", *PIN_CONDITIONS)
 
@@ -1142,9 +1149,13 @@ class _Validator:
         if "methods" in fields:
             methods = self.methods(fields["methods"].value, _join(path, "methods"))
             ok = ok and methods is not None
+        headers: tuple[tuple[str, str], ...] | None = None
+        if "headers" in fields:
+            headers = self.pin_headers(fields["headers"].value, _join(path, "headers"))
+            ok = ok and headers is not None
         if not ok:
             return None
-        return Match(hosts, prefix, methods, exact, path_regex, host_regex, default_host)
+        return Match(hosts, prefix, methods, exact, path_regex, host_regex, default_host, headers)
 
     def hosts(self, node: Node, path: str) -> tuple[str, ...] | None:
         items = self.seq(node, path, "[api.example.com]")
@@ -1755,6 +1766,14 @@ def _match_covers(first: Match, later: Match) -> bool:
         )
         and (first.host_regex is None or later.host_regex == first.host_regex)
         and (not first.default_host or later.default_host)
+        and (
+            first.headers is None
+            or (
+                later.headers is not None
+                and {(n.lower(), rx) for n, rx in first.headers}
+                <= {(n.lower(), rx) for n, rx in later.headers}
+            )
+        )
         and (
             first.methods is None
             or (later.methods is not None and set(later.methods) <= set(first.methods))
