@@ -3,30 +3,49 @@
     result = import_nginx("nginx.conf", scripts_dir="scripts")
     result.yaml            the rule file (format 1 with Grayroute's extensions)
     result.scripts         {path: Lua source} of *_by_lua_block code to write next to it
-    result.untranslated    [Note(file, line, text, why)]: everything routing-relevant that
-                           was not carried over, in the words of the config
+    result.untranslated    [Note(file, line, text, why)]: every directive that decides
+                           where a request goes and was not carried over
+    result.differences     [Note]: translated, but some requests may be decided otherwise
+                           (each says which)
+    result.ignored         [Note]: directives that do not decide where a request goes
 
-What is translated:
+The rule file decides as nginx does: routes are written in the order that makes "the
+first route that matches" give nginx's answer.
 
-    upstream NAME { server HOST:PORT; ... }          -> upstreams: NAME: endpoints
-    split_clients "KEY" $v { 0.5% a; * b; }           -> a route with `split_clients:`
-    map $src $v { default a; "x" b; }                 -> pins (cookie/header/query) or, when
-                                                         $src is a split_clients variable,
-                                                         the buckets' upstreams
-    set $backend ""; rewrite_by_lua_file f.lua;       -> a route with `lua:` (rewrite,
-    access_by_lua_file / set_by_lua_file $v f.lua;       access or set phase)
-    location @name { proxy_pass http://UP; }          -> `lua.map: {"@name": UP}` (ngx.exec)
-    server_name / location PREFIX / proxy_pass        -> match hosts / path_prefix, `to:`
-    lua_shared_dict NAME SIZE;                        -> lua_shared_dicts: NAME: SIZE
+    server selection      exact names, then `*.x` wildcards (longest first), then `x.*`
+                          (longest first), then regex names in order, then the default
+                          server (`listen ... default_server`, else the first) -> routes
+                          with `hosts`, `host_regex`, `default_host`; a server whose
+                          locations do not cover every path gets a route answering 404
+                          for its hosts, so its requests never reach another server's
+    location selection    `=` first (`path_exact`), then the longest prefix, where `^~`
+                          stops the search, then regex locations in order
+                          (`path_regex`), else the longest prefix; a prefix ending in `/`
+                          with proxy_pass redirects the path without the slash (301)
+    rewrite phase         `return` -> `direct_response` / `redirect`; `if (COND) {
+                          return ...; }` -> a route before the location's, with COND as
+                          `headers` or `methods`; `rewrite R S break` -> `regex_rewrite`,
+                          `rewrite R S permanent|redirect` -> a `redirect` route
+    proxy_pass            an upstream (`to`), an address (an upstream named after it),
+                          or a variable set by `set`, `map`, `split_clients` or Lua; the
+                          URI part -> `prefix_rewrite`
+    map $cookie_/$http_/$arg_X $v { KEY UP; ~RE UP; default ...; }
+                          -> `user_id` + pins (keys ignore case, as nginx's do); a default
+                          that is a split_clients variable -> the route's `split_clients`
+    split_clients         -> `split_clients:` (values through a map when there is one)
+    Lua handlers          -> `lua:` (rewrite, access, set phase), with the `set` presets
+                          as `variables`, named locations reached by ngx.exec as `map`,
+                          client_body_buffer_size (http, server or location)
+    upstream              servers -> endpoints; `backup` servers -> an upstream NAME-backup
+                          that NAME falls back to; max_fails / fail_timeout
+    lua_shared_dict       -> lua_shared_dicts
 
-Directives that do not change where a request goes (logging, timeouts, buffers, TLS,
-proxy_set_header ...) are listed separately as `ignored`; everything else that is left
-over is `untranslated`.
+`run_import` (`grayroute import-nginx`) writes the file, prints the three lists, and
+exits 1 when something that routes was not translated, unless `partial` is given.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
@@ -34,6 +53,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lua_compat.nginx_conf import Directive, NginxSyntaxError, load_nginx, parse_nginx
+from lua_compat.ngx import DEFAULT_BODY_BUFFER_SIZE
 from lua_compat.split_clients import SplitClients, SplitClientsError
 
 __all__ = [
@@ -45,27 +66,6 @@ __all__ = [
     "parse_nginx",
     "run_import",
 ]
-
-
-class NginxSyntaxError(ValueError):
-    """The configuration cannot be read (unbalanced braces, unterminated quotes...)."""
-
-
-@dataclass
-class Directive:
-    name: str
-    args: list[str]
-    file: str
-    line: int
-    block: list[Directive] | None = None
-    lua: str | None = None  # the code of a *_by_lua_block
-
-    def where(self) -> str:
-        return f"{self.file}:{self.line}"
-
-    def text(self) -> str:
-        args = " ".join(self.args)
-        return f"{self.name} {args}".strip() + (" { ... }" if self.block is not None else ";")
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,7 @@ class ImportResult:
     untranslated: list[Note] = field(default_factory=list)
     ignored: list[Note] = field(default_factory=list)
     scripts: dict[str, str] = field(default_factory=dict)
+    differences: list[Note] = field(default_factory=list)
 
     def report(self) -> str:
         lines = []
@@ -93,225 +94,17 @@ class ImportResult:
             lines += [f"  {n}" for n in self.untranslated]
         else:
             lines.append("everything that decides where requests go was translated")
+        if self.differences:
+            lines.append(f"translated, but may decide differently ({len(self.differences)}):")
+            lines += [f"  {n}" for n in self.differences]
         if self.ignored:
             lines.append(f"ignored, not about routing ({len(self.ignored)}):")
             lines += [f"  {n.file}:{n.line}: {n.text}" for n in self.ignored]
         return "\n".join(lines)
 
 
-# -- reading nginx.conf ----------------------------------------------------------------------
-
-
-def parse_nginx(text: str, filename: str = "nginx.conf") -> list[Directive]:
-    """The directives of a configuration text, blocks nested (no include resolution)."""
-    parser = _Parser(text, filename)
-    directives = parser.block(top=True)
-    return directives
-
-
-class _Parser:
-    def __init__(self, text: str, filename: str) -> None:
-        self.s = text
-        self.i = 0
-        self.line = 1
-        self.file = filename
-
-    def error(self, message: str) -> NginxSyntaxError:
-        return NginxSyntaxError(f"{self.file}:{self.line}: {message}")
-
-    def skip_space(self) -> None:
-        s = self.s
-        while self.i < len(s):
-            ch = s[self.i]
-            if ch == "\n":
-                self.line += 1
-                self.i += 1
-            elif ch in " \t\r":
-                self.i += 1
-            elif ch == "#":
-                end = s.find("\n", self.i)
-                self.i = len(s) if end < 0 else end
-            else:
-                return
-
-    def word(self) -> str | None:
-        """The next token; None at `;`, `{`, `}` or the end (not consumed)."""
-        self.skip_space()
-        s = self.s
-        if self.i >= len(s) or s[self.i] in ";{}":
-            return None
-        ch = s[self.i]
-        if ch in "\"'":
-            quote = ch
-            out = []
-            self.i += 1
-            while True:
-                if self.i >= len(s):
-                    raise self.error("unexpected end of file, expecting closing quote")
-                ch = s[self.i]
-                if ch == "\\" and self.i + 1 < len(s):
-                    self.i += 2
-                    out.append(_unescape(s[self.i - 1]))
-                    continue
-                if ch == quote:
-                    self.i += 1
-                    return "".join(out)
-                if ch == "\n":
-                    self.line += 1
-                out.append(ch)
-                self.i += 1
-        out = []
-        while self.i < len(s):
-            ch = s[self.i]
-            if ch in " \t\r\n;":
-                break
-            if ch == "{" and out and out[-1] == "$":
-                end = s.find("}", self.i)
-                if end < 0:
-                    raise self.error("the closing bracket in variable name is missing")
-                out.append(s[self.i : end + 1])
-                self.i = end + 1
-                continue
-            if ch in "{}":
-                break
-            if ch == "\\" and self.i + 1 < len(s):
-                self.i += 2
-                out.append(_unescape(s[self.i - 1]))
-                continue
-            out.append(ch)
-            self.i += 1
-        return "".join(out)
-
-    def block(self, top: bool = False) -> list[Directive]:
-        directives: list[Directive] = []
-        while True:
-            self.skip_space()
-            if self.i >= len(self.s):
-                if not top:
-                    raise self.error('unexpected end of file, expecting "}"')
-                return directives
-            if self.s[self.i] == "}":
-                if top:
-                    raise self.error('unexpected "}"')
-                self.i += 1
-                return directives
-            line = self.line
-            name = self.word()
-            if name is None:
-                raise self.error(f'unexpected "{self.s[self.i]}"')
-            args: list[str] = []
-            while True:
-                w = self.word()
-                if w is None:
-                    break
-                args.append(w)
-            if self.i >= len(self.s):
-                raise self.error('unexpected end of file, expecting ";" or "}"')
-            ch = self.s[self.i]
-            self.i += 1
-            if ch == ";":
-                directives.append(Directive(name, args, self.file, line))
-            elif ch == "{":
-                if name.endswith("_by_lua_block"):
-                    directives.append(Directive(name, args, self.file, line, [], self.lua_block()))
-                else:
-                    directives.append(Directive(name, args, self.file, line, self.block()))
-            else:
-                raise self.error('unexpected "}"')
-
-    def lua_block(self) -> str:
-        """Raw Lua up to the matching `}` (Lua strings and comments respected)."""
-        s = self.s
-        start = self.i
-        depth = 0
-        while self.i < len(s):
-            ch = s[self.i]
-            if ch == "\n":
-                self.line += 1
-            if ch == "-" and s.startswith("--", self.i):
-                m = re.compile(r"--\[(=*)\[").match(s, self.i)
-                if m:
-                    self._skip_long(m.group(1), m.end())
-                else:
-                    end = s.find("\n", self.i)
-                    self.i = len(s) if end < 0 else end
-                continue
-            if ch == "[":
-                m = re.compile(r"\[(=*)\[").match(s, self.i)
-                if m:
-                    self._skip_long(m.group(1), m.end())
-                    continue
-            if ch in "\"'":
-                self.i += 1
-                while self.i < len(s) and s[self.i] != ch:
-                    if s[self.i] == "\\":
-                        self.i += 1
-                    elif s[self.i] == "\n":
-                        self.line += 1
-                    self.i += 1
-                self.i += 1
-                continue
-            if ch == "{":
-                depth += 1
-            elif ch == "}":
-                if depth == 0:
-                    code = s[start : self.i]
-                    self.i += 1
-                    return code
-                depth -= 1
-            self.i += 1
-        raise self.error("unexpected end of file in a Lua block")
-
-    def _skip_long(self, eq: str, pos: int) -> None:
-        close = "]" + eq + "]"
-        end = self.s.find(close, pos)
-        if end < 0:
-            raise self.error("unfinished long string or comment in a Lua block")
-        self.line += self.s.count("\n", self.i, end)
-        self.i = end + len(close)
-
-
-def _unescape(ch: str) -> str:
-    """ngx_conf_read_token: \\" \\' \\\\ lose the backslash, \\t \\r \\n are controls, other
-    escapes keep it (a regex's \\. stays \\.)."""
-    if ch in "\"'\\":
-        return ch
-    return {"t": "\t", "r": "\r", "n": "\n"}.get(ch, "\\" + ch)
-
-
-def _load(path: str, seen: set[str] | None = None) -> list[Directive]:
-    """Parse a file and splice in its `include`s (globs, relative to its directory)."""
-    seen = seen if seen is not None else set()
-    real = os.path.realpath(path)
-    if real in seen:
-        raise NginxSyntaxError(f"{path}: included recursively")
-    seen.add(real)
-    text = Path(path).read_text(encoding="utf-8", errors="replace")
-    return _splice(parse_nginx(text, path), os.path.dirname(path), seen)
-
-
-def _splice(directives: list[Directive], base: str, seen: set[str]) -> list[Directive]:
-    out: list[Directive] = []
-    for d in directives:
-        if d.name == "include" and len(d.args) == 1 and d.block is None:
-            pattern = d.args[0] if os.path.isabs(d.args[0]) else os.path.join(base, d.args[0])
-            matches = sorted(glob.glob(pattern))
-            if not matches:
-                out.append(d)  # reported as untranslated below
-            for m in matches:
-                if m.endswith("mime.types"):
-                    continue
-                out.extend(_load(m, seen))
-            continue
-        if d.block is not None and d.lua is None:
-            d.block = _splice(d.block, base, seen)
-        out.append(d)
-    return out
-
-
 # -- translation -----------------------------------------------------------------------------
 
-# Directives that do not decide where a request goes.
 _NOT_ROUTING = frozenset(
     [
         "user",
@@ -339,7 +132,6 @@ _NOT_ROUTING = frozenset(
         "gzip_types",
         "gzip_min_length",
         "client_max_body_size",
-        "client_body_buffer_size",
         "client_header_buffer_size",
         "large_client_header_buffers",
         "client_body_timeout",
@@ -398,6 +190,58 @@ _NOT_ROUTING = frozenset(
         "underscores_in_headers",
         "ignore_invalid_headers",
         "merge_slashes",
+        "client_body_temp_path",
+        "proxy_temp_path",
+        "fastcgi_temp_path",
+        "uwsgi_temp_path",
+        "scgi_temp_path",
+        "absolute_redirect",
+        "server_name_in_redirect",
+        "port_in_redirect",
+        "lua_shared_dict",
+        "zone",
+        "keepalive_timeout",
+        "proxy_cache_path",
+        "proxy_cache",
+        "proxy_cache_valid",
+        "proxy_cache_key",
+        "open_file_cache",
+        "types",
+        "http2",
+        "aio",
+        "directio",
+        "output_buffers",
+        "postpone_output",
+        "reset_timedout_connection",
+        "server_names_hash_max_size",
+        "map_hash_bucket_size",
+        "map_hash_max_size",
+        "ssl_dhparam",
+        "ssl_stapling",
+        "ssl_stapling_verify",
+        "ssl_trusted_certificate",
+        "ssl_session_tickets",
+        "ssl_ecdh_curve",
+        "add_trailer",
+        "more_set_headers",
+        "more_clear_headers",
+        "log_not_found",
+        "log_subrequest",
+        "lua_max_pending_timers",
+        "lua_max_running_timers",
+        "header_filter_by_lua_block",
+        "header_filter_by_lua_file",
+        "body_filter_by_lua_block",
+        "body_filter_by_lua_file",
+        "log_by_lua_block",
+        "log_by_lua_file",
+        "proxy_ssl_server_name",
+        "proxy_ssl_verify",
+        "proxy_ignore_headers",
+        "proxy_max_temp_file_size",
+        "proxy_request_buffering",
+        "chunked_transfer_encoding",
+        "volatile",
     ]
 )
 
@@ -410,13 +254,19 @@ _LUA_HANDLERS = {
 _SET_HANDLERS = ("set_by_lua_file", "set_by_lua_block", "set_by_lua")
 _VAR = re.compile(r"^\$\{?([A-Za-z0-9_]+)\}?")
 _NAME_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_REDIRECTS = (301, 302, 303, 307, 308)
+_UPSTREAM_PARAMS = re.compile(r"(weight|max_fails|fail_timeout|max_conns|slow_start)=(.*)")
+# Balancing methods: which endpoint of one upstream, never which upstream.
+_BALANCING = ("least_conn", "ip_hash", "hash", "random", "least_time", "sticky")
+_PROXY_PASSES = ("proxy_pass", "fastcgi_pass", "uwsgi_pass", "scgi_pass", "grpc_pass")
 
 
 @dataclass
 class _Map:
     source: str  # the source text, e.g. "$cookie_gray" or "$variant"
     entries: list[tuple[str, str]]  # (key as written, value); regex keys keep their "~"
-    default: str | None
+    default: str  # "" when not given (nginx's default)
+    hostnames: bool
     where: Directive
 
 
@@ -427,21 +277,120 @@ class _Split:
     where: Directive
 
 
+@dataclass
+class _Server:
+    d: Directive
+    names: list[str] = field(default_factory=list)  # as written, lower-case
+    default: bool = False
+    ports: set[str] = field(default_factory=set)
+    ssl: bool = False
+    body_buffer: str | None = None
+
+
+@dataclass
+class _Group:
+    """Routes of one server for some of the hosts it serves (a step of server selection)."""
+
+    server: _Server
+    kind: str  # "hosts" | "regex" | "default"
+    patterns: list[str]
+
+
+@dataclass
+class _Context:
+    """What a server or location passes on to what it contains."""
+
+    hosts: dict[str, object]  # the host condition of the server's routes
+    label: str  # route names start with it
+    variables: dict[str, str]  # `set` presets, in order
+    named: dict[str, Directive]  # @name -> named location
+    body_buffer: str | None
+    ssl: bool
+
+
+Route = dict[str, object]
+
+
+def _pcre(pattern: str) -> str:
+    """A PCRE pattern as Python's re writes it (named groups, \\z and \\Z)."""
+    pattern = re.sub(r"\(\?<(?![=!])", "(?P<", pattern)
+    return pattern.replace("\\z", "\\Z")
+
+
+def _regex_ok(pattern: str) -> bool:
+    try:
+        re.compile(pattern)
+    except re.error:
+        return False
+    return True
+
+
+def _matches_empty(pattern: str) -> bool:
+    return re.search(pattern, "") is not None
+
+
+def _host_matches(pattern: str, host: str) -> bool:
+    if pattern.startswith("*."):
+        return host.endswith(pattern[1:]) and len(host) > len(pattern) - 1
+    if pattern.endswith(".*"):
+        return host.startswith(pattern[:-1]) and len(host) > len(pattern) - 1
+    return host == pattern
+
+
+def _disjoint(a: str, b: str) -> bool:
+    """No host name matches both `hosts` patterns (only when certain)."""
+    wild_a, wild_b = "*" in a, "*" in b
+    if not wild_a and not wild_b:
+        return a != b
+    if not wild_a or not wild_b:
+        exact, wild = (a, b) if not wild_a else (b, a)
+        return not _host_matches(wild, exact)
+    if a.startswith("*.") and b.startswith("*."):
+        return not (a[1:].endswith(b[1:]) or b[1:].endswith(a[1:]))
+    if a.endswith(".*") and b.endswith(".*"):
+        return not (a[:-1].startswith(b[:-1]) or b[:-1].startswith(a[:-1]))
+    return False
+
+
+def _apart(a: _Group, b: _Group) -> bool:
+    """No host name is served by both groups (only when certain)."""
+    if a.kind == "hosts" and b.kind == "hosts":
+        return all(_disjoint(x, y) for x in a.patterns for y in b.patterns)
+    if {a.kind, b.kind} == {"hosts", "regex"}:
+        names, regexes = (a, b) if a.kind == "hosts" else (b, a)
+        return all(
+            "*" not in name and re.search(rx, name) is None
+            for name in names.patterns
+            for rx in regexes.patterns
+        )
+    return False
+
+
+def _within(prefix: str, regex: str) -> str:
+    """A regex that holds for paths starting with `prefix` in which `regex` is found."""
+    return f"^(?={re.escape(prefix)}).*?(?:{regex})"
+
+
 class _Importer:
     def __init__(self, scripts_dir: str | None) -> None:
         self.scripts_dir = scripts_dir
         self.untranslated: list[Note] = []
+        self.differences: list[Note] = []
         self.ignored: list[Note] = []
         self.scripts: dict[str, str] = {}
-        self.upstreams: dict[str, list[str]] = {}
+        self.upstreams: dict[str, dict[str, object]] = {}
         self.splits: dict[str, _Split] = {}
         self.maps: dict[str, _Map] = {}
         self.shared_dicts: dict[str, str] = {}
-        self.routes: list[dict[str, object]] = []
+        self.routes: list[Route] = []
         self.route_names: set[str] = set()
+        self.body_buffer: str | None = None  # http-level client_body_buffer_size
 
     def note(self, d: Directive, why: str) -> None:
         self.untranslated.append(Note(d.file, d.line, d.text(), why))
+
+    def differ(self, d: Directive, why: str) -> None:
+        self.differences.append(Note(d.file, d.line, d.text(), why))
 
     def ignore(self, d: Directive) -> None:
         self.ignored.append(Note(d.file, d.line, d.text(), "not about routing"))
@@ -454,6 +403,7 @@ class _Importer:
         for d in directives:
             if d.name != "http":
                 self.other(d)
+        servers: list[_Server] = []
         for block in contexts:
             for d in block:
                 if d.name == "upstream" and d.block is not None:
@@ -464,33 +414,63 @@ class _Importer:
                     self.map(d)
                 elif d.name == "lua_shared_dict" and len(d.args) == 2:
                     self.shared_dicts[d.args[0]] = d.args[1]
+                elif d.name == "client_body_buffer_size" and d.args:
+                    self.body_buffer = d.args[0]
             for d in block:
                 if d.name == "server" and d.block is not None:
-                    self.server(d)
-                elif d.name not in ("upstream", "split_clients", "map", "lua_shared_dict"):
+                    servers.append(self.server_of(d))
+                elif d.name not in (
+                    "upstream",
+                    "split_clients",
+                    "map",
+                    "lua_shared_dict",
+                    "client_body_buffer_size",
+                ):
                     self.other(d)
+        if not servers:
+            return
+        ports = {frozenset(s.ports) for s in servers}
+        if len(ports) > 1:
+            self.differ(
+                servers[0].d,
+                "servers listen on different ports; Grayroute serves all of them on its "
+                "--listen address, so a name is matched whatever the port",
+            )
+        groups = self.server_groups(servers)
+        last = len(groups) - 1
+        for i, group in enumerate(groups):
+            self.server_routes(group, alone=len(groups) == 1, last=i == last)
 
     def other(self, d: Directive) -> None:
-        if d.name in _NOT_ROUTING or d.name in ("http", "types"):
+        if d.name in _NOT_ROUTING or d.name == "http":
             if d.name != "http":
                 self.ignore(d)
             return
         if d.name == "include":
             self.note(d, "included file not found")
             return
+        if d.name == "geo":
+            self.note(d, "geo blocks are not translated (pins with client_cidrs can say it)")
+            return
         self.note(d, "no Grayroute equivalent")
 
     def upstream(self, d: Directive) -> None:
         name = d.args[0] if d.args else ""
         endpoints: list[str] = []
+        backups: list[str] = []
+        health: list[tuple[str, str]] = []  # (max_fails, fail_timeout) of each primary
         for s in d.block or []:
             if s.name != "server":
-                if s.name == "keepalive":
+                if s.name in ("keepalive", "keepalive_requests", "keepalive_timeout", "zone"):
                     self.ignore(s)
-                else:
+                elif s.name in _BALANCING:
                     self.note(
-                        s, f"upstream {name}: Grayroute balances round-robin over healthy endpoints"
+                        s,
+                        f"upstream {name}: Grayroute balances round-robin over the healthy "
+                        "endpoints of an upstream",
                     )
+                else:
+                    self.note(s, f"upstream {name}: not translated")
                 continue
             addr = s.args[0] if s.args else ""
             if addr.startswith("unix:"):
@@ -498,20 +478,56 @@ class _Importer:
                 continue
             if ":" not in addr.rsplit("]", 1)[-1]:
                 addr += ":80"
-            params = [a for a in s.args[1:] if not a.startswith(("max_fails=", "fail_timeout="))]
-            if params:
-                self.note(
-                    s,
-                    f"server parameters {' '.join(params)} are not translated "
-                    "(all endpoints of an upstream get equal shares)",
-                )
-                if "backup" in params or "down" in params:
-                    continue
-            endpoints.append(addr)
-        if not endpoints:
+            flags = {a for a in s.args[1:] if "=" not in a}
+            if "down" in flags:
+                continue  # nginx never sends it anything; neither does the rule file
+            params: dict[str, str] = {}
+            for arg in s.args[1:]:
+                m = _UPSTREAM_PARAMS.match(arg)
+                if m is not None:
+                    params[m.group(1)] = m.group(2)
+            if "backup" in flags:
+                backups.append(addr)
+            else:
+                endpoints.append(addr)
+                health.append((params.get("max_fails", "1"), params.get("fail_timeout", "10s")))
+            for key in ("weight", "max_conns", "slow_start"):
+                if key in params and not (key == "weight" and params[key] == "1"):
+                    self.note(
+                        s,
+                        f"server parameter {key}={params[key]} is not translated (every "
+                        "endpoint of an upstream gets an equal share)",
+                    )
+            unknown = flags - {"backup", "down"}
+            if unknown:
+                self.note(s, f"server parameters {' '.join(sorted(unknown))} are not translated")
+        if not endpoints and not backups:
             self.note(d, "upstream without usable servers")
             return
-        self.upstreams[name] = endpoints
+        spec: dict[str, object] = {"endpoints": endpoints}
+        if len(set(health)) > 1:
+            self.note(
+                d,
+                f"upstream {name}: servers with different max_fails/fail_timeout; Grayroute "
+                "has one pair per upstream (the first server's is used)",
+            )
+        max_fails, fail_timeout = health[0] if health else ("1", "10s")
+        if max_fails != "1":
+            spec["max_fails"] = int(max_fails) if max_fails.isdigit() else max_fails
+        if fail_timeout != "10s":
+            spec["fail_timeout"] = _duration(fail_timeout)
+        self.upstreams[name] = spec
+        if backups:
+            backup = self.unique_upstream(f"{name}-backup")
+            self.upstreams[backup] = {"endpoints": backups}
+            spec["fallback"] = backup
+
+    def unique_upstream(self, name: str) -> str:
+        candidate, n = name, 2
+        while candidate in self.upstreams:
+            candidate = f"{name}-{n}"
+            n += 1
+        return candidate
 
     def split_clients(self, d: Directive) -> None:
         if len(d.args) != 2 or not d.args[1].startswith("$"):
@@ -530,17 +546,20 @@ class _Importer:
         except SplitClientsError as exc:
             self.note(d, f"nginx would refuse it: {exc}")
             return
-        self.splits[d.args[1][1:]] = _Split(d.args[0], parts, d)
+        self.splits[d.args[1].lstrip("$")] = _Split(d.args[0], parts, d)
 
     def map(self, d: Directive) -> None:
         if len(d.args) != 2 or not d.args[1].startswith("$"):
             self.note(d, "map needs a source and a $variable")
             return
         entries: list[tuple[str, str]] = []
-        default: str | None = None
+        default = ""
+        hostnames = False
         for e in d.block or []:
-            if e.name in ("hostnames", "volatile"):
-                self.note(e, "map flags are not translated")
+            if e.name == "hostnames" and not e.args:
+                hostnames = True
+                continue
+            if e.name == "volatile" and not e.args:
                 continue
             if e.name == "default" and len(e.args) == 1:
                 default = e.args[0]
@@ -548,267 +567,772 @@ class _Importer:
             if len(e.args) != 1:
                 self.note(e, "a map entry is `KEY VALUE;`")
                 continue
-            entries.append((e.name, e.args[0]))
-        self.maps[d.args[1][1:]] = _Map(d.args[0], entries, default, d)
+            key = e.name
+            if key.startswith("\\"):  # nginx: a leading backslash escapes ~ and keywords
+                key = key[1:]
+            entries.append((key, e.args[0]))
+        self.maps[d.args[1].lstrip("$")] = _Map(d.args[0], entries, default, hostnames, d)
 
-    # -- servers and locations -----------------------------------------------------------
+    # -- server selection ----------------------------------------------------------------
 
-    def server(self, d: Directive) -> None:
-        hosts: list[str] = []
-        locations: list[Directive] = []
-        named: dict[str, Directive] = {}
+    def server_of(self, d: Directive) -> _Server:
+        server = _Server(d)
         for s in d.block or []:
-            if s.name == "server_name":
-                for h in s.args:
-                    if h in ("_", '""', ""):
+            if s.name == "listen" and s.args:
+                server.ports.add(s.args[0].rsplit(":", 1)[-1])
+                server.default = server.default or "default_server" in s.args[1:]
+                server.default = server.default or "default" in s.args[1:]
+                server.ssl = server.ssl or "ssl" in s.args[1:]
+            elif s.name == "server_name":
+                server.names += [n.lower() if not n.startswith("~") else n for n in s.args]
+            elif s.name == "client_body_buffer_size" and s.args:
+                server.body_buffer = s.args[0]
+        server.ports = server.ports or {"80"}  # nginx's default: listen *:80
+        return server
+
+    def server_groups(self, servers: list[_Server]) -> list[_Group]:
+        """Routes' host conditions, in the order nginx chooses a server by name."""
+        default = next((s for s in servers if s.default), servers[0])
+        exact: list[tuple[tuple[int, ...], _Server, str]] = []
+        wild: list[tuple[tuple[int, ...], _Server, str]] = []
+        regexes: list[tuple[tuple[int, ...], _Server, str]] = []
+        seen: dict[str, _Server] = {}
+        for si, server in enumerate(servers):
+            for ni, name in enumerate(server.names):
+                where = next(s for s in server.d.block or [] if s.name == "server_name")
+                if name in ("", "_", '""') or name.startswith("$"):
+                    if name.startswith("$"):
+                        self.note(where, f"server name {name} is not translated")
+                    continue
+                if name.startswith("~"):
+                    pattern = _pcre(name[1:])
+                    if not _regex_ok(pattern):
+                        self.note(where, f"server name {name}: not a regular expression")
                         continue
-                    if h.startswith(("~", "*.")) or h.endswith(".*"):
-                        self.note(s, f"server name {h}: hosts are matched exactly in Grayroute")
+                    regexes.append(((3, si, ni), server, pattern))
+                    continue
+                forms = [name]
+                if name.startswith("."):  # ".example.com": the name and its subdomains
+                    forms = [name[1:], "*" + name]
+                for form in forms:
+                    if form in seen and seen[form] is not server:
+                        self.differ(
+                            where,
+                            f"server name {form} is also an earlier server's: "
+                            "nginx ignores it here, so does the rule file",
+                        )
                         continue
-                    hosts.append(h.lower())
-            elif s.name == "location" and s.block is not None:
-                if s.args and s.args[0].startswith("@"):
-                    named[s.args[0]] = s
-                else:
+                    seen[form] = server
+                    if form.startswith("*."):
+                        wild.append(((1, -len(form), si, ni), server, form))
+                    elif form.endswith(".*"):
+                        wild.append(((2, -len(form), si, ni), server, form))
+                    elif "*" in form:
+                        self.note(
+                            where, f"server name {form}: a wildcard is a whole first or last label"
+                        )
+                    else:
+                        exact.append(((0, si, ni), server, form))
+        ordered = sorted(exact + wild, key=lambda e: e[0]) + sorted(regexes, key=lambda e: e[0])
+        groups: list[_Group] = []
+        for _, server, pattern in ordered:
+            kind = "regex" if (_, server, pattern) in regexes else "hosts"
+            self.add_group(groups, _Group(server, kind, [pattern]))
+        self.add_group(groups, _Group(default, "default", []))
+        return groups
+
+    def add_group(self, groups: list[_Group], new: _Group) -> None:
+        """Append `new`, or merge it into an earlier group of the same server when no group
+        between them can take one of its hosts first."""
+        for j in range(len(groups) - 1, -1, -1):
+            group = groups[j]
+            if group.server is not new.server:
+                continue
+            between = groups[j + 1 :]
+            if new.kind == "default":
+                # The default group comes last with no host condition: a group of the same
+                # server may join it if nothing after that group takes its hosts.
+                if group.kind == "hosts" and all(_apart(group, g) for g in between):
+                    del groups[j]
+                    new.patterns = group.patterns + new.patterns
+                continue
+            if group.kind != new.kind or new.kind != "hosts":
+                break
+            if all(_apart(new, g) for g in between):
+                group.patterns += new.patterns
+                return
+            break
+        groups.append(new)
+
+    # -- routes of one server ------------------------------------------------------------
+
+    def server_routes(self, group: _Group, alone: bool, last: bool) -> None:
+        server = group.server
+        hosts: dict[str, object] = {}
+        if group.kind == "hosts":
+            hosts = {"hosts": list(group.patterns)}
+            label = next((p for p in group.patterns if "*" not in p), group.patterns[0])
+        elif group.kind == "regex":
+            pattern = (
+                group.patterns[0]
+                if len(group.patterns) == 1
+                else "|".join(f"(?:{p})" for p in group.patterns)
+            )
+            hosts = {"host_regex": pattern}
+            label = "regex-host"
+        else:
+            if not alone:
+                hosts = {} if group.patterns or last else {"default_host": True}
+                if not group.patterns:
+                    hosts = {"default_host": True}
+            label = next((p for p in group.patterns if "*" not in p), "default")
+        label = _NAME_SAFE.sub("-", label.replace("*", "any")).strip("-") or "default"
+        ctx = _Context(hosts, label, {}, {}, server.body_buffer or self.body_buffer, server.ssl)
+        locations: list[Directive] = []
+        for s in server.d.block or []:
+            if (
+                s.name == "location"
+                and s.block is not None
+                and s.args[:1]
+                and s.args[0].startswith("@")
+            ):
+                ctx.named[s.args[0]] = s
+        answered = False
+        for s in server.d.block or []:
+            name = s.name
+            if name == "location" and s.block is not None:
+                if not (s.args and s.args[0].startswith("@")):
                     locations.append(s)
-            elif s.name in _NOT_ROUTING:
+                continue
+            if answered:
+                continue
+            if name == "set" and s.args:
+                ctx.variables[s.args[0].lstrip("$")] = s.args[1] if len(s.args) > 1 else ""
+            elif name == "if" and s.block is not None:
+                self.if_routes(s, ctx, {})
+            elif name == "return":
+                body = self.answer(s)
+                if body is not None:
+                    self.add(ctx, "", {}, body)
+                answered = True
+            elif name == "rewrite":
+                self.rewrite_route(s, ctx, {})
+            elif name in ("listen", "server_name", "client_body_buffer_size"):
+                if name == "listen":
+                    self.ignore(s)
+            elif name in _NOT_ROUTING:
                 self.ignore(s)
             else:
                 self.note(s, "server-level directive not translated")
-        server_vars = {
-            s.args[0][1:]: s.args[1] if len(s.args) > 1 else ""
-            for s in d.block or []
-            if s.name == "set" and s.args
-        }
-        for loc in locations:
-            self.location(loc, hosts, named, server_vars)
-        for name, loc in named.items():
+        if answered:
+            return  # the server answers every request before choosing a location
+        covered = self.location_routes(locations, ctx)
+        if not covered and hosts:
+            self.add(ctx, "-no-location", {}, {"direct_response": {"status": 404}})
+        for name, loc in ctx.named.items():
             if not any(name in json.dumps(r) for r in self.routes):
                 self.note(
                     loc, f"named location {name} is not the target of any translated ngx.exec"
                 )
 
-    def location(
-        self,
-        loc: Directive,
-        hosts: list[str],
-        named: dict[str, Directive],
-        server_vars: dict[str, str],
-    ) -> None:
-        args = loc.args
-        if not args:
-            self.note(loc, "location without a path")
-            return
-        if args[0] in ("~", "~*"):
-            self.note(loc, "regular-expression locations are not translated (use path_prefix)")
-            return
-        exact = args[0] == "="
-        path = args[-1]
-        if args[0] == "^~":
-            path = args[1]
-        name = self.route_name(hosts, path)
-        route: dict[str, object] = {"name": name}
-        match: dict[str, object] = {}
-        if hosts:
-            match["hosts"] = hosts
-        if path != "/":
-            match["path_prefix"] = path
-        if match:
-            route["match"] = match
-        if exact:
-            self.note(loc, f"exact location = {path} became the prefix {path}")
-        variables = dict(server_vars)
-        lua: dict[str, object] | None = None
-        lua_lost = False
-        proxy: Directive | None = None
-        for s in loc.block or []:
-            if s.name == "set" and len(s.args) >= 1:
-                variables[s.args[0].lstrip("$")] = s.args[1] if len(s.args) > 1 else ""
-            elif s.name in _LUA_HANDLERS:
-                lua = self.lua_action(s, _LUA_HANDLERS[s.name], name, None)
-                lua_lost = lua_lost or lua is None
-            elif s.name in _SET_HANDLERS:
-                var = s.args[0].lstrip("$") if s.args else ""
-                lua = self.lua_action(s, "set", name, var)
-                lua_lost = lua_lost or lua is None
-            elif s.name == "proxy_pass":
-                proxy = s
-            elif s.name in _NOT_ROUTING:
-                self.ignore(s)
-            else:
-                self.note(s, "location directive not translated")
-        if lua_lost:
-            self.note(loc, "not translated: its Lua routing could not be carried over")
-            return
-        if lua is not None:
-            self.finish_lua(route, lua, proxy, variables, named, loc)
-            return
-        if proxy is None:
-            self.note(loc, "location without proxy_pass or Lua routing")
-            return
-        target = self.proxy_target(proxy)
-        if target is None:
-            return
-        kind, value = target
-        if kind == "upstream":
-            route["to"] = value
-        else:
-            if not self.variable_route(route, value, proxy):
-                return
-        self.add_route(route)
+    def add(self, ctx: _Context, what: str, match: dict[str, object], body: Route) -> None:
+        full = {**ctx.hosts, **match}
+        name = self.route_name(ctx.label, what)
+        route: Route = {"name": name}
+        if full:
+            route["match"] = full
+        route.update(body)
+        self.routes.append(route)
 
-    def route_name(self, hosts: list[str], path: str) -> str:
-        base = (hosts[0] if hosts else "") + ("" if path == "/" else path)
-        name = _NAME_SAFE.sub("-", base).strip("-") or "default"
-        candidate, n = name, 2
+    def route_name(self, label: str, what: str) -> str:
+        base = _NAME_SAFE.sub("-", f"{label}{what}").strip("-") or "default"
+        candidate, n = base, 2
         while candidate in self.route_names:
-            candidate = f"{name}-{n}"
+            candidate = f"{base}-{n}"
             n += 1
         self.route_names.add(candidate)
         return candidate
 
-    def add_route(self, route: dict[str, object]) -> None:
-        self.routes.append(route)
+    # -- location selection --------------------------------------------------------------
 
-    def proxy_target(self, proxy: Directive) -> tuple[str, str] | None:
-        """("upstream", NAME) or ("variable", NAME) for a proxy_pass; None if not usable."""
+    def location_routes(self, locations: list[Directive], ctx: _Context) -> bool:
+        """Every location's routes in the order that gives nginx's choice. True when
+        every path has a location (a `location /`)."""
+        exact: list[tuple[str, Directive]] = []
+        prefixes: list[tuple[str, bool, Directive]] = []  # (path, stops regexes, loc)
+        regexes: list[tuple[str, Directive]] = []
+        for loc in locations:
+            args = loc.args
+            if not args:
+                self.note(loc, "location without a path")
+            elif args[0] == "=" and len(args) == 2:
+                exact.append((args[1], loc))
+            elif args[0] in ("~", "~*") and len(args) == 2:
+                pattern = _pcre(args[1])
+                if args[0] == "~*":
+                    pattern = f"(?i:{pattern})"
+                if not _regex_ok(pattern):
+                    self.note(loc, "not a regular expression Grayroute can read")
+                    continue
+                regexes.append((pattern, loc))
+            elif args[0] == "^~" and len(args) == 2:
+                prefixes.append((args[1], True, loc))
+            elif len(args) == 1:
+                prefixes.append((args[0], False, loc))
+            else:
+                self.note(loc, "location not understood")
+        for path, loc in exact:
+            self.location(loc, ctx, {"path_exact": path})
+        # A prefix ending in "/" whose requests are proxied redirects the path without
+        # the slash, unless a location is written for that path (nginx's auto_redirect).
+        written = {p for p, _ in exact} | {p for p, _, _ in prefixes}
+        for path, loc in [(p, loc) for p, _, loc in prefixes] + exact:
+            proxied = any(s.name in _PROXY_PASSES for s in loc.block or [])
+            if proxied and len(path) > 1 and path.endswith("/") and path[:-1] not in written:
+                self.add(
+                    ctx,
+                    path[:-1] + "-slash",
+                    {"path_exact": path[:-1]},
+                    {"redirect": {"path": path}},
+                )
+                written.add(path[:-1])
+        by_length = sorted(prefixes, key=lambda p: -len(p[0]))
+        stoppers = [p for p, stops, _ in prefixes if stops]
+        early = [
+            (p, stops, loc)
+            for p, stops, loc in by_length
+            if stops or any(p.startswith(s) and p != s for s in stoppers)
+        ]
+        for path, stops, loc in early:
+            if not stops:  # its requests still try the regex locations first
+                for pattern, rloc in regexes:
+                    self.location(rloc, ctx, {"path_regex": _within(path, pattern)})
+            self.location(loc, ctx, {"path_prefix": path})
+        for pattern, loc in regexes:
+            self.location(loc, ctx, {"path_regex": pattern})
+        for path, stops, loc in by_length:
+            if (path, stops, loc) not in early:
+                self.location(loc, ctx, {"path_prefix": path} if path != "/" else {})
+        return any(p == "/" for p, _, _ in prefixes)
+
+    def location(self, loc: Directive, ctx: _Context, region: dict[str, object]) -> None:
+        """The routes of one location, for the paths `region` selects."""
+        variables = dict(ctx.variables)
+        body_buffer = ctx.body_buffer
+        lua: dict[str, object] | None = None
+        lua_lost = False
+        proxy: Directive | None = None
+        answer: Route | None = None
+        rewrite: dict[str, str] | None = None
+        sub = _Context(
+            ctx.hosts, ctx.label + _path_label(loc), variables, ctx.named, body_buffer, ctx.ssl
+        )
+        internal = False
+        for s in loc.block or []:
+            name = s.name
+            if answer is not None and name in ("set", "if", "return", "rewrite"):
+                continue  # after `return` the rewrite phase has ended
+            if name == "set" and s.args:
+                variables[s.args[0].lstrip("$")] = s.args[1] if len(s.args) > 1 else ""
+            elif name == "if" and s.block is not None:
+                self.if_routes(s, sub, region)
+            elif name == "return":
+                answer = self.answer(s)
+                if answer is None:
+                    return
+            elif name == "rewrite":
+                got = self.rewrite_route(s, sub, region)
+                if got is not None:
+                    rewrite = got
+                elif _covers(region, s.args[0] if s.args else "") and s.args[-1] in (
+                    "permanent",
+                    "redirect",
+                ):
+                    return  # every request of the location is redirected
+            elif name in _LUA_HANDLERS:
+                lua = self.lua_action(s, _LUA_HANDLERS[name], sub.label, None)
+                lua_lost = lua_lost or lua is None
+            elif name in _SET_HANDLERS:
+                var = s.args[0].lstrip("$") if s.args else ""
+                lua = self.lua_action(s, "set", sub.label, var)
+                lua_lost = lua_lost or lua is None
+            elif name == "proxy_pass":
+                proxy = s
+            elif name == "client_body_buffer_size" and s.args:
+                body_buffer = s.args[0]
+            elif name == "internal":
+                internal = True
+            elif name == "location":
+                self.note(s, "nested locations are not translated")
+            elif name in _NOT_ROUTING:
+                self.ignore(s)
+            else:
+                self.note(s, "location directive not translated")
+        if internal:
+            # Only nginx itself may enter it (error_page, ngx.exec): clients get 404.
+            self.add(sub, "", region, {"direct_response": {"status": 404}})
+            return
+        if answer is not None:
+            self.add(sub, "", region, answer)
+            return
+        if lua_lost:
+            self.note(loc, "not translated: its Lua routing could not be carried over")
+            return
+        if lua is not None:
+            body = self.finish_lua(lua, proxy, variables, ctx.named, loc, body_buffer)
+            if body is not None:
+                self.add(sub, "", region, body)
+            return
+        if proxy is None:
+            self.note(loc, "location without proxy_pass, return or Lua routing")
+            return
+        sent = self.proxy_body(proxy, variables, region, rewrite is not None)
+        if sent is None:
+            return
+        if rewrite is not None:
+            sent["regex_rewrite"] = rewrite
+        self.add(sub, "", region, sent)
+
+    # -- rewrite phase ---------------------------------------------------------------------
+
+    def answer(self, d: Directive) -> Route | None:
+        """`return CODE [TEXT]` / `return URL` as a route's own answer."""
+        args = d.args
+        text: str | None
+        if len(args) == 1 and not args[0].isdigit():
+            code, text = 302, args[0]
+        elif args and args[0].isdigit() and len(args) <= 2:
+            code, text = int(args[0]), (args[1] if len(args) == 2 else None)
+        else:
+            self.note(d, "return not understood")
+            return None
+        if code in _REDIRECTS:
+            if text is None:
+                self.note(d, f"return {code} without a URL")
+                return None
+            redirect = self.redirect_to(d, text)
+            if redirect is None:
+                return None
+            if code != 301:
+                redirect["status"] = code
+            return {"redirect": redirect}
+        if text is not None and "$" in text:
+            self.note(d, "a returned text with variables is not translated")
+            return None
+        if not (200 <= code <= 599 or code == 444):
+            self.note(d, f"return {code}: Grayroute answers 200-599 or 444")
+            return None
+        response: dict[str, object] = {"status": code}
+        if text is not None and code not in (204, 304, 444):
+            response["body"] = text
+        return {"direct_response": response}
+
+    def redirect_to(self, d: Directive, url: str) -> dict[str, object] | None:
+        """A Location as nginx writes it -> the `redirect` keys that build it."""
+        m = re.fullmatch(r"(https?)://([^/$:]+|\$host|\$http_host)(:\d+)?(.*)", url)
+        redirect: dict[str, object] = {}
+        rest = url
+        if m is not None:
+            redirect["scheme"] = m.group(1)
+            host = m.group(2)
+            if host == "$http_host":
+                self.differ(
+                    d,
+                    "$http_host keeps the port the client wrote; Grayroute's "
+                    "redirect uses the host without it",
+                )
+            elif host != "$host":
+                redirect["host"] = host
+            if m.group(3):
+                redirect["port"] = int(m.group(3)[1:])
+            rest = m.group(4)
+        elif url.startswith("$scheme://"):
+            self.note(d, "a redirect keeping $scheme is not translated")
+            return None
+        if rest in ("$request_uri", ""):
+            if not rest:
+                redirect["path"] = "/"
+                redirect["strip_query"] = True
+            return redirect
+        if rest == "$uri":
+            redirect["strip_query"] = True
+            self.differ(
+                d,
+                "$uri is the decoded, normalised path; Grayroute sends the path "
+                "as the client wrote it",
+            )
+            return redirect
+        if rest == "$uri$is_args$args":
+            return redirect
+        if "$" in rest or not rest.startswith("/"):
+            self.note(d, "a redirect target with variables is not translated")
+            return None
+        redirect["path"] = rest
+        redirect["strip_query"] = True
+        return redirect
+
+    def rewrite_route(
+        self, d: Directive, ctx: _Context, region: dict[str, object]
+    ) -> dict[str, str] | None:
+        """`rewrite REGEX REPLACEMENT [flag]`: a redirect route (permanent, redirect), or
+        the path toward the upstream (break; returned as `regex_rewrite`)."""
+        args = d.args
+        if len(args) not in (2, 3):
+            self.note(d, "rewrite not understood")
+            return None
+        pattern, replacement = _pcre(args[0]), args[1]
+        flag = args[2] if len(args) == 3 else ""
+        if not _regex_ok(pattern):
+            self.note(d, "not a regular expression Grayroute can read")
+            return None
+        absolute = replacement.startswith(("http://", "https://", "$scheme"))
+        if flag == "break" and not absolute:
+            if "?" in replacement:
+                self.note(d, "a rewrite that sets the query is not translated")
+                return None
+            if "$" in re.sub(r"\$[0-9]", "", replacement):
+                self.note(d, "a rewrite with variables other than $1..$9 is not translated")
+                return None
+            self.differ(
+                d,
+                "nginx rewrites the decoded, normalised path ($uri); Grayroute "
+                "the path as the client wrote it",
+            )
+            return {
+                "pattern": _whole(pattern),
+                "substitution": re.sub(r"\$([0-9])", r"\\\1", replacement),
+            }
+        if flag in ("permanent", "redirect") or absolute:
+            status = 301 if flag == "permanent" else 302
+            path_condition = _region_regex(region, pattern)
+            if path_condition is None:
+                self.note(d, "a redirect inside a regex location is not translated")
+                return None
+            target = replacement
+            strip = target.endswith("?")
+            target = target.rstrip("?")
+            scheme_host: dict[str, object] = {}
+            m = re.fullmatch(r"(https?)://([^/$:]+|\$host)(:\d+)?(/.*)?", target)
+            if m is not None:
+                scheme_host["scheme"] = m.group(1)
+                if m.group(2) != "$host":
+                    scheme_host["host"] = m.group(2)
+                if m.group(3):
+                    scheme_host["port"] = int(m.group(3)[1:])
+                target = m.group(4) or "/"
+            if not target.startswith("/") or "?" in target or "$" in re.sub(r"\$[0-9]", "", target):
+                self.note(d, "a rewrite to this target is not translated")
+                return None
+            redirect: dict[str, object] = {
+                **scheme_host,
+                "regex_rewrite": {
+                    "pattern": _whole(pattern),
+                    "substitution": re.sub(r"\$([0-9])", r"\\\1", target),
+                },
+            }
+            if status != 301:
+                redirect["status"] = status
+            if strip:
+                redirect["strip_query"] = True
+            self.add(ctx, "-rewrite", {"path_regex": path_condition}, {"redirect": redirect})
+            return None
+        self.note(
+            d,
+            f"rewrite {'with ' + flag if flag else 'without a flag'} searches the "
+            "locations again; not translated",
+        )
+        return None
+
+    def if_routes(self, d: Directive, ctx: _Context, region: dict[str, object]) -> None:
+        """`if (COND) { return ...; }`: a route for the requests where COND holds."""
+        cond = self.condition(d, ctx)
+        if cond is None:
+            return
+        inner = [s for s in d.block or []]
+        returns = [s for s in inner if s.name == "return"]
+        others = [s for s in inner if s.name not in ("return",) and s.name not in _NOT_ROUTING]
+        for s in inner:
+            if s.name in _NOT_ROUTING:
+                self.ignore(s)
+        if not returns or others:
+            what = others[0] if others else d
+            self.note(what, "inside `if`, only `return` is translated")
+            return
+        if cond is True:
+            body = self.answer(returns[0])
+            if body is not None:
+                self.add(ctx, "-if", region, body)
+            return
+        if cond is False:
+            return
+        body = self.answer(returns[0])
+        if body is not None:
+            self.add(ctx, "-if", {**region, **cond}, body)
+
+    def condition(self, d: Directive, ctx: _Context) -> dict[str, object] | bool | None:
+        tokens = list(d.args)
+        if tokens and tokens[-1] == ")":
+            tokens.pop()
+        elif tokens:
+            tokens[-1] = tokens[-1][:-1] if tokens[-1].endswith(")") else tokens[-1]
+        if tokens and tokens[0].startswith("("):
+            tokens[0] = tokens[0][1:]
+        if not tokens or tokens[0] == "":
+            tokens = tokens[1:]
+        var_m = _VAR.match(tokens[0]) if tokens else None
+        if var_m is None or var_m.end() != len(tokens[0]) or len(tokens) not in (1, 3):
+            self.note(d, "this condition is not translated")
+            return None
+        var = var_m.group(1).lower()
+        op, value = (tokens[1], tokens[2]) if len(tokens) == 3 else ("", "")
+        if var == "scheme" and op in ("=", "!="):
+            if ctx.ssl:
+                self.note(d, "$scheme depends on the listening port; not translated")
+                return None
+            return (value == "http") == (op == "=")  # Grayroute serves plain HTTP here
+        if var == "request_method":
+            if op == "=" and re.fullmatch(r"[A-Z]+", value):
+                return {"methods": [value]}
+            m = re.fullmatch(r"\^?\(?([A-Z|]+)\)?\$?", value)
+            if op == "~" and m is not None and value.startswith("^") and value.endswith("$"):
+                return {"methods": m.group(1).split("|")}
+            self.note(d, "this condition on the method is not translated")
+            return None
+        if var.startswith("http_") and var != "http_host":
+            header = "-".join(p.capitalize() for p in var[5:].split("_"))
+            if op == "":
+                regex = "^(?!0$)."  # nginx: true unless empty or "0"
+            elif op == "=":
+                regex = f"^{re.escape(value)}$"
+            elif op in ("~", "~*"):
+                regex = _pcre(value)
+                if op == "~*":
+                    regex = f"(?i){regex}"
+                if not _regex_ok(regex):
+                    self.note(d, "not a regular expression Grayroute can read")
+                    return None
+            else:
+                self.note(d, f"`{op}` on a header is not translated (an absent header would hold)")
+                return None
+            if _matches_empty(regex):
+                self.note(d, "a condition that holds for an absent header is not translated")
+                return None
+            return {"headers": {header: regex}}
+        self.note(d, f"a condition on ${var} is not translated")
+        return None
+
+    # -- proxy_pass ------------------------------------------------------------------------
+
+    def proxy_body(
+        self,
+        proxy: Directive,
+        variables: dict[str, str],
+        region: dict[str, object],
+        rewritten: bool,
+    ) -> Route | None:
         url = proxy.args[0] if proxy.args else ""
         m = re.match(r"^(https?)://([^/]+)(/.*)?$", url)
         if m is None:
+            var = _VAR.match(url)
+            if var is not None and var.end() == len(url):
+                return self.variable_body(var.group(1), variables, proxy, whole_url=True)
             self.note(proxy, "proxy_pass target not understood")
             return None
         if m.group(1) == "https":
             self.note(proxy, "TLS to the upstream is not translated")
-        if m.group(3) and m.group(3) != "/":
-            self.note(proxy, f"the URI part {m.group(3)} is not translated (paths are kept)")
-        host = m.group(2)
+            return None
+        host, uri = m.group(2), m.group(3)
         var = _VAR.match(host)
         if var is not None:
-            rest = host[var.end() :]
-            if rest:
-                self.note(
-                    proxy,
-                    f"proxy_pass http://${var.group(1)}{rest}: only a bare "
-                    "variable naming an upstream is translated",
-                )
+            if host[var.end() :]:
+                self.note(proxy, "proxy_pass with a variable and more is not translated")
                 return None
-            return "variable", var.group(1)
+            if uri not in (None, "$request_uri"):
+                self.note(proxy, "a URI part after a variable upstream is not translated")
+                return None
+            return self.variable_body(var.group(1), variables, proxy)
+        name = self.upstream_named(host)
+        body: Route = {"to": name}
+        if uri and not rewritten and uri != "$request_uri":
+            if "$" in uri:
+                self.note(proxy, "a URI part with variables is not translated")
+                return None
+            matched = region.get("path_prefix", region.get("path_exact"))
+            if "path_regex" in region:
+                self.note(proxy, "a URI part in a regex location is not translated")
+                return None
+            if matched is None:
+                region["path_prefix"] = "/"
+            body["prefix_rewrite"] = uri
+            self.differ(
+                proxy,
+                "nginx replaces the prefix in the decoded, normalised path and "
+                "escapes it again; Grayroute in the path as the client wrote it",
+            )
+        return body
+
+    def upstream_named(self, host: str) -> str:
+        """The upstream for `HOST[:PORT]` in a proxy_pass or a variable's value."""
         if host in self.upstreams:
-            return "upstream", host
+            return host
         addr = host if ":" in host else host + ":80"
         name = _NAME_SAFE.sub("-", addr)
-        self.upstreams.setdefault(name, [addr])
-        return "upstream", name
+        self.upstreams.setdefault(name, {"endpoints": [addr]})
+        return name
 
-    def upstream_for(self, value: str) -> str | None:
-        if value in self.upstreams:
-            return value
+    def value_upstream(self, value: str, where: Directive) -> str | None:
+        """A variable's value as proxy_pass reads it: an upstream name or an address."""
+        m = re.fullmatch(r"(?:http://)?([A-Za-z0-9_.-]+(?::\d+)?)/?", value)
+        if m is None:
+            self.note(where, f"value {value!r} names no upstream")
+            return None
+        return self.upstream_named(m.group(1))
+
+    def variable_body(
+        self, var: str, variables: dict[str, str], proxy: Directive, whole_url: bool = False
+    ) -> Route | None:
+        """proxy_pass http://$var: from `set`, split_clients or a map (chains followed)."""
+        if var in variables:
+            value = variables[var]
+            if "$" in value:
+                return self.variable_body(value.lstrip("$"), {}, proxy, whole_url)
+            if value == "":
+                return {"direct_response": {"status": 500}}
+            up = self.value_upstream(value, proxy)
+            return None if up is None else {"to": up}
+        if var in self.splits:
+            return self.split_body(self.splits[var], {}, "", proxy)
+        if var in self.maps:
+            return self.map_body(self.maps[var], proxy)
+        self.note(proxy, f"${var} is not set by set, map, split_clients or Lua in this config")
         return None
 
-    def variable_route(self, route: dict[str, object], var: str, proxy: Directive) -> bool:
-        """proxy_pass http://$var: via split_clients, map, or both."""
-        if var in self.splits:
-            return self.split_route(route, self.splits[var], {}, proxy)
-        if var in self.maps:
-            m = self.maps[var]
-            source = _VAR.match(m.source)
-            if source is not None and source.end() == len(m.source):
-                src = source.group(1)
-                if src in self.splits:
-                    values = dict(m.entries)
-                    return self.split_route(route, self.splits[src], values, proxy, m.default)
-                return self.map_route(route, src, m, proxy)
-            self.note(m.where, f"map source {m.source} is not a single variable")
-            return False
-        self.note(proxy, f"${var} is not set by split_clients, map or Lua in this config")
-        return False
-
-    def split_route(
-        self,
-        route: dict[str, object],
-        split: _Split,
-        through: dict[str, str],
-        proxy: Directive,
-        map_default: str | None = None,
-    ) -> bool:
+    def split_body(
+        self, split: _Split, through: dict[str, str], default: str, proxy: Directive
+    ) -> Route | None:
         buckets: list[dict[str, str]] = []
-        unmatched: str | None = None
         for percent, value in split.parts:
-            mapped = through.get(value, map_default) if through else value
-            upstream = self.upstream_for(mapped or "")
+            mapped = through.get(value.lower(), default) if through else value
+            upstream = self.value_upstream(mapped, split.where) if mapped else None
             if upstream is None:
                 self.note(split.where, f"split_clients value {value!r} names no upstream")
-                return False
+                return None
             buckets.append({percent: upstream})
+        spec: dict[str, object] = {"key": split.key, "buckets": buckets}
         table = SplitClients.build(split.parts)
-        if not table.has_star:
-            fallback = map_default if through else None
-            upstream = self.upstream_for(fallback or "")
-            if upstream is not None:
-                unmatched = upstream
-            elif sum(table.percents) < 10000:
+        if not table.has_star and sum(table.percents) < 10000:
+            fallback = default if through else ""
+            if fallback:
+                up = self.value_upstream(fallback, split.where)
+                if up is None:
+                    return None
+                spec["unmatched"] = up
+            else:
                 self.note(
                     split.where,
-                    "hashes above the last part get an empty value in "
-                    "nginx; add `unmatched:` to the route",
+                    "hashes above the last part get an empty value in nginx (a 500); add "
+                    "`unmatched:` to the route",
                 )
-        spec: dict[str, object] = {"key": split.key, "buckets": buckets}
-        if unmatched is not None:
-            spec["unmatched"] = unmatched
-        route["split_clients"] = spec
-        return True
+                return None
+        return {"split_clients": spec}
 
-    def map_route(self, route: dict[str, object], src: str, m: _Map, proxy: Directive) -> bool:
-        default = self.upstream_for(m.default or "")
-        if default is None:
-            self.note(m.where, f"map ${src}: the default {m.default!r} names no upstream")
-            return False
-        pins: list[dict[str, object]] = []
-        source: dict[str, str] | None = None
-        if src.startswith("cookie_"):
-            source = {"cookie": src[7:]}
-        elif src.startswith("arg_"):
-            source = {"query": src[4:]}
-            self.note(
-                m.where,
-                f"${src} is not URL-decoded in nginx; Grayroute's `query:` "
-                "source is: values with %XX escapes may route differently",
-            )
-        elif src.startswith("http_"):
-            source = None
+    def map_body(self, m: _Map, proxy: Directive) -> Route | None:
+        source = _VAR.match(m.source)
+        if source is None or source.end() != len(m.source):
+            self.note(m.where, f"map source {m.source} is not a single variable")
+            return None
+        src = source.group(1).lower()
+        if src in self.splits:
+            through = {k.lower(): v for k, v in m.entries if not k.startswith("~")}
+            if len(through) != len(m.entries):
+                self.note(m.where, "regex keys over a split_clients value are not translated")
+                return None
+            return self.split_body(self.splits[src], through, m.default, proxy)
+        if m.hostnames:
+            self.note(m.where, f"a `hostnames` map on ${src} is not translated")
+            return None
+        # What the requests no key takes get: an upstream, a split, or nginx's 500.
+        default = m.default
+        if default.startswith("$"):
+            rest = self.variable_body(default.lstrip("$"), {}, proxy)
+        elif default == "":
+            rest = {"direct_response": {"status": 500}}
         else:
-            self.note(m.where, f"map on ${src} is not translated")
-            return False
+            up = self.value_upstream(default, m.where)
+            rest = None if up is None else {"to": up}
+        if rest is None:
+            return None
+        if not m.entries:
+            return rest
+        pins: list[dict[str, object]] = []
+        user_id: dict[str, str] | None = None
+        if src.startswith("cookie_"):
+            user_id = {"cookie": src[7:]}
+        elif src.startswith("arg_"):
+            user_id = {"query": src[4:]}
+            self.differ(
+                m.where,
+                f"${src} is not URL-decoded in nginx, Grayroute's query "
+                "source is: a value with %XX escapes may route differently",
+            )
+        elif not src.startswith("http_") or src == "http_host":
+            self.note(m.where, f"a map on ${src} is not translated")
+            return None
+        header = "-".join(p.capitalize() for p in src[5:].split("_")) if user_id is None else ""
+        exact_pins: list[dict[str, object]] = []
+        regex_pins: list[dict[str, object]] = []
         for key, value in m.entries:
-            upstream = self.upstream_for(value)
-            if upstream is None:
+            if value.startswith("$"):
+                self.note(
+                    m.where, f"map value {value} (a variable) is only translated as the default"
+                )
+                return None
+            up = self.value_upstream(value, m.where) if value else None
+            if up is None:
                 self.note(m.where, f"map value {value!r} names no upstream")
-                return False
-            regex = key.startswith("~")
-            if src.startswith("http_"):
-                header = src[5:].replace("_", "-")
-                pattern = key.lstrip("~*") if regex else "^" + re.escape(key) + "$"
+                return None
+            if key.startswith("~"):
+                pattern = _pcre(key[2:] if key.startswith("~*") else key[1:])
                 if key.startswith("~*"):
-                    pattern = "(?i)" + pattern
-                pins.append({"to": upstream, "headers": {header: pattern}})
-            elif regex:
-                pattern = key.lstrip("~*")
-                if key.startswith("~*"):
-                    pattern = "(?i)" + pattern
-                pins.append({"to": upstream, "user_pattern": f".*(?:{pattern}).*"})
+                    pattern = f"(?i:{pattern})"
+                if not _regex_ok(pattern):
+                    self.note(
+                        m.where, f"map key {key}: not a regular expression Grayroute can read"
+                    )
+                    return None
+                if _matches_empty(pattern):
+                    self.note(
+                        m.where,
+                        f"map key {key} holds for an empty value (an absent "
+                        "cookie, header or argument): not translated",
+                    )
+                    return None
+                if user_id is None:
+                    regex_pins.append({"to": up, "headers": {header: pattern}})
+                else:
+                    regex_pins.append({"to": up, "user_pattern": _as_fullmatch(pattern)})
             else:
-                pins.append({"to": upstream, "users": [key]})
-        if source is not None:
-            route["user_id"] = [source]
-        if pins:
-            route["pins"] = pins
-        route["to"] = default
-        return True
+                if key == "":
+                    self.note(m.where, 'map key "" (an absent value) is not translated')
+                    return None
+                if user_id is None:
+                    exact_pins.append({"to": up, "headers": {header: f"(?i)^{re.escape(key)}$"}})
+                elif key.lower() == key.upper():
+                    exact_pins.append({"to": up, "users": [key]})
+                else:  # nginx compares map keys without regard to case
+                    exact_pins.append({"to": up, "user_pattern": f"(?i){re.escape(key)}"})
+        pins = exact_pins + regex_pins  # nginx: exact keys first, then regexes in order
+        body: Route = {}
+        if user_id is not None:
+            body["user_id"] = [user_id]
+        body["pins"] = pins
+        body.update(rest)
+        return body
 
     # -- Lua ---------------------------------------------------------------------------
 
     def lua_action(
-        self, d: Directive, phase: str, route_name: str, set_var: str | None
+        self, d: Directive, phase: str, label: str, set_var: str | None
     ) -> dict[str, object] | None:
         action: dict[str, object] = {"phase": phase}
         if d.name.endswith("_by_lua_file"):
@@ -819,12 +1343,13 @@ class _Importer:
             action["file"] = file_args[0]
             if phase == "set" and len(file_args) > 1:
                 self.note(d, "set_by_lua arguments (ngx.arg) are not translated")
+                return None
         elif d.name.endswith("_by_lua_block") or d.name == "set_by_lua":
             code = d.lua if d.lua is not None else (d.args[1] if len(d.args) > 1 else "")
             if self.scripts_dir is None:
                 self.note(d, "inline Lua: give --scripts-dir to write it to a file")
                 return None
-            path = os.path.join(self.scripts_dir, f"{route_name}-{phase}.lua")
+            path = os.path.join(self.scripts_dir, f"{_NAME_SAFE.sub('-', label)}-{phase}.lua")
             self.scripts[path] = _dedent(code).strip("\n") + "\n"
             action["file"] = path
         if set_var is not None:
@@ -833,13 +1358,13 @@ class _Importer:
 
     def finish_lua(
         self,
-        route: dict[str, object],
         action: dict[str, object],
         proxy: Directive | None,
         variables: dict[str, str],
         named: dict[str, Directive],
         loc: Directive,
-    ) -> None:
+        body_buffer: str | None,
+    ) -> Route | None:
         lua: dict[str, object] = {"file": action["file"]}
         if action["phase"] != "rewrite":
             lua["phase"] = action["phase"]
@@ -847,36 +1372,49 @@ class _Importer:
         default: str | None = None
         var = action.get("var")
         if proxy is not None:
-            target = self.proxy_target(proxy)
-            if target is not None and target[0] == "variable":
-                var = var or target[1]
-                if target[1] != var:
-                    self.note(proxy, f"proxy_pass uses ${target[1]}, the script sets ${var}")
-            elif target is not None:
-                default = target[1]  # the script only exec's / exits; the rest goes here
+            url = proxy.args[0] if proxy.args else ""
+            target = _VAR.match(url.removeprefix("http://"))
+            if target is not None and target.end() == len(url.removeprefix("http://")):
+                var = var or target.group(1)
+                if target.group(1) != var:
+                    self.note(proxy, f"proxy_pass uses ${target.group(1)}, the script sets ${var}")
+                    return None
+            else:
+                body = self.proxy_body(proxy, {}, {}, False)
+                if body is None or "to" not in body or len(body) != 1:
+                    self.note(proxy, "only a plain upstream is translated beside a script")
+                    return None
+                default = str(body["to"])  # the script only exec's or exits; the rest goes here
         if action["phase"] != "set":
             if var is None:
                 var = "backend"
             if var != "backend":
                 lua["var"] = var
-        extra = {k: v for k, v in variables.items() if k != var}
-        if extra:
-            lua["variables"] = extra
+        # Every `set` before the script is a variable it may read; the decision's preset
+        # is what a request keeps when the script leaves it alone.
+        presets = {k: v for k, v in variables.items() if k != var or v != ""}
+        if presets:
+            lua["variables"] = presets
         code = self.script_text(str(lua["file"]), loc)
         for name, nl in named.items():
             if code is not None and name not in code:
                 continue
             for s in nl.block or []:
                 if s.name == "proxy_pass":
-                    t = self.proxy_target(s)
-                    if t is not None and t[0] == "upstream":
-                        mapping[name] = t[1]
+                    body = self.proxy_body(s, {}, {}, False)
+                    if body is not None and "to" in body and len(body) == 1:
+                        mapping[name] = str(body["to"])
+                    else:
+                        self.note(s, f"{name}: only a plain upstream is translated")
         if mapping:
             lua["map"] = mapping
         if default is not None:
             lua["default"] = default
-        route["lua"] = lua
-        self.add_route(route)
+        if body_buffer is not None:
+            size = _size(body_buffer)
+            if _bytes(size) != DEFAULT_BODY_BUFFER_SIZE:  # the rule file's (nginx's) default
+                lua["client_body_buffer_size"] = size
+        return {"lua": lua}
 
     def script_text(self, path: str, loc: Directive) -> str | None:
         """The script's code when it can be read (to see which named locations it uses)."""
@@ -912,9 +1450,13 @@ class _Importer:
     def yaml(self, source: str) -> str:
         out = [f"# Imported from {source} by `grayroute import-nginx`.", "format: 1", ""]
         out.append("upstreams:")
-        for name, endpoints in self.upstreams.items():
+        for name, spec in self.upstreams.items():
             out.append(f"  {_y(name)}:")
-            out.append(f"    endpoints: [{', '.join(_y(e) for e in endpoints)}]")
+            for key, value in spec.items():
+                if isinstance(value, list):
+                    out.append(f"    {key}: [{', '.join(_y(e) for e in value)}]")
+                else:
+                    out.append(f"    {key}: {_y(value)}")
         if self.shared_dicts:
             out.append("")
             out.append("lua_shared_dicts:")
@@ -927,6 +1469,72 @@ class _Importer:
         for route in self.routes:
             out.extend(_route_yaml(route))
         return "\n".join(out) + "\n"
+
+
+def _path_label(loc: Directive) -> str:
+    path = loc.args[-1] if loc.args else ""
+    if loc.args and loc.args[0] in ("~", "~*"):
+        return "-regex"
+    if loc.args and loc.args[0] == "=":
+        return "-exact" + ("" if path == "/" else path)
+    return "" if path == "/" else path
+
+
+def _whole(pattern: str) -> str:
+    """nginx's rewrite replaces the whole path when `pattern` is found in it."""
+    if pattern.startswith("^") and pattern.endswith("$") and not pattern.endswith("\\$"):
+        return pattern
+    return f"^(?s:.*?)(?:{pattern})(?s:.*)$"
+
+
+def _region_regex(region: dict[str, object], pattern: str) -> str | None:
+    """A path regex for the requests of `region` in which `pattern` is found."""
+    if "path_prefix" in region:
+        return _within(str(region["path_prefix"]), pattern)
+    if "path_exact" in region:
+        exact = str(region["path_exact"])
+        return f"^{re.escape(exact)}$" if re.search(pattern, exact) else "(?!)"
+    if "path_regex" in region:
+        return f"^(?=.*?(?:{region['path_regex']})).*?(?:{pattern})"
+    return pattern
+
+
+def _as_fullmatch(pattern: str) -> str:
+    """A `user_pattern` (matched whole) for a map's regex key (searched, as nginx does)."""
+    if pattern.startswith("^") and "|" not in pattern:
+        body = pattern[1:]
+        if body.endswith("$") and not body.endswith("\\$"):
+            return body[:-1]
+        return body + "(?s:.*)"
+    return f"(?s:.*?)(?:{pattern})(?s:.*)"
+
+
+def _covers(region: dict[str, object], pattern: str) -> bool:
+    """A rewrite `pattern` certainly holds for every path of `region` (`^/p/(.*)$` in
+    `location /p/`, `^` or `.*` anywhere)."""
+    rest = pattern[1:] if pattern.startswith("^") else pattern
+    prefix = str(region.get("path_prefix", ""))
+    if "path_exact" in region or "path_regex" in region:
+        return False
+    if rest.startswith(re.escape(prefix)):
+        rest = rest[len(re.escape(prefix)) :]
+    elif rest.startswith(prefix):
+        rest = rest[len(prefix) :]
+    else:
+        return False
+    return rest in ("", "$", ".*", ".*$", "(.*)", "(.*)$")
+
+
+def _duration(text: str) -> str:
+    """nginx's `30s`, `1m`, `500ms`, `10` (seconds) as a rule-file duration."""
+    return text if re.fullmatch(r"\d+(ms|s|m|h)", text) else f"{text}s" if text.isdigit() else text
+
+
+def _bytes(size: str) -> int:
+    m = re.fullmatch(r"(\d+)(KiB|MiB|GiB)?", size)
+    if m is None:
+        return -1
+    return int(m.group(1)) * {None: 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}[m.group(2)]
 
 
 def _size(text: str) -> str:
@@ -1004,17 +1612,24 @@ def _dedent(code: str) -> str:
 
 def import_nginx(path: str, scripts_dir: str | None = None) -> ImportResult:
     """Translate the nginx configuration at `path` (its includes followed)."""
-    directives = _load(path)
+    directives = load_nginx(path)
     importer = _Importer(scripts_dir)
     importer.run(directives)
     return ImportResult(
-        importer.yaml(path), importer.untranslated, importer.ignored, importer.scripts
+        importer.yaml(path),
+        importer.untranslated,
+        importer.ignored,
+        importer.scripts,
+        importer.differences,
     )
 
 
-def run_import(conf: str, output: str = "-", scripts_dir: str = "scripts") -> int:
+def run_import(
+    conf: str, output: str = "-", scripts_dir: str = "scripts", partial: bool = False
+) -> int:
     """`grayroute import-nginx`: write the rule file (and extracted scripts), report the
-    rest on stderr. Exit status 0, or 1 when the configuration cannot be read."""
+    rest on stderr. Exit status 0; 1 when the configuration cannot be read, or when
+    something that routes was not translated and `partial` is not given."""
     import sys
 
     try:
@@ -1034,5 +1649,14 @@ def run_import(conf: str, output: str = "-", scripts_dir: str = "scripts") -> in
         Path(output).write_text(result.yaml, encoding="utf-8")
         print(f"wrote {output}", file=sys.stderr)
     print(result.report(), file=sys.stderr)
+    if result.untranslated and not partial:
+        print(
+            f"grayroute import-nginx: {len(result.untranslated)} directive(s) that decide where "
+            "requests go were not translated (listed above); the rule file would route "
+            "those requests otherwise. Translate them by hand, or pass --partial to accept "
+            "the file as it is.",
+            file=sys.stderr,
+        )
+        return 1
     print("next: grayroute check " + ("RULES" if output == "-" else output), file=sys.stderr)
     return 0

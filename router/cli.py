@@ -10,7 +10,7 @@ grayroute explain RULES [REQUESTS.jsonl]
 grayroute diff OLD NEW (--requests FILE | --access-log FILE) [--json] [--fail-on-move]
 grayroute history RULES|etcd://.../KEY [--state-dir DIR] [--json]
 grayroute rollback RULES|etcd://.../KEY [--to HASH|REVISION] [--state-dir DIR] [--print]
-grayroute import-nginx NGINX.CONF [-o RULES] [--scripts-dir DIR]
+grayroute import-nginx NGINX.CONF [-o RULES] [--scripts-dir DIR] [--partial]
 """
 
 from __future__ import annotations
@@ -229,6 +229,11 @@ def _build_parser() -> argparse.ArgumentParser:
     imp.add_argument(
         "--scripts-dir", default="scripts", help="where *_by_lua_block code is written"
     )
+    imp.add_argument(
+        "--partial",
+        action="store_true",
+        help="exit 0 even when directives that route requests were not translated",
+    )
     return parser
 
 
@@ -369,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "import-nginx":
             from lua_compat.nginx_import import run_import
 
-            return run_import(args.nginx_conf, args.output, args.scripts_dir)
+            return run_import(args.nginx_conf, args.output, args.scripts_dir, args.partial)
     except ConfigError as exc:
         print(f"grayroute: {exc}", file=sys.stderr)
         return 1
