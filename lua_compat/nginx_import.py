@@ -1268,6 +1268,12 @@ class _Importer:
         user_id: dict[str, str] | None = None
         if src.startswith("cookie_"):
             user_id = {"cookie": src[7:]}
+            self.differ(
+                m.where,
+                f"${src} keeps double quotes around a value and finds the cookie in any "
+                "Cookie header; the `cookie:` source removes the quotes and reads the "
+                "first Cookie header",
+            )
         elif src.startswith("arg_"):
             user_id = {"query": src[4:]}
             self.differ(
