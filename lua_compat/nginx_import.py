@@ -56,6 +56,7 @@ from pathlib import Path
 from lua_compat.nginx_conf import Directive, NginxSyntaxError, load_nginx, parse_nginx
 from lua_compat.ngx import DEFAULT_BODY_BUFFER_SIZE
 from lua_compat.split_clients import SplitClients, SplitClientsError
+from router.rules.hosts import host_matches
 
 __all__ = [
     "Directive",
@@ -329,14 +330,6 @@ def _matches_empty(pattern: str) -> bool:
     return re.search(pattern, "") is not None
 
 
-def _host_matches(pattern: str, host: str) -> bool:
-    if pattern.startswith("*."):
-        return host.endswith(pattern[1:]) and len(host) > len(pattern) - 1
-    if pattern.endswith(".*"):
-        return host.startswith(pattern[:-1]) and len(host) > len(pattern) - 1
-    return host == pattern
-
-
 def _disjoint(a: str, b: str) -> bool:
     """No host name matches both `hosts` patterns (only when certain)."""
     wild_a, wild_b = "*" in a, "*" in b
@@ -344,7 +337,7 @@ def _disjoint(a: str, b: str) -> bool:
         return a != b
     if not wild_a or not wild_b:
         exact, wild = (a, b) if not wild_a else (b, a)
-        return not _host_matches(wild, exact)
+        return not host_matches(wild, exact)
     if a.startswith("*.") and b.startswith("*."):
         return not (a[1:].endswith(b[1:]) or b[1:].endswith(a[1:]))
     if a.endswith(".*") and b.endswith(".*"):

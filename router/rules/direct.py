@@ -328,20 +328,15 @@ def validate_redirect(v: _Validator, node: Node, path: str, match: Match | None)
         ok = ok and host is not None
     port: int | None = None
     if "port" in fields:
-        pnode = fields["port"].value
-        if (
-            isinstance(pnode, ScalarNode)
-            and isinstance(pnode.value, int)
-            and not isinstance(pnode.value, bool)
-            and 1 <= pnode.value <= 65535
-        ):
-            port = pnode.value
-        else:
-            shown = f"`{pnode.text}`" if isinstance(pnode, ScalarNode) else pnode.kind
-            v.error(
-                pnode, _join(path, "port"), f"not a port: {shown}", "write a number from 1 to 65535"
-            )
-            ok = False
+        port = v.whole_number(
+            fields["port"].value,
+            _join(path, "port"),
+            1,
+            65535,
+            "a port",
+            "write a number from 1 to 65535",
+        )
+        ok = ok and port is not None
     for key in ("host", "port"):
         if key in fields and "scheme" not in fields:
             v.error(
@@ -375,18 +370,9 @@ def validate_redirect(v: _Validator, node: Node, path: str, match: Match | None)
         ok = ok and rewrite is not None
     strip_query = False
     if "strip_query" in fields:
-        snode = fields["strip_query"].value
-        if isinstance(snode, ScalarNode) and isinstance(snode.value, bool):
-            strip_query = snode.value
-        else:
-            shown = f"`{snode.text}`" if isinstance(snode, ScalarNode) else snode.kind
-            v.error(
-                snode,
-                _join(path, "strip_query"),
-                f"expected true or false, found {shown}",
-                "write true or false",
-            )
-            ok = False
+        given = v.boolean(fields["strip_query"].value, _join(path, "strip_query"), "write true")
+        ok = ok and given is not None
+        strip_query = bool(given)
     if not isinstance(node, MapNode) or not ok:
         return None
     return Redirect(status, scheme, host, port, rewrite, strip_query)

@@ -321,6 +321,29 @@ class _Validator:
         self.error(node, path, f"{what} must be a number, found {shown}", f"write e.g. {example}")
         return None
 
+    def whole_number(
+        self, node: Node, path: str, low: int, high: int | None, what: str, hint: str
+    ) -> int | None:
+        """A whole number from `low` to `high` (None: no upper bound); else reported."""
+        if (
+            isinstance(node, ScalarNode)
+            and isinstance(node.value, int)
+            and not isinstance(node.value, bool)
+            and low <= node.value
+            and (high is None or node.value <= high)
+        ):
+            return node.value
+        shown = f"`{node.text}`" if isinstance(node, ScalarNode) else node.kind
+        self.error(node, path, f"expected {what}, found {shown}", hint)
+        return None
+
+    def boolean(self, node: Node, path: str, hint: str) -> bool | None:
+        if isinstance(node, ScalarNode) and isinstance(node.value, bool):
+            return node.value
+        shown = f"`{node.text}`" if isinstance(node, ScalarNode) else node.kind
+        self.error(node, path, f"expected true or false, found {shown}", hint)
+        return None
+
     def duration(self, node: Node, path: str) -> float | None:
         seconds: float | None = None
         if isinstance(node, ScalarNode) and not isinstance(node.value, bool):
@@ -554,23 +577,15 @@ class _Validator:
             self.fallback_nodes[name] = node  # the name is checked once every one is known
         max_fails: int | None = None
         if "max_fails" in fields:
-            mnode = fields["max_fails"].value
-            if (
-                isinstance(mnode, ScalarNode)
-                and isinstance(mnode.value, int)
-                and not isinstance(mnode.value, bool)
-                and mnode.value >= 0
-            ):
-                max_fails = mnode.value
-            else:
-                shown = f"`{mnode.text}`" if isinstance(mnode, ScalarNode) else mnode.kind
-                self.error(
-                    mnode,
-                    _join(path, "max_fails"),
-                    f"expected a whole number of 0 or more, found {shown}",
-                    "write e.g. 3 (0: failures never take an endpoint out)",
-                )
-                ok = False
+            max_fails = self.whole_number(
+                fields["max_fails"].value,
+                _join(path, "max_fails"),
+                0,
+                None,
+                "a whole number of 0 or more",
+                "write e.g. 3 (0: failures never take an endpoint out)",
+            )
+            ok = ok and max_fails is not None
         fail_timeout: float | None = None
         if "fail_timeout" in fields:
             fail_timeout = self.duration(fields["fail_timeout"].value, _join(path, "fail_timeout"))
@@ -1123,18 +1138,13 @@ class _Validator:
             ok = ok and host_regex is not None
         default_host = False
         if "default_host" in fields:
-            dnode = fields["default_host"].value
-            if isinstance(dnode, ScalarNode) and isinstance(dnode.value, bool):
-                default_host = dnode.value
-            else:
-                shown = f"`{dnode.text}`" if isinstance(dnode, ScalarNode) else dnode.kind
-                self.error(
-                    dnode,
-                    _join(path, "default_host"),
-                    f"expected true or false, found {shown}",
-                    "write `default_host: true`",
-                )
-                ok = False
+            given = self.boolean(
+                fields["default_host"].value,
+                _join(path, "default_host"),
+                "write `default_host: true`",
+            )
+            ok = ok and given is not None
+            default_host = bool(given)
             named = [k for k in ("hosts", "host_regex") if k in fields]
             if default_host and named:
                 self.error(
