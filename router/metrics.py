@@ -8,7 +8,8 @@ Three parts, in the order data flows:
                          cumulative totals as a JSON-able dict; the worker sends one
                          every `metrics_interval` seconds and at exit (router.worker).
                          router.tls calls `tls_handshake()` and
-                         `tls_handshake_failed()` once per TLS connection.
+                         `tls_handshake_failed()` once per TLS connection, router.tunnel
+                         `tunnel_opened()` and `tunnel_closed()` once per tunnel.
     MetricsAggregator    in the supervisor: the latest snapshot of every live worker plus
                          the summed last snapshots of workers that have exited, so that a
                          sum over all workers never goes down when a worker is replaced.
@@ -78,6 +79,8 @@ class WorkerMetrics:
         "_handshake_failures",
         "_handshakes",
         "_requests",
+        "_tunnels_closed",
+        "_tunnels_opened",
     )
 
     def __init__(self) -> None:
@@ -87,6 +90,8 @@ class WorkerMetrics:
         self._fallbacks: defaultdict[tuple[str, str], int] = defaultdict(int)
         self._handshakes: defaultdict[tuple[str, str], int] = defaultdict(int)
         self._handshake_failures: defaultdict[str, int] = defaultdict(int)
+        self._tunnels_opened: defaultdict[str, int] = defaultdict(int)  # upstream
+        self._tunnels_closed: defaultdict[tuple[str, str], int] = defaultdict(int)
 
     # The two hot-path calls: no allocation but the key tuple, no formatting, no locks.
     # The status is kept as given; it becomes a status class in the supervisor.
@@ -118,6 +123,13 @@ class WorkerMetrics:
     def tls_handshake_failed(self, reason: str) -> None:
         self._handshake_failures[reason] += 1
 
+    # Once per tunnel (router.tunnel), when it opens and when it closes.
+    def tunnel_opened(self, upstream: str) -> None:
+        self._tunnels_opened[upstream] += 1
+
+    def tunnel_closed(self, upstream: str, reason: str) -> None:
+        self._tunnels_closed[(upstream, reason)] += 1
+
     def snapshot(self) -> dict[str, Any]:
         """The cumulative totals since this worker started, as plain JSON-able data."""
         data: dict[str, Any] = {
@@ -129,6 +141,12 @@ class WorkerMetrics:
         if self._handshakes or self._handshake_failures:
             data["tls"] = [[c, v, n] for (c, v), n in self._handshakes.items()]
             data["tls_failures"] = [[r, n] for r, n in self._handshake_failures.items()]
+        if self._tunnels_opened:
+            closed: defaultdict[str, int] = defaultdict(int)
+            for (upstream, _), n in self._tunnels_closed.items():
+                closed[upstream] += n
+            data["tunnels"] = [[u, n, n - closed[u]] for u, n in self._tunnels_opened.items()]
+            data["tunnels_closed"] = [[u, r, n] for (u, r), n in self._tunnels_closed.items()]
         return data
 
 
@@ -142,6 +160,9 @@ class Totals:
         "handshake_failures",
         "handshakes",
         "requests",
+        "tunnels_closed",
+        "tunnels_open",
+        "tunnels_opened",
     )
 
     def __init__(self) -> None:
@@ -152,6 +173,10 @@ class Totals:
         self.fallbacks: dict[tuple[str, str], int] = {}  # (upstream, fallback) -> requests
         self.handshakes: dict[tuple[str, str], int] = {}  # (certificate, TLS version)
         self.handshake_failures: dict[str, int] = {}  # reason
+        self.tunnels_opened: dict[str, int] = {}  # upstream -> tunnels opened
+        # upstream -> tunnels open now: a gauge, so a retired worker's is dropped
+        self.tunnels_open: dict[str, int] = {}
+        self.tunnels_closed: dict[tuple[str, str], int] = {}  # (upstream, reason)
 
     @classmethod
     def from_snapshot(cls, data: Mapping[str, Any]) -> Totals:
@@ -178,6 +203,13 @@ class Totals:
             for reason, n in data.get("tls_failures", ()):
                 failures = totals.handshake_failures
                 failures[str(reason)] = failures.get(str(reason), 0) + int(n)
+            for upstream, opened, still_open in data.get("tunnels", ()):
+                name = str(upstream)
+                totals.tunnels_opened[name] = totals.tunnels_opened.get(name, 0) + int(opened)
+                totals.tunnels_open[name] = totals.tunnels_open.get(name, 0) + int(still_open)
+            for upstream, reason, n in data.get("tunnels_closed", ()):
+                key4 = (str(upstream), str(reason))
+                totals.tunnels_closed[key4] = totals.tunnels_closed.get(key4, 0) + int(n)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"malformed metrics snapshot: {exc}") from exc
         return totals
@@ -203,6 +235,12 @@ class Totals:
             self.handshakes[key3] = self.handshakes.get(key3, 0) + n
         for reason, n in other.handshake_failures.items():
             self.handshake_failures[reason] = self.handshake_failures.get(reason, 0) + n
+        for upstream, n in other.tunnels_opened.items():
+            self.tunnels_opened[upstream] = self.tunnels_opened.get(upstream, 0) + n
+        for upstream, n in other.tunnels_open.items():
+            self.tunnels_open[upstream] = self.tunnels_open.get(upstream, 0) + n
+        for key4, n in other.tunnels_closed.items():
+            self.tunnels_closed[key4] = self.tunnels_closed.get(key4, 0) + n
 
 
 class MetricsAggregator:
@@ -227,6 +265,7 @@ class MetricsAggregator:
     def retire(self, worker: str) -> None:
         totals = self.live.pop(worker, None)
         if totals is not None:
+            totals.tunnels_open.clear()  # a gauge: its tunnels went with it
             self.retired.add(totals)
 
     def total(self) -> Totals:
@@ -406,6 +445,7 @@ def _build_registry(state: SupervisorMetrics) -> CollectorRegistry:
 
             if state.certificates:
                 yield from _tls_metrics(state, totals)
+            yield from _tunnel_metrics(totals)
 
             endpoints = GaugeMetricFamily(
                 "grayroute_upstream_endpoints",
@@ -474,6 +514,36 @@ def _tls_metrics(state: SupervisorMetrics, totals: Totals) -> Iterator[Any]:
     for result in ("success", "failure"):
         reloads.add_metric((result,), state.certificate_reloads[result])
     yield reloads
+
+
+def _tunnel_metrics(totals: Totals) -> Iterator[Any]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    opened = CounterMetricFamily(
+        "grayroute_tunnels",
+        "Tunnels opened (an upstream answered 101 to an Upgrade: WebSocket), by upstream.",
+        labels=("upstream",),
+    )
+    for upstream, n in sorted(totals.tunnels_opened.items()):
+        opened.add_metric((upstream,), n)
+    yield opened
+
+    still_open = GaugeMetricFamily(
+        "grayroute_tunnels_open", "Tunnels open now, by upstream.", labels=("upstream",)
+    )
+    for upstream in sorted(totals.tunnels_opened):
+        still_open.add_metric((upstream,), totals.tunnels_open.get(upstream, 0))
+    yield still_open
+
+    closed = CounterMetricFamily(
+        "grayroute_tunnels_closed",
+        "Tunnels closed, by upstream and reason: client_closed, upstream_closed, "
+        "idle_timeout, drain.",
+        labels=("upstream", "reason"),
+    )
+    for (upstream, reason), n in sorted(totals.tunnels_closed.items()):
+        closed.add_metric((upstream, reason), n)
+    yield closed
 
 
 def _float_label(value: float) -> str:

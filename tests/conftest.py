@@ -19,6 +19,8 @@
   Linux all of 127.0.0.0/8 reaches this host) and one port, standing for pods.
 - `etcd`: a real etcd (Debian's etcd-server) shared by the session, `etcd_key` a fresh
   key in it per test; `own_etcd`: a private one a test may stop, kill and start again.
+- `chromium`: headless Chromium (Debian's chromium + chromium-driver) driven by selenium,
+  with a fresh profile; skipped only when the browser or its driver is not installed.
 """
 
 from __future__ import annotations
@@ -762,3 +764,71 @@ def own_etcd(tmp_path: Path) -> Iterator[EtcdServer]:
     server.start()
     yield server
     server.stop()
+
+
+# -- a real browser ----------------------------------------------------------------------
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+def spki_sha256(cert_file: str) -> str:
+    """base64 sha256 of a certificate's public key: what Chromium's
+    --ignore-certificate-errors-spki-list trusts (that key only, not every error)."""
+    import base64
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    cert = x509.load_pem_x509_certificate(Path(cert_file).read_bytes())
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return base64.b64encode(hashlib.sha256(spki).digest()).decode()
+
+
+@pytest.fixture
+def chromium(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """`chromium(trust=[cert_file], hosts={"app.test": "127.0.0.1"})`: a headless Chromium
+    WebDriver with a fresh profile that trusts those certificates' keys and resolves those
+    names; quit at teardown. Its calls block: from an async test, run them with
+    `asyncio.to_thread` so the servers in the test's event loop can answer the browser."""
+    if CHROMIUM is None or CHROMEDRIVER is None:
+        pytest.skip("chromium and chromium-driver are not installed")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    drivers: list[Any] = []
+
+    def start(trust: tuple[str, ...] = (), hosts: dict[str, str] | None = None) -> Any:
+        options = webdriver.ChromeOptions()
+        options.binary_location = CHROMIUM
+        profile = tmp_path / f"chromium-profile-{len(drivers)}"
+        for flag in (
+            "--headless",
+            "--no-sandbox",  # tests run as root
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+            f"--user-data-dir={profile}",
+        ):
+            options.add_argument(flag)
+        if trust:
+            # honoured only with --user-data-dir: trusts these keys, not every error
+            spkis = ",".join(spki_sha256(cert) for cert in trust)
+            options.add_argument(f"--ignore-certificate-errors-spki-list={spkis}")
+        if hosts:
+            rules = ",".join(f"MAP {name} {address}" for name, address in hosts.items())
+            options.add_argument(f"--host-resolver-rules={rules}")
+        service = Service(executable_path=CHROMEDRIVER, log_output=str(tmp_path / "driver.log"))
+        driver = webdriver.Chrome(options=options, service=service)
+        driver.set_page_load_timeout(30)
+        drivers.append(driver)
+        return driver
+
+    yield start
+    for driver in drivers:
+        driver.quit()

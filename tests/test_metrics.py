@@ -238,3 +238,26 @@ def test_tls_handshakes_are_summed_and_shown_only_with_tls() -> None:
     assert s[("grayroute_tls_certificate_reloads_total", "result=failure")] == 1
     assert s[("grayroute_tls_certificate_reloads_total", "result=success")] == 0
     assert "tls" not in WorkerMetrics().snapshot()  # nothing extra on the pipe without TLS
+
+
+def test_tunnels_open_is_a_gauge_that_leaves_with_its_worker() -> None:
+    state = SupervisorMetrics()
+    a, b = WorkerMetrics(), WorkerMetrics()
+    for _ in range(3):
+        a.tunnel_opened("chat-v2")
+    a.tunnel_closed("chat-v2", "client_closed")
+    b.tunnel_opened("chat-v2")
+    b.tunnel_opened("chat-v1")
+    state.aggregator.update("a", wire(a))
+    state.aggregator.update("b", wire(b))
+    s = samples(state)
+    assert s[("grayroute_tunnels_total", "upstream=chat-v2")] == 4
+    assert s[("grayroute_tunnels_open", "upstream=chat-v2")] == 3  # 2 in a, 1 in b
+    assert s[("grayroute_tunnels_open", "upstream=chat-v1")] == 1
+    assert s[("grayroute_tunnels_closed_total", "reason=client_closed", "upstream=chat-v2")] == 1
+    state.aggregator.retire("b")  # killed with two tunnels open: they are gone
+    s = samples(state)
+    assert s[("grayroute_tunnels_total", "upstream=chat-v2")] == 4  # a counter stays
+    assert s[("grayroute_tunnels_open", "upstream=chat-v2")] == 2
+    assert s[("grayroute_tunnels_open", "upstream=chat-v1")] == 0
+    assert "tunnels" not in WorkerMetrics().snapshot()

@@ -13,6 +13,7 @@ import shutil
 import ssl
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -518,3 +519,30 @@ async def test_serve_refuses_to_start_with_a_bad_certificate(
     assert f"grayroute: --tls-key {other_key}: does not match --tls-cert {cert}" in log
     assert "Traceback" not in log
 
+
+
+async def test_a_browser_loads_a_page_over_tls(
+    tls_setup: tuple[RunningProxy, list[Any], dict[str, tuple[str, str]]],
+    chromium: Callable[..., Any],
+) -> None:
+    """Headless Chromium: the certificate for the name it asks (trusted by its key),
+    TLS 1.3, ALPN http/1.1 although it offers h2, and the page from the upstream."""
+    rp, _, pairs = tls_setup
+    driver = await asyncio.to_thread(
+        chromium, trust=(pairs["b"][0],), hosts={"www.b.test": "127.0.0.1"}
+    )
+    await asyncio.to_thread(driver.get, f"https://www.b.test:{rp.tls_port}/page")
+    text = await asyncio.to_thread(lambda: driver.find_element("tag name", "body").text)
+    page = orjson.loads(text)
+    assert page["version"] == "v1" and page["path"] == "/page"
+    headers = {k.lower(): v for k, v in page["headers"]}
+    assert headers["x-forwarded-proto"] == "https"
+    assert headers["host"] == f"www.b.test:{rp.tls_port}"
+    assert "headlesschrome" in headers["user-agent"].lower()
+    protocol = await asyncio.to_thread(
+        driver.execute_script,
+        "return performance.getEntriesByType('navigation')[0].nextHopProtocol",
+    )
+    assert protocol == "http/1.1"
+    assert ("b.test", "TLSv1.3") in rp.metrics.handshakes
+    assert not rp.metrics.handshake_failures
