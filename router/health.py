@@ -59,6 +59,7 @@ class HealthBoard:
 
     def __init__(self) -> None:
         self.reports: dict[str, _Report] = {}
+        self._merged: dict[str, dict[str, dict[str, Any]]] | None = None  # until a report
 
     def update(self, worker: str, data: Mapping[str, Any]) -> None:
         """Replace `worker`'s report (a malformed one is ignored)."""
@@ -74,12 +75,20 @@ class HealthBoard:
             log.warning("worker %s: health report with an unknown state", worker)
             return
         self.reports[worker] = report
+        self._merged = None
 
     def retire(self, worker: str) -> None:
-        self.reports.pop(worker, None)
+        if self.reports.pop(worker, None) is not None:
+            self._merged = None
 
     def merged(self) -> dict[str, dict[str, dict[str, Any]]]:
-        """upstream -> endpoint -> {state, by, since, workers_down, workers}."""
+        """upstream -> endpoint -> {state, by, since, workers_down, workers}; computed
+        once per change of the reports (scrapes and /rules read it; do not change it)."""
+        if self._merged is None:
+            self._merged = self._merge()
+        return self._merged
+
+    def _merge(self) -> dict[str, dict[str, dict[str, Any]]]:
         seen: dict[str, dict[str, list[tuple[str, float]]]] = {}
         for report in self.reports.values():
             for upstream, rows in report.items():

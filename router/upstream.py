@@ -336,9 +336,11 @@ class UpstreamPool:
         self._fails: dict[Endpoint, tuple[int, float]] = {}  # below max_fails: (count, since)
         self._unhealthy: set[Endpoint] = set()  # active: failed its last health check
         self._checker: asyncio.Task[None] | None = None
-        # Unix time each endpoint's state last changed (for reports; the pool's birth else).
-        self._created = time.time()
+        # Unix time each endpoint's state last changed (for reports; the pool's birth else),
+        # and how many changes there were (reports are rebuilt only when it moves).
+        self.created = time.time()
         self._changed: dict[Endpoint, float] = {}
+        self.transitions = 0
 
     def follow(self, spec: UpstreamSpec, settings: Settings) -> bool:
         """Serve `spec` from now on if it differs from this pool at most by its endpoints
@@ -418,7 +420,7 @@ class UpstreamPool:
             return True
         if now >= until:
             del self._failed_until[endpoint]
-            self._changed[endpoint] = time.time() - (now - until)
+            self._state_changed(endpoint, time.time() - (now - until))
             return True
         return False
 
@@ -442,14 +444,23 @@ class UpstreamPool:
                 *endpoint,
                 self.fail_timeout,
             )
-            self._changed[endpoint] = time.time()
+            self._state_changed(endpoint, time.time())
         self._failed_until[endpoint] = now + self.fail_timeout
 
     def mark_ok(self, endpoint: Endpoint) -> None:
         self._fails.pop(endpoint, None)
         until = self._failed_until.pop(endpoint, None)
         if until is not None:
-            self._changed[endpoint] = time.time() - max(0.0, time.monotonic() - until)
+            self._state_changed(endpoint, time.time() - max(0.0, time.monotonic() - until))
+
+    def _state_changed(self, endpoint: Endpoint, when: float) -> None:
+        self._changed[endpoint] = when
+        self.transitions += 1
+
+    def lapsed(self, now: float) -> int:
+        """Passive downs that have run out but nobody has looked at since: their state
+        changed without a transition being counted."""
+        return sum(1 for until in self._failed_until.values() if until <= now)
 
     def endpoint_states(self) -> list[tuple[Endpoint, str, float]]:
         """(endpoint, state, since) for reports: state is "up", "active" (failed its health
@@ -458,7 +469,7 @@ class UpstreamPool:
         now, wall = time.monotonic(), time.time()
         states = []
         for endpoint in self.endpoints:
-            since = self._changed.get(endpoint, self._created)
+            since = self._changed.get(endpoint, self.created)
             until = self._failed_until.get(endpoint)
             if endpoint in self._unhealthy:
                 state = "active"
@@ -544,11 +555,11 @@ class UpstreamPool:
                 if healthy and endpoint in self._unhealthy:
                     log.warning("%s: endpoint %s:%d is healthy again", self.name, *endpoint)
                     self._unhealthy.discard(endpoint)
-                    self._changed[endpoint] = time.time()
+                    self._state_changed(endpoint, time.time())
                 elif not healthy and endpoint not in self._unhealthy:
                     log.warning("%s: endpoint %s:%d failed its health check", self.name, *endpoint)
                     self._unhealthy.add(endpoint)
-                    self._changed[endpoint] = time.time()
+                    self._state_changed(endpoint, time.time())
             await asyncio.sleep(self.health_check.interval)
 
     async def _probe(self, endpoint: Endpoint) -> bool:

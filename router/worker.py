@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, cast
 
@@ -231,7 +232,8 @@ class Worker:
     async def _flush_metrics(self) -> None:
         from router.health import worker_report
 
-        last = last_health = b""
+        last = b""
+        last_health: object = None
         while True:
             await asyncio.sleep(self.settings.metrics_interval)
             encoded = orjson.dumps(self.metrics.snapshot())
@@ -241,12 +243,16 @@ class Worker:
                 b'{"ev":"metrics","data":' + encoded + b"}\n", droppable=True
             ):
                 last = encoded
-            # Endpoint states, sent the same way: each report is the whole state now.
-            health = orjson.dumps(worker_report(self.router.pools))
-            if health != last_health and self.report.send_line(
-                b'{"ev":"health","data":' + health + b"}\n", droppable=True
+            # Endpoint states, sent the same way (each report is the whole state now), and
+            # built only when a state may have changed: a few integers per pool otherwise.
+            now = time.monotonic()
+            pools = self.router.pools
+            token = [(n, p.created, p.transitions, p.lapsed(now)) for n, p in pools.items()]
+            if token != last_health and self.report.send_line(
+                b'{"ev":"health","data":' + orjson.dumps(worker_report(pools)) + b"}\n",
+                droppable=True,
             ):
-                last_health = health
+                last_health = token
 
     async def _read_commands(self) -> None:
         loop = asyncio.get_running_loop()
