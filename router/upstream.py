@@ -372,6 +372,7 @@ class UpstreamPool:
         self._changed = {ep: t for ep, t in self._changed.items() if ep in kept}
         self._changed.update({ep: now for ep in kept if ep not in before})  # joined now
         self.endpoints = endpoints
+        self.transitions += 1
         self._next = self._next % len(endpoints) if endpoints else 0
 
     def next_endpoint(self) -> Endpoint:

@@ -230,7 +230,7 @@ class Worker:
         return task
 
     async def _flush_metrics(self) -> None:
-        from router.health import worker_report
+        from router.health import report_token, worker_report
 
         last = b""
         last_health: object = None
@@ -245,9 +245,8 @@ class Worker:
                 last = encoded
             # Endpoint states, sent the same way (each report is the whole state now), and
             # built only when a state may have changed: a few integers per pool otherwise.
-            now = time.monotonic()
             pools = self.router.pools
-            token = [(n, p.created, p.transitions, p.lapsed(now)) for n, p in pools.items()]
+            token = report_token(pools, time.monotonic())
             if token != last_health and self.report.send_line(
                 b'{"ev":"health","data":' + orjson.dumps(worker_report(pools)) + b"}\n",
                 droppable=True,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from router.health import HealthBoard, worker_report
+from router.health import HealthBoard, report_token, worker_report
 from router.history import iso_utc
 
 from conftest import Serve, poll
@@ -123,6 +124,46 @@ async def test_a_worker_reports_passive_and_active_states_with_their_times(
         return states()["checked"][0][1] == "up"
 
     await poll(sick_is_up)
+
+
+async def test_the_report_token_moves_whenever_the_report_may_have(
+    switchable: Any, proxy: Any
+) -> None:
+    live, dead = await switchable("live"), await switchable("dead")
+    await dead.stop()
+    rules = """
+    format: 1
+    upstreams:
+      app: {{endpoints: [{endpoints}]}}
+    routes:
+      - {{name: all, to: app}}
+    """
+    both = f'"127.0.0.1:{live.port}", "127.0.0.1:{dead.port}"'
+    rp = await proxy(rules.format(endpoints=both), fail_timeout=0.3)
+    pools = rp.router.pools
+
+    def token() -> list[Any]:
+        return report_token(pools, time.monotonic())
+
+    quiet = token()
+    assert token() == quiet  # nothing happened: nothing to send
+    async with httpx.AsyncClient(base_url=rp.url) as client:
+        for _ in range(2):
+            assert (await client.get("/")).status_code == 200
+    failed = token()
+    assert failed != quiet  # a passive down
+    await asyncio.sleep(0.4)
+    assert token() != failed  # it ran out, with no event of its own
+    # The endpoints alone change (DNS): the pool is kept, the report must follow.
+    rp.reload(rules.format(endpoints=f'"127.0.0.1:{live.port}"'))
+    assert rp.router.pools["app"] is pools["app"]
+    before = token()
+    rp.reload(rules.format(endpoints=both))
+    assert token() != before
+    assert [row[0] for row in worker_report(pools)["app"]] == [
+        f"127.0.0.1:{live.port}",
+        f"127.0.0.1:{dead.port}",
+    ]
 
 
 # -- through the real router -------------------------------------------------------------
