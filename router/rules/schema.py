@@ -359,9 +359,9 @@ UPSTREAM = Section(
         ),
         "fallback": Key(
             "Another upstream that takes this one's requests while none of its endpoints is "
-            "up (or it has none) instead of a 502; its own `fallback` is next when it is down "
-            "too. Counted in `grayroute_fallback_requests_total`.",
-            "none (502)",
+            "up (or it has none) instead of a 502 (503 with none); its own `fallback` is next "
+            "when it is down too. Counted in `grayroute_fallback_requests_total`.",
+            "none",
             _UPSTREAM_NAME,
         ),
         "max_fails": Key(
