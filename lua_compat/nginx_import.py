@@ -29,6 +29,9 @@ first route that matches" give nginx's answer.
     proxy_pass            an upstream (`to`), an address (an upstream named after it),
                           or a variable set by `set`, `map`, `split_clients` or Lua; the
                           URI part -> `prefix_rewrite`
+    set $v A; if (COND) { set $v B; }
+                          -> pins for the `if`s, the last first (headers, a cookie or an
+                          argument as the route's `user_id`, $remote_addr networks), then A
     map $cookie_/$http_/$arg_X $v { KEY UP; ~RE UP; default ...; }
                           -> `user_id` + pins (keys ignore case, as nginx's do); a default
                           that is a split_clients variable -> the route's `split_clients`
@@ -307,6 +310,24 @@ class _Context:
     named: dict[str, Directive]  # @name -> named location
     body_buffer: str | None
     ssl: bool
+    # `if (COND) { set $var VALUE; }` in order: (the if, var, value); a later plain `set`
+    # of the variable makes the earlier ones moot.
+    conditional: list[tuple[Directive, str, str]] = field(default_factory=list)
+
+    def set_variable(self, d: Directive) -> None:
+        name = d.args[0].lstrip("$")
+        self.variables[name] = d.args[1] if len(d.args) > 1 else ""
+        self.conditional = [c for c in self.conditional if c[1] != name]
+
+    def set_if(self, d: Directive) -> bool:
+        """Record `if (COND) { set $v X; }`; False when the block holds anything else."""
+        inner = [s for s in d.block or [] if s.name not in _NOT_ROUTING]
+        sets = [s for s in inner if s.name == "set" and len(s.args) == 2]
+        if not inner or len(sets) != len(inner) or len({s.args[0] for s in sets}) != len(sets):
+            return False
+        for s in sets:
+            self.conditional.append((d, s.args[0].lstrip("$"), s.args[1]))
+        return True
 
 
 Route = dict[str, object]
@@ -378,6 +399,8 @@ class _Importer:
         self.routes: list[Route] = []
         self.route_names: set[str] = set()
         self.body_buffer: str | None = None  # http-level client_body_buffer_size
+        self.consumed: set[int] = set()  # `if ... { set }` blocks a route was built from
+        self.conditional: dict[int, Directive] = {}  # every such block
 
     def note(self, d: Directive, why: str) -> None:
         self.untranslated.append(Note(d.file, d.line, d.text(), why))
@@ -433,6 +456,9 @@ class _Importer:
         last = len(groups) - 1
         for i, group in enumerate(groups):
             self.server_routes(group, alone=len(groups) == 1, last=i == last)
+        for key, d in self.conditional.items():
+            if key not in self.consumed:
+                self.ignore(d)  # sets a variable that decides nothing here
 
     def other(self, d: Directive) -> None:
         if d.name in _NOT_ROUTING or d.name == "http":
@@ -700,9 +726,12 @@ class _Importer:
             if answered:
                 continue
             if name == "set" and s.args:
-                ctx.variables[s.args[0].lstrip("$")] = s.args[1] if len(s.args) > 1 else ""
+                ctx.set_variable(s)
             elif name == "if" and s.block is not None:
-                self.if_routes(s, ctx, {})
+                if ctx.set_if(s):
+                    self.conditional[id(s)] = s
+                else:
+                    self.if_routes(s, ctx, {})
             elif name == "return":
                 body = self.answer(s)
                 if body is not None:
@@ -818,7 +847,13 @@ class _Importer:
         answer: Route | None = None
         rewrite: dict[str, str] | None = None
         sub = _Context(
-            ctx.hosts, ctx.label + _path_label(loc), variables, ctx.named, body_buffer, ctx.ssl
+            ctx.hosts,
+            ctx.label + _path_label(loc),
+            variables,
+            ctx.named,
+            body_buffer,
+            ctx.ssl,
+            list(ctx.conditional),
         )
         internal = False
         for s in loc.block or []:
@@ -826,9 +861,12 @@ class _Importer:
             if answer is not None and name in ("set", "if", "return", "rewrite"):
                 continue  # after `return` the rewrite phase has ended
             if name == "set" and s.args:
-                variables[s.args[0].lstrip("$")] = s.args[1] if len(s.args) > 1 else ""
+                sub.set_variable(s)
             elif name == "if" and s.block is not None:
-                self.if_routes(s, sub, region)
+                if sub.set_if(s):
+                    self.conditional[id(s)] = s
+                else:
+                    self.if_routes(s, sub, region)
             elif name == "return":
                 answer = self.answer(s)
                 if answer is None:
@@ -872,6 +910,10 @@ class _Importer:
             self.note(loc, "not translated: its Lua routing could not be carried over")
             return
         if lua is not None:
+            for d, name, _ in sub.conditional:
+                if id(d) not in self.consumed:
+                    self.consumed.add(id(d))
+                    self.note(d, f"`if` setting ${name} before a script is not translated")
             body = self.finish_lua(lua, proxy, variables, ctx.named, loc, body_buffer)
             if body is not None:
                 self.add(sub, "", region, body)
@@ -879,7 +921,7 @@ class _Importer:
         if proxy is None:
             self.note(loc, "location without proxy_pass, return or Lua routing")
             return
-        sent = self.proxy_body(proxy, variables, region, rewrite is not None)
+        sent = self.proxy_body(proxy, variables, region, rewrite is not None, sub)
         if sent is None:
             return
         if rewrite is not None:
@@ -1062,7 +1104,8 @@ class _Importer:
         if body is not None:
             self.add(ctx, "-if", {**region, **cond}, body)
 
-    def condition(self, d: Directive, ctx: _Context) -> dict[str, object] | bool | None:
+    def parse_condition(self, d: Directive) -> tuple[str, str, str] | None:
+        """`if ($var OP value)` -> (var, op, value); `if ($var)` -> (var, "", "")."""
         tokens = list(d.args)
         if tokens and tokens[-1] == ")":
             tokens.pop()
@@ -1076,8 +1119,51 @@ class _Importer:
         if var_m is None or var_m.end() != len(tokens[0]) or len(tokens) not in (1, 3):
             self.note(d, "this condition is not translated")
             return None
-        var = var_m.group(1).lower()
         op, value = (tokens[1], tokens[2]) if len(tokens) == 3 else ("", "")
+        return var_m.group(1).lower(), op, value
+
+    def pin_condition(self, d: Directive, ctx: _Context) -> dict[str, object] | None:
+        """The condition of `if (COND) { set ...; }` as pin conditions (`user_id` for a
+        cookie or an argument rides along, for the route)."""
+        parsed = self.parse_condition(d)
+        if parsed is None:
+            return None
+        var, op, value = parsed
+        if var.startswith(("cookie_", "arg_")):
+            source = {"cookie": var[7:]} if var.startswith("cookie_") else {"query": var[4:]}
+            if op == "=":
+                if value == "":
+                    self.note(d, "a condition that holds without a value is not translated")
+                    return None
+                return {"user_id": source, "users": [value]}
+            if op in ("", "~", "~*"):
+                pattern = "(?!0$)(?s:.+)" if op == "" else _pcre(value)
+                if op == "~*":
+                    pattern = f"(?i:{pattern})"
+                if not _regex_ok(pattern) or _matches_empty(pattern):
+                    self.note(d, "this condition is not translated (it holds without a value)")
+                    return None
+                return {"user_id": source, "user_pattern": _as_fullmatch(pattern)}
+            self.note(d, f"`{op}` on ${var} is not translated (an absent value would hold)")
+            return None
+        if var == "remote_addr":
+            cidr = _cidr_of(op, value)
+            if cidr is None:
+                self.note(d, "this condition on $remote_addr is not translated")
+                return None
+            return {"client_cidrs": [cidr]}
+        got = self.condition(d, ctx)
+        if isinstance(got, dict) and set(got) == {"headers"}:
+            return got
+        if got is not None:
+            self.note(d, "a pin cannot hold on this condition")
+        return None
+
+    def condition(self, d: Directive, ctx: _Context) -> dict[str, object] | bool | None:
+        parsed = self.parse_condition(d)
+        if parsed is None:
+            return None
+        var, op, value = parsed
         if var == "scheme" and op in ("=", "!="):
             if ctx.ssl:
                 self.note(d, "$scheme depends on the listening port; not translated")
@@ -1122,13 +1208,14 @@ class _Importer:
         variables: dict[str, str],
         region: dict[str, object],
         rewritten: bool,
+        ctx: _Context | None = None,
     ) -> Route | None:
         url = proxy.args[0] if proxy.args else ""
         m = re.match(r"^(https?)://([^/]+)(/.*)?$", url)
         if m is None:
             var = _VAR.match(url)
             if var is not None and var.end() == len(url):
-                return self.variable_body(var.group(1), variables, proxy, whole_url=True)
+                return self.variable_body(var.group(1), variables, proxy, ctx)
             self.note(proxy, "proxy_pass target not understood")
             return None
         if m.group(1) == "https":
@@ -1143,7 +1230,7 @@ class _Importer:
             if uri not in (None, "$request_uri"):
                 self.note(proxy, "a URI part after a variable upstream is not translated")
                 return None
-            return self.variable_body(var.group(1), variables, proxy)
+            return self.variable_body(var.group(1), variables, proxy, ctx)
         name = self.upstream_named(host)
         body: Route = {"to": name}
         if uri and not rewritten and uri != "$request_uri":
@@ -1182,13 +1269,17 @@ class _Importer:
         return self.upstream_named(m.group(1))
 
     def variable_body(
-        self, var: str, variables: dict[str, str], proxy: Directive, whole_url: bool = False
+        self, var: str, variables: dict[str, str], proxy: Directive, ctx: _Context | None = None
     ) -> Route | None:
-        """proxy_pass http://$var: from `set`, split_clients or a map (chains followed)."""
+        """proxy_pass http://$var: from `set` (with `if`s around), split_clients or a map
+        (chains followed)."""
+        sets = [(d, value) for d, name, value in (ctx.conditional if ctx else []) if name == var]
+        if sets and ctx is not None:
+            return self.conditional_body(var, sets, variables, proxy, ctx)
         if var in variables:
             value = variables[var]
             if "$" in value:
-                return self.variable_body(value.lstrip("$"), {}, proxy, whole_url)
+                return self.variable_body(value.lstrip("$"), {}, proxy)
             if value == "":
                 return {"direct_response": {"status": 500}}
             up = self.value_upstream(value, proxy)
@@ -1199,6 +1290,54 @@ class _Importer:
             return self.map_body(self.maps[var], proxy)
         self.note(proxy, f"${var} is not set by set, map, split_clients or Lua in this config")
         return None
+
+    def conditional_body(
+        self,
+        var: str,
+        sets: list[tuple[Directive, str]],
+        variables: dict[str, str],
+        proxy: Directive,
+        ctx: _Context,
+    ) -> Route | None:
+        """`set $var A; if (COND) { set $var B; } ...`: pins for the `if`s, the last one
+        first (nginx runs them all, the last that holds wins), then what A gives."""
+        if var in variables or var in self.maps or var in self.splits:
+            base = self.variable_body(var, variables, proxy)
+        else:
+            base = {"direct_response": {"status": 500}}  # nginx: an empty upstream
+        if base is None:
+            return None
+        pins: list[dict[str, object]] = []
+        source: object = None
+        for d, value in reversed(sets):
+            self.consumed.add(id(d))
+            cond = self.pin_condition(d, ctx)
+            if cond is None:
+                return None
+            up = self.value_upstream(value, d) if value and "$" not in value else None
+            if up is None:
+                self.note(d, f"set ${var} {value!r} inside `if` is only translated for an upstream")
+                return None
+            given = cond.pop("user_id", None)
+            if given is not None:
+                if source is not None and given != source:
+                    self.note(d, "`if`s on two different cookies or arguments are not translated")
+                    return None
+                source = given
+            pins.append({"to": up, **cond})
+        body: Route = {}
+        base_source = base.get("user_id")
+        if source is not None:
+            if base_source is not None and base_source != [source]:
+                self.note(proxy, "the `if`s and the map read different user IDs; not translated")
+                return None
+            body["user_id"] = [source]
+        elif base_source is not None:
+            body["user_id"] = base_source
+        base_pins = base.get("pins", [])
+        body["pins"] = pins + (base_pins if isinstance(base_pins, list) else [])
+        body.update({k: v for k, v in base.items() if k not in ("pins", "user_id")})
+        return body
 
     def split_body(
         self, split: _Split, through: dict[str, str], default: str, proxy: Directive
@@ -1496,6 +1635,17 @@ def _region_regex(region: dict[str, object], pattern: str) -> str | None:
     if "path_regex" in region:
         return f"^(?=.*?(?:{region['path_regex']})).*?(?:{pattern})"
     return pattern
+
+
+def _cidr_of(op: str, value: str) -> str | None:
+    """`$remote_addr = 10.1.2.3` or `~ ^10\\.1\\.` as a network (only these forms)."""
+    if op == "=" and re.fullmatch(r"\d+\.\d+\.\d+\.\d+", value):
+        return value + "/32"
+    m = re.fullmatch(r"\^((?:\d{1,3}\\\.){1,3})", value)
+    if op == "~" and m is not None:
+        octets = m.group(1).split("\\.")[:-1]
+        return ".".join(octets + ["0"] * (4 - len(octets))) + f"/{8 * len(octets)}"
+    return None
 
 
 def _as_fullmatch(pattern: str) -> str:

@@ -612,7 +612,7 @@ def test_every_directive_that_routes_is_translated_or_listed(tmp_path: Path) -> 
         server {
             location /a {
                 set $backend orders_v1;
-                if ($cookie_beta = "1") { set $backend orders_v2; }
+                if ($http_x_beta != "1") { set $backend orders_v2; }
                 proxy_pass http://$backend;
             }
             location /b { rewrite ^/b/(.*)$ /c/$1 last; }
@@ -637,6 +637,42 @@ def test_every_directive_that_routes_is_translated_or_listed(tmp_path: Path) -> 
     }, result.report()
     assert all(n.file.endswith("nginx.conf") for n in result.untranslated)
     assert result.yaml.endswith("\n")
+
+
+def test_if_set_before_proxy_pass_becomes_pins(tmp_path: Path) -> None:
+    result = imported(
+        tmp_path,
+        UPS
+        + """
+        server {
+            set $backend orders_v1;
+            if ($remote_addr ~ "^10\\.20\\.") { set $backend orders_v1_1; }
+            location / {
+                if ($cookie_gray = "beta") { set $backend orders_v2; }
+                if ($http_x_canary ~* "^yes$") { set $backend orders_v2; }
+                if ($http_x_debug) { set $debug 1; }
+                proxy_pass http://$backend;
+            }
+        }
+        """,
+    )
+    assert result.untranslated == []
+    (route,) = yaml.safe_load(result.yaml)["routes"]
+    # nginx runs every `if`; the last that holds sets the value: the last is checked first.
+    assert route == {
+        "name": "default",
+        "user_id": [{"cookie": "gray"}],
+        "pins": [
+            {"to": "orders_v2", "headers": {"X-Canary": "(?i)^yes$"}},
+            {"to": "orders_v2", "users": ["beta"]},
+            {"to": "orders_v1_1", "client_cidrs": ["10.20.0.0/16"]},
+        ],
+        "to": "orders_v1",
+    }
+    assert [n.text.split(" ")[0] for n in result.ignored] == ["events", "if"]  # $debug
+    assert decided(result, tmp_path, "/", cookie="gray=beta") == "orders_v2"
+    assert decided(result, tmp_path, "/", x_canary="YES") == "orders_v2"
+    assert decided(result, tmp_path, "/") == "orders_v1"
 
 
 def test_an_empty_translation_is_still_a_file_with_a_final_newline(tmp_path: Path) -> None:
