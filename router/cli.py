@@ -170,6 +170,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     push.add_argument("--strict", action="store_true", help="warnings refuse the push too")
     _add_etcd_flags(push)
+    _add_edge_flags(serve, defaults)
 
     sub.add_parser("demo", help="start demo upstreams and the router on rules/demo.yaml")
 
@@ -293,6 +294,7 @@ def serve_settings(args: argparse.Namespace) -> Settings:
         admin_token=args.admin_token,
         resolvers=args.resolvers,
         log_level=args.log_level,
+        **{name: getattr(args, name) for name, _, _ in _EDGE_FLAGS},
     )
 
 
@@ -305,6 +307,31 @@ def parse_serve(argv: list[str]) -> Settings:
     settings = serve_settings(args)
     settings.validate()
     return settings
+
+
+# HTTP defaults at the edge, each nginx's (docs/operations.md, "HTTP at the edge").
+_EDGE_FLAGS: tuple[tuple[str, type | None, str], ...] = (
+    ("keepalive_requests", int, "requests per client connection, then it closes (0: no limit)"),
+    ("keepalive_time", float, "seconds a client connection may serve requests (0: no limit)"),
+    ("max_response_header_bytes", int, "an upstream response header section over this is 502"),
+    ("request_buffer_bytes", int, "request body bytes held before the upstream is chosen (0: off)"),
+    ("normalize_paths", None, "routes match the normalised path (--no-normalize-paths: as sent)"),
+    ("underscores_in_headers", None, "keep header fields named with '_' (dropped otherwise)"),
+    ("allow_trace", None, "forward TRACE requests (405 by default)"),
+    ("gc_tuning", None, "freeze start-up objects out of the garbage collector (on by default)"),
+)
+
+
+def _add_edge_flags(serve: argparse.ArgumentParser, defaults: Settings) -> None:
+    for name, kind, help_ in _EDGE_FLAGS:
+        flag = "--" + name.replace("_", "-")
+        default = getattr(defaults, name)
+        if kind is None:
+            serve.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=default, help=help_
+            )
+        else:
+            serve.add_argument(flag, type=kind, default=default, help=help_)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -72,6 +72,26 @@ class Settings:
     max_target_bytes: int = 8 * 1024  # request target -> 414
     max_body_bytes: int = 1 << 30  # request body, 0 for no limit -> 413
     max_connections: int = 10_000  # client connections per worker; more are closed at once
+    # Requests per client connection, and its age (seconds), after which the connection
+    # closes following its next answer; 0 = no limit (nginx keepalive_requests/_time).
+    keepalive_requests: int = 1000
+    keepalive_time: float = 3600.0
+    # An upstream's response header section -> 502 (nginx proxy_buffer_size, one page).
+    max_response_header_bytes: int = 4096
+    # Request body bytes held before the upstream is chosen, so that a slow uploader
+    # holds no upstream connection for a small body; 0 = stream at once (nginx
+    # proxy_request_buffering on/off).
+    request_buffer_bytes: int = 64 * 1024
+    # Routes match the normalised path (`..`, `.`, `//`, %XX of unreserved characters),
+    # as nginx matches locations; the target is forwarded as received.
+    normalize_paths: bool = True
+    # Header fields whose name has `_` are dropped (nginx underscores_in_headers off).
+    underscores_in_headers: bool = False
+    # TRACE is answered 405 (as nginx does) unless allowed.
+    allow_trace: bool = False
+    # Workers freeze the objects of start-up out of the garbage collector and collect the
+    # young generation less often (short stalls of every connection of a worker otherwise).
+    gc_tuning: bool = True
     # Proxies whose X-Forwarded-For we believe when resolving the client address.
     trusted_proxies: list[str] = field(default_factory=list)
     # How long SIGTERM waits for requests in flight (seconds).
@@ -162,6 +182,13 @@ class Settings:
         for name in ("audit_max_bytes", "history_max_age", "history_max_versions"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be 0 (no bound) or more")
+        for name in ("keepalive_requests", "request_buffer_bytes"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')}: must be 0 (off) or more")
+        if self.keepalive_time < 0:
+            raise ConfigError("--keepalive-time: must be 0 (no limit) or a positive number")
+        if self.max_response_header_bytes < 1:
+            raise ConfigError("--max-response-header-bytes: must be at least 1")
         for cidr in self.trusted_proxies:
             try:
                 ipaddress.ip_network(cidr, strict=False)

@@ -7,6 +7,7 @@
     └── ProxyError                 a request that cannot be proxied; has an HTTP status
         ├── NoRouteError           404: no route matched
         ├── BadRequestError        400: malformed or ambiguous request framing
+        ├── MethodNotAllowed       405: TRACE (refused as nginx does)
         ├── HeaderTimeout          408: the request head did not arrive in time
         ├── ExpectationFailed      417: an Expect other than 100-continue
         ├── BodyTooLarge           413: a request body over --max-body-bytes
@@ -80,6 +81,10 @@ class NoRouteError(ProxyError):
 
 class BadRequestError(ProxyError):
     status, reason, code = 400, "Bad Request", "bad_request"
+
+
+class MethodNotAllowed(ProxyError):
+    status, reason, code = 405, "Method Not Allowed", "method_not_allowed"
 
 
 class HeaderTimeout(ProxyError):

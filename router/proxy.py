@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import re
 import time
 from collections import deque
 from email.utils import formatdate
@@ -37,6 +38,7 @@ from router.errors import (
     HeadersTooLarge,
     HeaderTimeout,
     InternalError,
+    MethodNotAllowed,
     NoEndpoints,
     NoRouteError,
     ProxyError,
@@ -46,7 +48,7 @@ from router.errors import (
     UpstreamUnavailable,
     error_body,
 )
-from router.rules import RequestView, decide, host_from_header
+from router.rules import RequestView, decide, host_from_header, normalize_path
 from router.upstream import (
     FRAMING_LENGTH,
     FRAMING_NONE,
@@ -87,7 +89,19 @@ class AccessLog(Protocol):
 
 
 # Request headers the proxy handles itself instead of forwarding as they are.
-_H_FORWARD, _H_HOST, _H_LENGTH, _H_TE, _H_EXPECT, _H_CONNECTION, _H_XFF, _H_XFP, _H_DROP = range(9)
+(
+    _H_FORWARD,
+    _H_HOST,
+    _H_LENGTH,
+    _H_TE,
+    _H_EXPECT,
+    _H_CONNECTION,
+    _H_XFF,
+    _H_XFP,
+    _H_DROP,  # not forwarded (hop-by-hop), still seen by Lua routes as in nginx
+    _H_UPGRADE,  # an Upgrade offer: kept aside, never forwarded as it is
+    _H_IGNORE,  # not a header at all for us (a name with `_`, as nginx ignores it)
+) = range(11)
 # Header names as clients spell them -> (_H_* kind, the name the rules know it by or None).
 _HeaderInfo = tuple[int, str | None]
 _HEADER_INFO_CACHE_SIZE = 512
@@ -101,13 +115,32 @@ _SPECIAL_REQUEST_HEADERS: dict[bytes, int] = {
     b"x-forwarded-proto": _H_XFP,
     **{name: _H_DROP for name in HOP_BY_HOP if name not in (b"connection", b"transfer-encoding")},
     b"proxy-authorization": _H_DROP,
+    b"upgrade": _H_UPGRADE,
+    # Belongs to an h2c Upgrade offer, which is this connection's only (RFC 9113 3.2.1).
+    b"http2-settings": _H_DROP,
 }
+# header_count of a request once its head is parsed: past every limit, so that the
+# limit check on_header already makes also catches trailer fields (see on_header).
+_TRAILERS = 1 << 62
 
 # Methods as str, without a decode per request.
 _METHODS = {
     m.encode(): m
     for m in ("GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "TRACE", "CONNECT")
 }
+
+# Refused before routing: CONNECT (this is no forward proxy) and, unless allowed, TRACE
+# (nginx answers it 405: it would echo credentials back to a script).
+_CONNECT_REFUSED = "CONNECT is not supported: this is a reverse proxy"
+_TRACE_REFUSED = "TRACE is not allowed (grayroute serve --allow-trace)"
+
+# Host per RFC 9112 3.2 / RFC 3986 3.2.2: an IP literal, or a reg-name or IPv4 address
+# (unreserved, pct-encoded, sub-delims), and an optional port. Checked once per distinct
+# value (Router.host_names), never per request.
+_HOST_SYNTAX = re.compile(
+    rb"(?:\[([0-9A-Fa-f:.]+)\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})+)(?::[0-9]*)?"
+)
+_HOST_CACHE_SIZE = 512
 
 # Safe to send again when a reused keep-alive connection turns out to be closed.
 _IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
@@ -127,6 +160,7 @@ _ROUTING, _READING_BODY, _CONNECTING, _STREAMING, _DONE = range(5)
 _PAUSE_PIPELINE = 1  # a pipelined request waits for the one before it
 _PAUSE_UPSTREAM_FULL = 2  # the upstream's write buffer is full
 _PAUSE_BUFFER_FULL = 4  # body bytes are held while routing or connecting
+_PAUSE_DONE = 8  # the connection's last request was read: nothing more ever is
 
 # Body bytes held per request before reading from the client pauses (beyond body_limit).
 _HOLD_CAP = 256 * 1024
@@ -174,6 +208,20 @@ class Router:
         self.trusted_networks = tuple(
             ipaddress.ip_network(cidr, strict=False) for cidr in settings.trusted_proxies
         )
+        # Valid Host values as received -> the host routes match (RFC 9112 3.2): checked
+        # once per distinct value; kept across reloads (no rule changes what a host is).
+        self.host_names: dict[bytes, str] = {}
+        self.normalize_paths = settings.normalize_paths
+        self.refused_methods: dict[bytes, tuple[type[ProxyError], str]] = {
+            b"CONNECT": (BadRequestError, _CONNECT_REFUSED)
+        }
+        if not settings.allow_trace:
+            self.refused_methods[b"TRACE"] = (MethodNotAllowed, _TRACE_REFUSED)
+        self.keepalive_requests = settings.keepalive_requests or 1 << 62
+        # Body bytes held before routing a request whose body is not read by its route
+        # (chunked ones always some, so that a small malformed one reaches no upstream).
+        self.hold_length = settings.request_buffer_bytes
+        self.hold_chunked = max(settings.request_buffer_bytes, _CHUNKED_HOLD)
         self._ticker: asyncio.Task[None] | None = None
         self._refresh_date()
         self.install(snapshot)
@@ -207,6 +255,13 @@ class Router:
             for pool in pools.values():
                 pool.start_health_checks()
         self.wanted_headers = frozenset(n.lower().encode("latin-1") for n in snapshot.header_names)
+        if not self.settings.underscores_in_headers:
+            for name in sorted(n for n in snapshot.header_names if "_" in n):
+                log.warning(
+                    "the rules read header %s, whose name has '_': such headers are dropped "
+                    "(grayroute serve --underscores-in-headers keeps them)",
+                    name,
+                )
         # What each header name means, learnt once per spelling instead of lower-casing
         # every name of every request; reset with the rules (they decide what is wanted).
         self.header_info: dict[bytes, _HeaderInfo] = {}
@@ -218,13 +273,27 @@ class Router:
 
     def learn_header(self, name: bytes) -> _HeaderInfo:
         lname = name.lower()
-        info = (
-            _SPECIAL_REQUEST_HEADERS.get(lname, _H_FORWARD),
-            lname.decode("latin-1") if lname in self.wanted_headers else None,
-        )
+        if b"_" in name and not self.settings.underscores_in_headers:
+            # nginx's underscores_in_headers off: `X_User_Id` could otherwise pass for
+            # `X-User-Id` at an upstream that maps both to one variable (CGI, WSGI).
+            info: _HeaderInfo = (_H_IGNORE, None)
+        else:
+            info = (
+                _SPECIAL_REQUEST_HEADERS.get(lname, _H_FORWARD),
+                lname.decode("latin-1") if lname in self.wanted_headers else None,
+            )
         if len(self.header_info) < _HEADER_INFO_CACHE_SIZE:
             self.header_info[name] = info
         return info
+
+    def learn_host(self, value: bytes) -> str:
+        """The host routes match for a Host value not seen before; 400 when invalid."""
+        host = _valid_host(value)
+        if host is None:
+            raise BadRequestError(f"invalid Host {value.decode('latin-1')!r}")
+        if len(self.host_names) < _HOST_CACHE_SIZE:
+            self.host_names[value] = host
+        return host
 
     def protocol_factory(self) -> HttpProxyProtocol:
         if self._ticker is None:
@@ -307,8 +376,11 @@ class _Request:
         "host",
         "http11",
         "keep_alive",
+        "match_host",
         "method",
+        "path",
         "pools",
+        "query",
         "raw_headers",
         "reads_body",
         "response_started",
@@ -317,7 +389,9 @@ class _Request:
         "started",
         "state",
         "status",
+        "target",
         "to_client",
+        "upgrade",
         "url",
         "view",
         "wanted",
@@ -328,7 +402,12 @@ class _Request:
     def __init__(self, started: float) -> None:
         self.started = started
         self.client_ip = ""
-        self.url = b""
+        self.url = b""  # the target as received (logged)
+        self.target = b""  # the target forwarded: origin-form
+        self.path = ""  # what routes match: normalised (Settings.normalize_paths)
+        self.query = ""
+        self.match_host = ""  # the Host as routes match it
+        self.upgrade: bytes | None = None  # an Upgrade offer (never forwarded as it is)
         self.headers: list[tuple[bytes, bytes]] = []
         self.wanted: dict[str, str] = {}
         self.host: bytes | None = None
@@ -386,7 +465,18 @@ class HttpProxyProtocol(asyncio.Protocol):
         self.closed = False
         self.served = 0
         self.unfinished_head = 0  # bytes read while a request head is incomplete
-        self.last_activity = time.monotonic()
+        self.last_activity = self.opened = time.monotonic()
+        # Requests this connection may still carry (keepalive_requests, keepalive_time).
+        self.requests_left = router.keepalive_requests
+        # The last request of the connection was parsed (`close`, a limit, or one that
+        # could not be parsed): nothing after it is read (RFC 9112 9.6).
+        self.reading_done = False
+        # A request refused while those before it on the connection are still being
+        # answered: its answer waits its turn (RFC 9112 9.3.2), then the connection closes.
+        self.rejection: ProxyError | None = None
+        # Set while the parser ends a declined Upgrade offer at its head: see
+        # _upgrade_offered.
+        self.upgrade_body: _Request | None = None
         self._serving_next = False
         # Response bytes produced while one upstream read is handled; written with one
         # send() when it ends (flush_output), not one per head, chunk and terminator.
@@ -429,29 +519,35 @@ class HttpProxyProtocol(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
-            # Upgrade is hop-by-hop and never forwarded: the request was served as plain
-            # HTTP/1.1, and what follows it is the next request, for a fresh parser.
+            # Handled below, outside this block: errors raised while parsing the rest
+            # must not carry this exception as their cause.
             offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
-            self.parser = httptools.HttpRequestParser(self)
-            if data[offset:] and not self.closed:
-                self.data_received(data[offset:])
-            return
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
             if isinstance(cause, ProxyError):  # raised on purpose by our callbacks
                 self._reject(cause)
+            elif isinstance(cause, _NotRead):
+                self._pause_reading(_PAUSE_DONE)
             else:
                 log.error("request handling failed", exc_info=cause)
                 self._reject(InternalError("request handling failed"))
+            return
         except httptools.HttpParserError as exc:
+            if self.reading_done and self.parsing is None:
+                # llhttp's own refusal of bytes after `Connection: close`: not read.
+                self._pause_reading(_PAUSE_DONE)
+                return
             self._reject(BadRequestError(f"malformed request: {_parser_reason(exc)}"))
             return
-        parsing = self.parsing
-        if parsing is not None and not parsing.head_done:
-            # A head spread over many reads: httptools holds its pieces until it ends.
-            self.unfinished_head += len(data)
-            if self.unfinished_head > self.router.settings.max_header_bytes:
-                self._reject(HeadersTooLarge("request head too large"))
+        else:
+            parsing = self.parsing
+            if parsing is not None and not parsing.head_done:
+                # A head spread over many reads: httptools holds its pieces until it ends.
+                self.unfinished_head += len(data)
+                if self.unfinished_head > self.router.settings.max_header_bytes:
+                    self._reject(HeadersTooLarge("request head too large"))
+            return
+        self._after_upgrade_offer(data[offset:])
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -475,6 +571,10 @@ class HttpProxyProtocol(asyncio.Protocol):
 
     def check_timeouts(self, now: float) -> None:
         settings = self.router.settings
+        if settings.keepalive_time and now - self.opened > settings.keepalive_time:
+            # nginx's keepalive_time: the next request is the connection's last, so that
+            # long-lived clients spread again over workers and machines.
+            self.requests_left = 0
         active = self.active
         if active is not None:
             # A body we hold before routing that stops coming (upstream timeouts govern
@@ -494,6 +594,10 @@ class HttpProxyProtocol(asyncio.Protocol):
 
     # -- httptools callbacks: the request --------------------------------------------
     def on_message_begin(self) -> None:
+        if self.reading_done:
+            # llhttp would go on parsing (it knows nothing of our limits, nor of the
+            # `close` of a request whose Upgrade offer was declined): stop it here.
+            raise _NotRead
         self.parsing = req = _Request(time.monotonic())
         if self.router.keeps_raw_headers:
             req.raw_headers = []
@@ -513,10 +617,14 @@ class HttpProxyProtocol(asyncio.Protocol):
         req.head_bytes += len(name) + len(value) + 4
         req.header_count += 1
         settings = self.router.settings
+        if req.header_count > settings.max_header_count:
+            if req.head_done:
+                # A trailer field (after a chunked body): never merged into the header
+                # section nor used for routing (RFC 9110 6.5.1); discarded, as nginx does.
+                return
+            raise HeadersTooLarge(f"more than {settings.max_header_count} header fields")
         if req.head_bytes > settings.max_header_bytes:
             raise HeadersTooLarge(f"header section over {settings.max_header_bytes} bytes")
-        if req.header_count > settings.max_header_count:
-            raise HeadersTooLarge(f"more than {settings.max_header_count} header fields")
         if req.raw_headers is not None:
             req.raw_headers.append((name, value))
         info = self.router.header_info.get(name) or self.router.learn_header(name)
@@ -541,11 +649,21 @@ class HttpProxyProtocol(asyncio.Protocol):
                 raise ExpectationFailed("only Expect: 100-continue is supported")
             req.expect_continue = True
         elif special == _H_CONNECTION:
-            req.connection_tokens = value.lower()
+            # Every Connection line counts (RFC 9110 5.3, 7.6.1), not only the last.
+            tokens = value.lower()
+            if req.connection_tokens is not None:
+                tokens = req.connection_tokens + b"," + tokens
+            req.connection_tokens = tokens
         elif special == _H_XFF:
             req.xff = value if req.xff is None else req.xff + b", " + value
         elif special == _H_XFP:
             req.xfp = value
+        elif special == _H_UPGRADE:
+            req.upgrade = value
+        elif special == _H_IGNORE:
+            if req.raw_headers is not None:
+                req.raw_headers.pop()
+            return
         key = info[1]
         if key is not None and key not in req.wanted:
             req.wanted[key] = value.decode("latin-1")
@@ -554,34 +672,73 @@ class HttpProxyProtocol(asyncio.Protocol):
         req = self.parsing
         assert req is not None
         req.head_done = True
+        req.header_count = _TRAILERS  # fields after this are trailers: see on_header
         self.unfinished_head = 0
         parser = self.parser
-        req.method = parser.get_method()
+        router = self.router
+        req.method = method = parser.get_method()
         version = parser.get_http_version()
         if version != "1.1" and version != "1.0":
             raise BadRequestError(f"HTTP/{version} is not supported (use HTTP/1.1)")
         req.http11 = version == "1.1"
-        req.keep_alive = parser.should_keep_alive()
-        if req.method == b"CONNECT":
-            raise BadRequestError("CONNECT is not supported: this is a reverse proxy")
-        if req.chunked and req.content_length is not None:
-            raise BadRequestError("both Content-Length and Transfer-Encoding")
-        if req.chunked and not req.http11:
-            raise BadRequestError("Transfer-Encoding in an HTTP/1.0 request")
-        limit = self.router.settings.max_body_bytes
-        if limit and req.content_length is not None and int(req.content_length) > limit:
-            raise BodyTooLarge(f"request body over {limit} bytes")
+        self.requests_left -= 1
+        if not parser.should_keep_alive() or self.requests_left <= 0:
+            req.keep_alive = False
+            self.reading_done = True
+        refused = router.refused_methods.get(method)
+        if refused is not None:
+            raise refused[0](refused[1])
+        length = req.content_length
+        if req.chunked:
+            if length is not None:
+                raise BadRequestError("both Content-Length and Transfer-Encoding")
+            if not req.http11:
+                raise BadRequestError("Transfer-Encoding in an HTTP/1.0 request")
+        elif length is not None:
+            if length[0] == 48 and len(length) > 1:  # leading zeros: forwarded canonical
+                req.content_length = length = length.lstrip(b"0") or b"0"
+            limit = router.settings.max_body_bytes
+            if limit and int(length) > limit:
+                raise BodyTooLarge(f"request body over {limit} bytes")
+        self._target_and_host(req)
         if req.connection_tokens is not None:
             _drop_connection_listed(req)
-        req.has_body = req.chunked or (
-            req.content_length is not None and req.content_length.strip(b"0") != b""
-        )
+        req.has_body = req.chunked or (length is not None and length != b"0")
+        if req.upgrade is not None and parser.should_upgrade():
+            self._upgrade_offered(req)
         if self.active is None and not self.waiting:
             self.active = req
             self._start(req)
         else:
             self.waiting.append(req)
             self._pause_reading(_PAUSE_PIPELINE)
+
+    def _target_and_host(self, req: _Request) -> None:
+        """What routes match and what is forwarded, from the target and Host (RFC 9112
+        3.2, 3.2.2): Host required in HTTP/1.1 and valid; an absolute-form target's
+        authority is the Host, for routing and upstream alike."""
+        url = req.url
+        if url[:1] == b"/":
+            target = url
+            path, _, query = url.partition(b"?")
+            query, _, _ = query.partition(b"#")
+        else:
+            path, query, target = _absolute_form(req, url)
+        req.target = target
+        host = req.host
+        if host is None:
+            if req.http11:
+                raise BadRequestError("HTTP/1.1 request without Host")
+        else:
+            req.match_host = self.router.host_names.get(host) or self.router.learn_host(host)
+        text = path.decode("latin-1")
+        if self.router.normalize_paths and ("%" in text or "/." in text or "//" in text):
+            normal = normalize_path(text) if text[:1] == "/" else text
+            if normal is None:
+                raise BadRequestError(f"invalid path {text!r}")
+            text = normal
+        req.path = text
+        req.query = query.decode("latin-1")
 
     def on_body(self, body: bytes) -> None:
         req = self.parsing
@@ -617,6 +774,36 @@ class HttpProxyProtocol(asyncio.Protocol):
         elif req.state == _READING_BODY:
             self._route_with_body(req)
 
+    # -- Upgrade offers (RFC 9110 7.8) -------------------------------------------------
+    def _upgrade_offered(self, req: _Request) -> None:
+        """`Connection: upgrade` with `Upgrade: ...` (WebSocket, h2c): the place where an
+        offer would be taken up. None is yet: every offer is declined, as HTTP lets a
+        server do, and the request is served as HTTP/1.1 with its body; Upgrade,
+        HTTP2-Settings and what Connection names are not forwarded.
+
+        llhttp ends such a request at its head and would take its body for the new
+        protocol: with a Content-Length of 36, the next 36 bytes could be a request
+        smuggled past routing. A declined offer's body is read as the body
+        (_after_upgrade_offer); until then the early end of the message lands on a
+        stand-in request.
+        """
+        if req.has_body:
+            self.upgrade_body = req
+            self.parsing = _Request(req.started)
+
+    def _after_upgrade_offer(self, rest: bytes) -> None:
+        """The parser stopped after the head of a declined Upgrade offer; `rest` is what
+        followed it: the request's body if it has one, then the next requests."""
+        req = self.upgrade_body
+        self.upgrade_body = None
+        if req is None:
+            self.parser = httptools.HttpRequestParser(self)
+        else:
+            self.parsing = req
+            self.parser = _parser_for_body_of(req, self)
+        if rest and not self.closed:
+            self.data_received(rest)
+
     # -- routing -----------------------------------------------------------------------
     def _start(self, req: _Request) -> None:
         """The head of `req` is parsed and `req` is first in line: route it."""
@@ -629,26 +816,27 @@ class HttpProxyProtocol(asyncio.Protocol):
             self._answer_error(req, NoRouteError(f"no route matched {view.method} {view.path}"))
             return
         req.route = route
-        reads_body = req.has_body and route.wants_body(view)
-        if reads_body or (req.chunked and not req.complete):
-            req.view = view
-            req.reads_body = reads_body
-            req.hold_limit = route.body_limit if reads_body else _CHUNKED_HOLD
-            req.state = _READING_BODY
-            if req.expect_continue and not req.continue_sent and not req.complete:
-                self._send_continue(req)
-            if req.complete or req.body_held >= req.hold_limit:
-                self._route_with_body(req)
-            return
+        if req.has_body:
+            # Hold the body before choosing: to read the user ID in it, and up to
+            # request_buffer_bytes so that a slow uploader holds no upstream connection
+            # (nginx proxy_request_buffering); chunked ones always 16 KiB, to check them.
+            reads_body = route.wants_body(view)
+            hold = 0
+            if not req.complete:
+                hold = router.hold_chunked if req.chunked else router.hold_length
+            if reads_body or hold:
+                req.view = view
+                req.reads_body = reads_body
+                req.hold_limit = max(route.body_limit, hold) if reads_body else hold
+                req.state = _READING_BODY
+                if req.expect_continue and not req.continue_sent and not req.complete:
+                    self._send_continue(req)
+                if req.complete or req.body_held >= req.hold_limit:
+                    self._route_with_body(req)
+                return
         self._dispatch(req, decide(snapshot, view, route))
 
     def _view(self, req: _Request, snapshot: Snapshot) -> RequestView:
-        url = req.url
-        if url[:1] == b"/":
-            path, _, query = url.partition(b"?")
-            query, _, _ = query.partition(b"#")
-        else:
-            path, query = _absolute_form(req, url)
         client_ip = self.peer_ip
         if self.peer_trusted and req.xff is not None:
             client_ip = _client_behind_proxies(req.xff, self.router.trusted_networks) or client_ip
@@ -656,11 +844,9 @@ class HttpProxyProtocol(asyncio.Protocol):
         method = req.method
         return RequestView(
             _METHODS.get(method) or method.decode("latin-1"),
-            path.decode("latin-1"),
-            query.decode("latin-1"),
-            host_from_header(req.host.decode("latin-1"))
-            if req.host and self.router.matches_hosts
-            else "",
+            req.path,
+            req.query,
+            req.match_host if self.router.matches_hosts else "",
             req.wanted,
             client_ip,
             raw_headers=req.raw_headers,
@@ -763,7 +949,7 @@ class HttpProxyProtocol(asyncio.Protocol):
         # A route that rewrites the path (prefix_rewrite, regex_rewrite) changes only what
         # the upstream is asked for; the log keeps the client's target.
         target = req.decision.target if req.decision is not None else None
-        url = req.url if target is None else target.encode("latin-1")
+        url = req.target if target is None else target.encode("latin-1")
         parts = [req.method, b" ", url, b" HTTP/1.1\r\n"]
         for name, value in req.headers:
             parts += (name, b": ", value, _CRLF)
@@ -982,13 +1168,30 @@ class HttpProxyProtocol(asyncio.Protocol):
         self._finish(req)
 
     def _reject(self, error: ProxyError) -> None:
-        """A request we cannot parse or accept: answer it (when we can) and close."""
-        req = self.active
-        if req is not None and req.state != _DONE:
-            self._drop_upstream(req)
-            if req.response_started:
-                self._close_client()
-                return
+        """A request we cannot parse or accept: its answer follows those of the requests
+        before it on the connection (RFC 9112 9.3.2; a client must not retry a POST that
+        was applied), then the connection closes. Nothing after it is read."""
+        self.reading_done = True
+        self._pause_reading(_PAUSE_DONE)
+        req = self.parsing
+        self.parsing = None
+        if req is not None and req is self.active:
+            # Its own body is what is wrong, while it is being served.
+            if req.state != _DONE:
+                self._drop_upstream(req)
+                if req.response_started:
+                    self._close_client()
+                    return
+            self.active = None
+        elif req is not None and self.waiting and self.waiting[-1] is req:
+            self.waiting.pop()  # queued by its head; this answer takes its place
+        if self.active is not None or self.waiting:
+            self.rejection = error
+            return
+        self._answer_rejection(error)
+
+    def _answer_rejection(self, error: ProxyError) -> None:
+        self.rejection = None
         if self.transport is None or self.closed:
             return
         self._write_answer(
@@ -1045,6 +1248,9 @@ class HttpProxyProtocol(asyncio.Protocol):
                 self.active = req
                 self._start(req)
             if not self.waiting:
+                if self.rejection is not None and self.active is None:
+                    self._answer_rejection(self.rejection)
+                    return
                 self._resume_reading(_PAUSE_PIPELINE)
         finally:
             self._serving_next = False
@@ -1100,7 +1306,8 @@ def _drop_connection_listed(req: _Request) -> None:
     """Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1)."""
     tokens = req.connection_tokens
     assert tokens is not None
-    listed = {t.strip() for t in tokens.split(b",")} - {b"close", b"keep-alive", b""}
+    # Host is never dropped: the upstream must get the one routing used.
+    listed = {t.strip() for t in tokens.split(b",")} - {b"close", b"keep-alive", b"host", b""}
     if listed:
         req.headers = [(n, v) for n, v in req.headers if n.lower() not in listed]
 
@@ -1123,18 +1330,101 @@ def _apply_script_headers(req: _Request, edits: tuple[tuple[str, str | None], ..
     req.headers = headers
 
 
-def _absolute_form(req: _Request, url: bytes) -> tuple[bytes, bytes]:
-    """`GET http://host/path?q HTTP/1.1`: take path and query, and the host if none given."""
+def _absolute_form(req: _Request, url: bytes) -> tuple[bytes, bytes, bytes]:
+    """`GET http://host/path?q HTTP/1.1`: (path, query, origin-form target to forward).
+
+    The target's authority is the request's Host, whatever a Host header says (RFC 9112
+    3.2.2), so that routing and the upstream see the same host; userinfo is refused.
+    """
     if url == b"*":
-        return b"*", b""
+        return b"*", b"", url
     try:
         parsed = httptools.parse_url(url)
     except httptools.HttpParserInvalidURLError as exc:
         raise BadRequestError("invalid request target") from exc
-    if req.host is None and parsed.host:
-        req.host = parsed.host if parsed.port is None else b"%b:%d" % (parsed.host, parsed.port)
-        req.headers.append((b"Host", req.host))
-    return parsed.path or b"/", parsed.query or b""
+    if parsed.schema is None or parsed.schema.lower() not in (b"http", b"https"):
+        raise BadRequestError("request target is neither origin-form nor an http(s) URI")
+    if parsed.userinfo is not None:
+        raise BadRequestError("userinfo in the request target")
+    host = parsed.host
+    if not host:
+        raise BadRequestError("request target without a host")
+    if b":" in host:
+        host = b"[" + host + b"]"
+    authority = host if parsed.port is None else b"%b:%d" % (host, parsed.port)
+    req.host = authority
+    req.headers = [(n, v) for n, v in req.headers if n.lower() != b"host"]
+    req.headers.append((b"Host", authority))
+    path = parsed.path or b"/"
+    query = parsed.query or b""
+    return path, query, path + b"?" + query if query else path
+
+
+def _valid_host(value: bytes) -> str | None:
+    """The Host value as routes match it, or None when it is not `host[:port]`."""
+    match = _HOST_SYNTAX.fullmatch(value)
+    if match is None:
+        return None
+    literal = match.group(1)
+    if literal is not None:
+        try:
+            ipaddress.IPv6Address(literal.decode())
+        except ValueError:
+            return None
+    return host_from_header(value.decode("latin-1"))
+
+
+class _NotRead(Exception):
+    """Raised in a parser callback to stop parsing what follows a connection's last request."""
+
+
+def _parser_for_body_of(req: _Request, conn: HttpProxyProtocol) -> httptools.HttpRequestParser:
+    """A parser that reads the body of `req`, whose head was parsed already, then the
+    requests after it: primed with a head that frames the same body."""
+    parser = httptools.HttpRequestParser(_BodyThenRequests(conn))
+    if req.chunked:
+        parser.feed_data(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+    else:
+        assert req.content_length is not None
+        parser.feed_data(b"POST / HTTP/1.1\r\nContent-Length: %b\r\n\r\n" % req.content_length)
+    return parser
+
+
+class _BodyThenRequests:
+    """Parser callbacks after a declined Upgrade offer (see _parser_for_body_of): the
+    primed head is nobody's; body, trailers and end go to the offer's request; after
+    that, every callback goes to the connection as usual. Only such connections pay
+    the indirection."""
+
+    def __init__(self, conn: HttpProxyProtocol) -> None:
+        self.conn = conn
+        self.past_head = False  # the primed head is parsed: the offer's body follows
+        self.past_body = False  # the offer's request is complete: requests follow
+
+    def on_message_begin(self) -> None:
+        if self.past_body:
+            self.conn.on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        if self.past_body:
+            self.conn.on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.past_head:
+            self.conn.on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if self.past_body:
+            self.conn.on_headers_complete()
+        self.past_head = True
+
+    def on_body(self, body: bytes) -> None:
+        self.conn.on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self.past_body or self.conn.parsing is not None:
+            self.conn.on_message_complete()
+        self.past_body = True
 
 
 _Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]

@@ -132,6 +132,12 @@ class UpstreamConnection(asyncio.Protocol):
         self._framing_error = False
         self._framing = FRAMING_NONE
         self._interim = False
+        self._head_bytes = 0  # of the response header section being parsed
+        # The sink of a response that ended in the read being parsed, told once the
+        # whole read is parsed: bytes after the end of a response must be seen (and the
+        # connection dropped) before it can go back to the pool (see on_message_begin).
+        self._done: ResponseSink | None = None
+        self._keep_alive = False
 
     # -- lending -----------------------------------------------------------------------
     def begin(self, sink: ResponseSink, head_only: bool) -> None:
@@ -172,14 +178,27 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
-            log.error("response handling failed", exc_info=exc.__context__)
-            self._fail(UpstreamBadResponse("response handling failed"))
+            cause = exc.__context__
+            if isinstance(cause, UpstreamBadResponse):  # raised on purpose (on_*)
+                self._fail(cause)
+            elif not isinstance(cause, _OutOfStep):
+                log.error("response handling failed", exc_info=cause)
+                self._fail(UpstreamBadResponse("response handling failed"))
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             # HttpParserUpgrade: a 101 nobody asked for (Upgrade is never forwarded).
             self._fail(UpstreamBadResponse(f"invalid HTTP response: {exc!r}"))
         else:
             if self._framing_error:
                 self._fail(UpstreamBadResponse("ambiguous response framing"))
+            elif not self._headers_done and self.sink is not None:
+                # A head spread over reads: httptools holds its pieces until it ends.
+                self._head_bytes += len(data)
+                if self._head_bytes > self.pool.max_head_bytes:
+                    self._fail(UpstreamBadResponse(self._head_too_large()))
+        done = self._done
+        if done is not None:
+            self._done = None
+            done.response_complete(self._keep_alive and not self.closed)
         sink.flush_output()
 
     def eof_received(self) -> bool | None:
@@ -212,11 +231,13 @@ class UpstreamConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         if self.sink is None:
             # A response nobody asked for (bytes after the end of the last one): the
-            # connection is out of step with its requests and must never be reused.
+            # connection is out of step with its requests and must never be reused,
+            # and none of those bytes may reach a client.
             self.abort()
             self.pool.forget(self)
-            return
+            raise _OutOfStep
         self._header_lines = []
+        self._head_bytes = 0
         self._connection_listed = None
         self._content_length = None
         self._chunked = False
@@ -227,6 +248,7 @@ class UpstreamConnection(asyncio.Protocol):
     # nginx), and httptools skips callbacks a parser object does not have.
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value) + 4
         kind = _KNOWN_RESPONSE_NAMES.get(name)
         if kind is None:
             kind = _RESPONSE_HEADER_KIND.get(name.lower(), _FORWARD)
@@ -264,11 +286,17 @@ class UpstreamConnection(asyncio.Protocol):
             # for the final one. 101 is never asked for (Upgrade is hop-by-hop).
             self._interim = True
             return
+        if self._head_bytes > self.pool.max_head_bytes:
+            # nginx: "upstream sent too big header" (proxy_buffer_size) -> 502
+            raise UpstreamBadResponse(self._head_too_large())
         self._interim = False
         self._headers_done = True
         if self._framing_error or (self._chunked and self._content_length is not None):
             self._framing_error = True
             return
+        length = self._content_length
+        if length is not None and length[0] == 48 and len(length) > 1:
+            self._content_length = length.lstrip(b"0") or b"0"  # forwarded canonical
         if self._connection_listed:
             self._drop_connection_listed()
         if self._head_only or status in (204, 304):
@@ -305,16 +333,29 @@ class UpstreamConnection(asyncio.Protocol):
         if sink is None:
             return
         self.sink = None
-        reusable = self._parser.should_keep_alive() and not self.closed
-        sink.response_complete(reusable)
+        self._keep_alive = self._parser.should_keep_alive()
+        self._done = sink  # told when the whole read is parsed (data_received)
+
+    def _head_too_large(self) -> str:
+        return f"response header section over {self.pool.max_head_bytes} bytes"
 
     def _fail(self, error: Exception) -> None:
+        if self._done is not None:
+            # The response was complete: what follows it is what is wrong. The client
+            # has its answer; the connection is dropped (abort below).
+            self.abort()
+            self.pool.forget(self)
+            return
         sink = self.sink
         started = self._headers_done
         self.abort()
         self.pool.forget(self)
         if sink is not None:
             sink.upstream_failed(error, started)
+
+
+class _OutOfStep(Exception):
+    """Raised in a parser callback: bytes after a complete response are not parsed."""
 
 
 class UpstreamPool:
@@ -326,6 +367,7 @@ class UpstreamPool:
         self.endpoints, self.connect_timeout, self.read_timeout, _, self.max_fails = key[:5]
         self.fail_timeout = key[5]
         self.max_idle = settings.upstream_keepalive
+        self.max_head_bytes = settings.max_response_header_bytes
         self.health_check = spec.health_check
         # Where requests go while no endpoint is up, in order (set by Router.install).
         self.fallbacks: tuple[UpstreamPool, ...] = ()

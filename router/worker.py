@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -41,6 +42,25 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("grayroute.worker")
 _BACKLOG = 4096  # pending connections per worker socket
+# gc thresholds while tuned: the young generation collected every 7,000 net allocations
+# instead of 700, so that fewer objects of requests in flight are promoted to the old
+# generations, whose collections are the ones that stall every connection at once.
+_GC_THRESHOLDS = (7_000, 10, 10)
+
+
+def tune_gc() -> None:
+    """Take everything that exists after start-up (modules, rules, the router) out of
+    the collector's reach, and collect the young generation less often.
+
+    A full collection walks every tracked object; a worker holds ~20,000 of them after
+    start-up that never become garbage, and walking them took milliseconds per full
+    collection, on every connection of the worker at once (tens of ms on a busy
+    machine). Frozen objects are still freed by reference counting; only cycles among
+    them would be kept, and start-up leaves none worth collecting.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*_GC_THRESHOLDS)
 
 
 class _ReportPipe(asyncio.Protocol):
@@ -150,6 +170,8 @@ class Worker:
             await self.report.close(2.0)
             return EXIT_WORKER_SETUP
 
+        if self.settings.gc_tuning:
+            tune_gc()
         self._keep(self._read_commands())
         self._keep(self._flush_metrics())
         if self.access_log is not None:

@@ -8,6 +8,9 @@
   ephemeral port, with a metrics recorder.
 - `threaded_proxy`: a backend and the router on an event loop in a thread of their own,
   for synchronous clients (hypothesis drives the router through blocking sockets).
+- `raw_upstream`: an upstream on a raw socket that records the exact bytes it received
+  on each connection and answers each request (as httptools delimits them) with
+  scripted bytes: for the HTTP tests that must see what went on the wire.
 - `upstreams`: the demo upstreams v1 and v2 (router.demo).
 - `serve_router`: `grayroute serve` as a real subprocess (supervisor + workers); `poll`;
   `scrape` reads its /metrics.
@@ -45,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httptools
 import httpx
 import pytest
 import trustme
@@ -212,6 +216,82 @@ async def switchable() -> AsyncIterator[Callable[[str], Awaitable[Switchable]]]:
     yield start
     for up in started:
         await up.stop()
+
+
+# -- a raw-socket upstream ----------------------------------------------------------------
+RAW_OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+Answer = Callable[[int, int], bytes | None]
+
+
+@dataclass
+class RawUpstream:
+    """`received[i]`: every byte connection i brought, in order. `answer(conn, n)` gives
+    the bytes sent back when the n-th request (1-based) on connection `conn` (1-based)
+    is complete; None closes the connection instead."""
+
+    answer: Answer
+    port: int = 0
+    received: list[bytearray] = field(default_factory=list)
+    requests: int = 0
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def all_bytes(self) -> bytes:
+        return b"".join(self.received)
+
+
+class _RawUpstreamConnection(asyncio.Protocol):
+    def __init__(self, upstream: RawUpstream) -> None:
+        self.upstream = upstream
+        upstream.received.append(bytearray())
+        self.number = len(upstream.received)
+        self.served = 0
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.upstream.received[self.number - 1] += data
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            assert self.transport is not None
+            self.transport.close()
+
+    def on_message_complete(self) -> None:
+        self.served += 1
+        self.upstream.requests += 1
+        reply = self.upstream.answer(self.number, self.served)
+        assert self.transport is not None
+        if reply is None:
+            self.transport.close()
+        else:
+            self.transport.write(reply)
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator[Callable[..., Awaitable[RawUpstream]]]:
+    """`await raw_upstream(answer=lambda conn, n: RAW_OK)` starts one; closed at teardown."""
+    servers: list[asyncio.AbstractServer] = []
+
+    async def start(answer: Answer = lambda c, n: RAW_OK) -> RawUpstream:
+        upstream = RawUpstream(answer)
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: _RawUpstreamConnection(upstream), "127.0.0.1", 0)
+        upstream.port = server.sockets[0].getsockname()[1]
+        servers.append(server)
+        return upstream
+
+    yield start
+    for server in servers:
+        server.close()
 
 
 # -- the router in this process ------------------------------------------------------------

@@ -150,4 +150,65 @@ MALFORMED: list[tuple[str, bytes, int]] = [
     ("leading-space", b" GET / HTTP/1.1\r\n" + H + b"\r\n", 400),
     ("garbage", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400),
     ("connect-method", b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", 400),
+    # nginx answers TRACE 405 (it would echo credentials back to a script)
+    ("trace-method", b"TRACE / HTTP/1.1\r\n" + H + b"\r\n", 405),
+    # -- Host (RFC 9112 3.2: 400 for none in HTTP/1.1, for an invalid value) -------------
+    ("http11-no-host", b"GET / HTTP/1.1\r\nX-User-Id: 42\r\n\r\n", 400),
+    ("host-space-slash", b"GET / HTTP/1.1\r\nHost: a b/c\r\nX-User-Id: 42\r\n\r\n", 400),
+    ("host-slash", b"GET / HTTP/1.1\r\nHost: a/../b\r\n\r\n", 400),
+    ("host-empty", b"GET / HTTP/1.1\r\nHost: \r\n\r\n", 400),  # nginx: 400 too
+    ("host-bad-port", b"GET / HTTP/1.1\r\nHost: a:80x\r\n\r\n", 400),
+    ("host-userinfo", b"GET / HTTP/1.1\r\nHost: evil@a\r\n\r\n", 400),
+    ("host-bad-ipv6", b"GET / HTTP/1.1\r\nHost: [::zz]\r\n\r\n", 400),
+    ("host-bad-escape", b"GET / HTTP/1.1\r\nHost: a%zz\r\n\r\n", 400),
+    # absolute-form: the target's authority is the Host (RFC 9112 3.2.2); no userinfo
+    ("absolute-userinfo", b"GET http://evil@a/x HTTP/1.1\r\nHost: b\r\n\r\n", 400),
+    ("absolute-not-http", b"GET ftp://a/x HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    ("absolute-no-host", b"GET http:///x HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    ("absolute-bad-host", b"GET http://a%zz/x HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    # -- paths nginx refuses (ngx_http_parse_complex_uri) --------------------------------
+    ("path-above-root", b"GET /../etc/passwd HTTP/1.1\r\n" + H + b"\r\n", 400),
+    ("path-above-root-encoded", b"GET /a/%2e%2e/%2E%2E/x HTTP/1.1\r\n" + H + b"\r\n", 400),
+    ("path-bad-escape", b"GET /a%zz HTTP/1.1\r\n" + H + b"\r\n", 400),
+    ("path-cut-escape", b"GET /a%4 HTTP/1.1\r\n" + H + b"\r\n", 400),
+    # -- Upgrade offers are declined, their framing checked as any request's ------------
+    (
+        "upgrade-cl-and-te",
+        b"POST / HTTP/1.1\r\n"
+        + H
+        + b"Connection: Upgrade\r\nUpgrade: websocket\r\nContent-Length: 5\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        400,
+    ),
+    (
+        "upgrade-bad-chunk",
+        b"POST / HTTP/1.1\r\n"
+        + H
+        + b"Connection: Upgrade\r\nUpgrade: h2c\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"zz\r\nGET /smuggled HTTP/1.1\r\n\r\n",
+        400,
+    ),
+    (
+        "upgrade-body-over-limit",
+        b"POST / HTTP/1.1\r\n"
+        + H
+        + b"Connection: Upgrade\r\nUpgrade: websocket\r\nContent-Length: 1001\r\n\r\n",
+        413,
+    ),
+    (
+        "upgrade-chunked-over-limit",
+        b"POST / HTTP/1.1\r\n"
+        + H
+        + b"Connection: Upgrade\r\nUpgrade: h2c\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"3e9\r\n"
+        + b"x" * 1001
+        + b"\r\n0\r\n\r\n",
+        413,
+    ),
+    # a malformed trailer section is a malformed request (its short body was held)
+    (
+        "trailer-bare-lf",
+        b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n0\r\nX-T: 1\n\r\n",
+        400,
+    ),
 ]

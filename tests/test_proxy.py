@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import resource
+import shutil
 import signal
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -20,8 +21,9 @@ from hypothesis import strategies as st
 
 from lua_compat.runtime import lua_available
 from router.demo import RouterProcess
+from router.rules import normalize_path
 
-from conftest import Serve, ThreadedProxy
+from conftest import RAW_OK, Serve, ThreadedProxy, poll
 from http_corpus import MALFORMED
 
 RULES = """
@@ -450,7 +452,19 @@ _TOKEN = st.text(
 _VALUE = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40).map(
     str.strip
 )
-_PATH = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-._~/%=&", max_size=30)
+# Paths a server may serve (RFC 3986 3.3): `%` only in `%XX`, never `..` above the root
+# (a 400, as in nginx: test_invalid_paths_are_refused).
+_PATH = (
+    st.lists(
+        st.one_of(
+            st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-._~/=&", min_size=1, max_size=6),
+            st.sampled_from(["%41", "%2F", "%2e", "%7E", "%25", "%C3%A9"]),
+        ),
+        max_size=6,
+    )
+    .map("".join)
+    .filter(lambda p: normalize_path("/" + p) is not None)
+)
 _RESERVED = {"host", "content-length", "transfer-encoding", "expect", "connection", "upgrade",
              "keep-alive", "te", "trailer", "proxy-connection", "proxy-authorization",
              "proxy-authenticate", "x-forwarded-for", "x-forwarded-proto",
@@ -836,3 +850,402 @@ async def test_each_pin_kind_end_to_end(
         assert r.json()["version"] == "v2", kind
         r = await client.get("/", headers=not_held)
         assert r.json()["version"] == "v1", kind
+
+
+# -- HTTP at the edge: each defect with its exact bytes, through the real router ------------
+# The upstream is `raw_upstream`: what it received is compared byte for byte.
+EDGE_RULES = """
+format: 1
+upstreams:
+  v1: {{endpoints: ["{v1}"]}}
+  v2: {{endpoints: ["{v2}"]}}
+user_id: [{{header: X-User-Id}}]
+routes:
+  - name: admin
+    match: {{path_prefix: /admin}}
+    to: v2
+  - name: all
+    pins:
+      - to: v2
+        users: ["42"]
+    to: v1
+"""
+FWD = b"X-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Proto: http\r\n\r\n"
+
+
+class _Responses:
+    """httptools callbacks: (status, headers, body) of each response, in order."""
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.done: list[tuple[int, dict[bytes, bytes], bytes]] = []
+        self._headers: dict[bytes, bytes] = {}
+        self._body: list[bytes] = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers[name.lower()] = value
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        status = self.parser.get_status_code()
+        self.done.append((status, self._headers, b"".join(self._body)))
+        self._headers, self._body = {}, []
+
+
+async def exchange(
+    port: int, data: bytes, answers: int = 0, timeout: float = 5.0
+) -> tuple[list[tuple[int, dict[bytes, bytes], bytes]], bytes, bool]:
+    """Send `data`; read until the router closes (or `answers` responses, when given).
+    The responses, every byte read, and whether the router closed the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    got = _Responses()
+    raw = b""
+    closed = False
+    try:
+        async with asyncio.timeout(timeout):
+            while not answers or len(got.done) < answers:
+                chunk = await reader.read(65536)
+                if not chunk:
+                    closed = True
+                    break
+                raw += chunk
+                got.parser.feed_data(chunk)
+    finally:
+        writer.close()
+    return got.done, raw, closed
+
+
+@pytest.fixture
+async def edge(proxy: Any, raw_upstream: Any) -> Any:
+    """`await edge(**settings)`: the router on EDGE_RULES over two raw upstreams."""
+
+    async def start(answer: Any = None, **settings: Any) -> tuple[Any, Any, Any]:
+        v1 = await (raw_upstream(answer) if answer else raw_upstream())
+        v2 = await raw_upstream()
+        rp = await proxy(EDGE_RULES.format(v1=v1.endpoint, v2=v2.endpoint), **settings)
+        return rp, v1, v2
+
+    return start
+
+
+@pytest.mark.parametrize("buffering", [65536, 0], ids=["buffered", "streamed"])
+async def test_upgrade_offer_body_is_the_requests_body_not_a_smuggled_request(
+    edge: Any, buffering: int
+) -> None:
+    """RFC 9112 6.3: the Content-Length bytes belong to the POST; an Upgrade offer that is
+    declined (RFC 9110 7.8) changes nothing about that. The 35 bytes that look like a
+    request are the first 35 of its 36-byte body: the POST waits for the 36th."""
+    rp, v1, v2 = await edge(request_buffer_bytes=buffering)
+    head = b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 36\r\n" + FWD
+    reader, writer = await asyncio.open_connection("127.0.0.1", rp.port)
+    writer.write(
+        b"POST /a HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Content-Length: 36\r\n\r\nGET /SMUGGLED HTTP/1.1\r\nHost: b\r\n\r\n"
+    )
+    body = b"GET /SMUGGLED HTTP/1.1\r\nHost: b\r\n\r\n"
+    if buffering:
+        await asyncio.sleep(0.2)  # held until complete: nothing upstream yet
+        assert v1.received == []
+    else:
+        await poll(lambda: asyncio.sleep(0, v1.all_bytes == head + body))
+    writer.write(b"!")
+    got = _Responses()
+    while not got.done:
+        got.parser.feed_data(await asyncio.wait_for(reader.read(65536), 5))
+    writer.close()
+    assert got.done[0][0] == 200
+    assert v1.all_bytes == head + body + b"!"
+    assert v2.received == []
+
+
+async def test_chunked_upgrade_offer_body_then_next_request(edge: Any) -> None:
+    rp, v1, _ = await edge()
+    sent = (
+        b"POST /a HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: h2c\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        b"GET /next HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
+    answers, _, closed = await exchange(rp.port, sent)
+    assert [a[0] for a in answers] == [200, 200] and closed
+    assert v1.all_bytes == (
+        b"POST /a HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
+        + FWD
+        + b"3\r\nabc\r\n0\r\n\r\n"
+        + b"GET /next HTTP/1.1\r\nHost: a\r\n"
+        + FWD
+    )
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+async def test_curl_h2c_upgrade_offer_with_a_body_gets_200_like_nginx(edge: Any) -> None:
+    """`curl --http2 -d a=1 http://...` offers h2c (Upgrade, HTTP2-Settings): nginx
+    declines and answers 200; so does the router, and the upstream gets the body."""
+    rp, v1, _ = await edge()
+    proc = await asyncio.create_subprocess_exec(
+        "curl", "-sS", "--http2", "-d", "a=1", "-o", "/dev/null", "-w", "%{http_code}",
+        f"{rp.url}/form",
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 10)
+    assert out == b"200"
+    (request,) = v1.received
+    head, _, body = bytes(request).partition(b"\r\n\r\n")
+    assert body == b"a=1"
+    names = {line.split(b":")[0].lower() for line in head.split(b"\r\n")[1:]}
+    assert not names & {b"upgrade", b"http2-settings", b"connection"}
+    assert b"content-length" in names
+
+
+async def test_trailer_fields_are_neither_headers_nor_routing_input(edge: Any) -> None:
+    """RFC 9110 6.5.1: a trailer field is not merged into the header section; a trailer
+    `X-User-Id: 42` does not pin the request, a trailer Host is not the Host."""
+    rp, v1, v2 = await edge()
+    sent = (
+        b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"1\r\nZ\r\n0\r\nX-User-Id: 42\r\nHost: evil\r\n\r\n"
+        b"GET /y HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
+    answers, _, _ = await exchange(rp.port, sent)
+    assert [a[0] for a in answers] == [200, 200]
+    assert v2.received == []  # user 42 would have been pinned to v2
+    assert v1.all_bytes == (
+        b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
+        + FWD
+        + b"1\r\nZ\r\n0\r\n\r\n"
+        + b"GET /y HTTP/1.1\r\nHost: a\r\n"
+        + FWD
+    )
+
+
+@pytest.mark.parametrize(
+    ("after", "then"),
+    [
+        (b"GARBAGE\r\n\r\n", 400),  # a malformed request after a valid one
+        (b"POST /q HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
+        (b"GET /q HTTP/1.1\r\n" + b"X-Pad: " + b"p" * 5000 + b"\r\n\r\n", 431),
+    ],
+    ids=["garbage", "two-lengths", "head-too-large"],
+)
+async def test_a_malformed_pipelined_request_does_not_erase_the_answer_before_it(
+    edge: Any, after: bytes, then: int
+) -> None:
+    """RFC 9112 9.3.2: answers go in the order of the requests. The POST was applied
+    upstream, so its client must get its answer, then the 400 (and the close)."""
+    rp, v1, _ = await edge(max_header_bytes=4096)
+    sent = b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc" + after
+    answers, raw, closed = await exchange(rp.port, sent)
+    assert [a[0] for a in answers] == [200, then], raw
+    assert answers[0][2] == b"ok" and closed
+    assert v1.all_bytes == b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n" + FWD + b"abc"
+
+
+@pytest.mark.parametrize(
+    "after",
+    [b"GET /b HTTP/1.1\r\nHost: a\r\n\r\n", b"GARBAGE\r\n\r\n", b"\x16\x03\x01"],
+    ids=["request", "garbage", "tls"],
+)
+async def test_nothing_after_connection_close_is_read(edge: Any, after: bytes) -> None:
+    """RFC 9112 9.6: a server does not process requests after one with `close`."""
+    rp, v1, _ = await edge()
+    sent = b"GET /a HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n" + after
+    answers, _, closed = await exchange(rp.port, sent)
+    assert [(a[0], a[1].get(b"connection")) for a in answers] == [(200, b"close")]
+    assert closed
+    assert v1.all_bytes == b"GET /a HTTP/1.1\r\nHost: a\r\n" + FWD
+
+
+async def test_a_second_answer_from_the_upstream_never_reaches_the_next_request(
+    edge: Any,
+) -> None:
+    """The bytes after a complete response belong to no request: that connection is
+    dropped (never reused) and they never reach a client."""
+    injected = RAW_OK + b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nINJECTD"
+    rp, v1, _ = await edge(answer=lambda c, n: injected if c == 1 else RAW_OK)
+    sent = (
+        b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
+    answers, raw, _ = await exchange(rp.port, sent)
+    assert [(a[0], a[2]) for a in answers] == [(200, b"ok"), (200, b"ok")]
+    assert b"INJECTD" not in raw
+    assert [bytes(r) for r in v1.received] == [
+        b"GET /1 HTTP/1.1\r\nHost: a\r\n" + FWD,
+        b"GET /2 HTTP/1.1\r\nHost: a\r\n" + FWD,
+    ]
+
+
+HOST_RULES = """
+format: 1
+upstreams:
+  v1: {{endpoints: ["{v1}"]}}
+  v2: {{endpoints: ["{v2}"]}}
+routes:
+  - name: a
+    match: {{hosts: [a]}}
+    to: v1
+  - name: b
+    match: {{hosts: [b]}}
+    to: v2
+"""
+
+
+async def test_absolute_form_target_gives_the_host_for_routing_and_upstream(
+    proxy: Any, raw_upstream: Any
+) -> None:
+    """RFC 9112 3.2.2: with an absolute-form target, its authority is the Host (a Host
+    header is ignored), so routing and the upstream agree; origin-form goes upstream."""
+    v1, v2 = await raw_upstream(), await raw_upstream()
+    rp = await proxy(HOST_RULES.format(v1=v1.endpoint, v2=v2.endpoint))
+    sent = b"GET http://a:8080/x?q=1 HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n"
+    answers, _, _ = await exchange(rp.port, sent)
+    assert [a[0] for a in answers] == [200]
+    assert v2.received == []
+    assert v1.all_bytes == b"GET /x?q=1 HTTP/1.1\r\nHost: a:8080\r\n" + FWD
+
+
+async def test_http10_without_host_is_still_served(edge: Any) -> None:
+    """RFC 9112 3.2 requires Host of HTTP/1.1 requests only."""
+    rp, v1, _ = await edge()
+    answers, _, _ = await exchange(rp.port, b"GET /old HTTP/1.0\r\n\r\n")
+    assert [a[0] for a in answers] == [200]
+    assert bytes(v1.received[0]).startswith(b"GET /old HTTP/1.1\r\nHost: 127.0.0.1:")
+
+
+async def test_every_connection_line_names_hop_by_hop_fields(edge: Any) -> None:
+    """RFC 9110 7.6.1: the fields named by every Connection line are removed."""
+    rp, v1, _ = await edge()
+    sent = (
+        b"GET /c HTTP/1.1\r\nHost: a\r\nConnection: X-A\r\nConnection: X-B, Host\r\n"
+        b"X-A: 1\r\nX-B: 2\r\nX-C: 3\r\nConnection: close\r\n\r\n"
+    )
+    answers, _, _ = await exchange(rp.port, sent)
+    assert [a[0] for a in answers] == [200]
+    assert v1.all_bytes == b"GET /c HTTP/1.1\r\nHost: a\r\nX-C: 3\r\n" + FWD
+
+
+# -- nginx's defaults, each with its switch ----------------------------------------------------
+@pytest.mark.parametrize(
+    ("target", "normalize", "to"),
+    [
+        (b"/static/../admin/x", True, "v2"),
+        (b"/static/%2e%2E/admin/x", True, "v2"),
+        (b"//admin/x", True, "v2"),
+        (b"/./admin/x", True, "v2"),
+        (b"/%61dmin/x", True, "v2"),  # %61 is "a": unreserved, decoded
+        (b"/static/../admin/x", False, "v1"),
+        (b"/admin%2Fx", True, "v2"),  # %2F is not "/": one segment, still under /admin
+    ],
+)
+async def test_routes_match_the_normalised_path_and_the_target_goes_as_sent(
+    edge: Any, target: bytes, normalize: bool, to: str
+) -> None:
+    """nginx matches locations on the normalised URI (ngx_http_parse_complex_uri), so
+    `/static/../admin` cannot pass by a `path_prefix: /admin` route; the upstream still
+    gets the target as the client sent it (nginx's proxy_pass without a URI part)."""
+    rp, v1, v2 = await edge(normalize_paths=normalize)
+    sent = b"GET %b HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n" % target
+    answers, _, _ = await exchange(rp.port, sent)
+    assert [a[0] for a in answers] == [200]
+    got = v2 if to == "v2" else v1
+    assert got.all_bytes == b"GET %b HTTP/1.1\r\nHost: a\r\n" % target + FWD
+
+
+@pytest.mark.parametrize("keep", [False, True])
+async def test_header_names_with_underscores_are_dropped_by_default(edge: Any, keep: bool) -> None:
+    """nginx's underscores_in_headers off: `X_User_Id` is ignored, so that no upstream
+    that maps `-` and `_` to one name (CGI, WSGI) can take it for `X-User-Id`."""
+    rp, v1, _ = await edge(underscores_in_headers=keep)
+    sent = b"GET /u HTTP/1.1\r\nHost: a\r\nX_User_Id: 42\r\nConnection: close\r\n\r\n"
+    answers, _, _ = await exchange(rp.port, sent)
+    assert [a[0] for a in answers] == [200]
+    kept = b"X_User_Id: 42\r\n" if keep else b""
+    assert v1.all_bytes == b"GET /u HTTP/1.1\r\nHost: a\r\n" + kept + FWD
+
+
+async def test_trace_is_405_unless_allowed(edge: Any) -> None:
+    rp, v1, _ = await edge()
+    answers, _, _ = await exchange(rp.port, b"TRACE / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert [a[0] for a in answers] == [405]
+    assert v1.received == []
+    rp, v1, _ = await edge(allow_trace=True)
+    answers, _, _ = await exchange(
+        rp.port, b"TRACE / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
+    assert [a[0] for a in answers] == [200]
+    assert v1.all_bytes == b"TRACE / HTTP/1.1\r\nHost: a\r\n" + FWD
+
+
+async def test_content_length_is_forwarded_in_canonical_form(edge: Any) -> None:
+    """As nginx, which sends the length it parsed: no leading zeros reach the upstream,
+    where a parser that reads them as octal would frame the body differently."""
+    rp, v1, _ = await edge(answer=lambda c, n: b"HTTP/1.1 200 OK\r\nContent-Length: 002\r\n\r\nok")
+    sent = b"POST /n HTTP/1.1\r\nHost: a\r\nContent-Length: 0010\r\nConnection: close\r\n\r\n"
+    answers, raw, _ = await exchange(rp.port, sent + b"0123456789")
+    assert [(a[0], a[2]) for a in answers] == [(200, b"ok")]
+    assert b"\r\nContent-Length: 2\r\n" in raw
+    assert (
+        v1.all_bytes
+        == b"POST /n HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n" + FWD + b"0123456789"
+    )
+
+
+@pytest.mark.parametrize("buffering", [65536, 0], ids=["buffered", "streamed"])
+async def test_request_body_is_held_before_the_upstream_is_chosen(
+    edge: Any, buffering: int
+) -> None:
+    """nginx's proxy_request_buffering: a slow uploader holds no upstream connection
+    while its (small) body comes; with the buffer off the head goes at once."""
+    rp, v1, _ = await edge(request_buffer_bytes=buffering)
+    reader, writer = await asyncio.open_connection("127.0.0.1", rp.port)
+    head = b"POST /slow HTTP/1.1\r\nHost: a\r\nContent-Length: 6\r\n"
+    writer.write(head + b"\r\nabc")
+    if buffering:
+        await asyncio.sleep(0.2)
+        assert v1.received == []  # no upstream connection yet
+    else:
+        await poll(lambda: asyncio.sleep(0, v1.all_bytes == head + FWD + b"abc"))
+    writer.write(b"def")
+    got = _Responses()
+    while not got.done:
+        got.parser.feed_data(await asyncio.wait_for(reader.read(65536), 5))
+    writer.close()
+    assert got.done[0][0] == 200
+    assert v1.all_bytes == head + FWD + b"abcdef"
+
+
+async def test_keepalive_requests_closes_after_that_many(edge: Any) -> None:
+    """nginx's keepalive_requests: the n-th answer says `Connection: close`, and what
+    the client sent after it is not read (RFC 9112 9.6)."""
+    rp, v1, _ = await edge(keepalive_requests=3)
+    sent = b"".join(b"GET /%d HTTP/1.1\r\nHost: a\r\n\r\n" % i for i in range(5))
+    answers, _, closed = await exchange(rp.port, sent)
+    assert [(a[0], a[1].get(b"connection")) for a in answers] == [
+        (200, None),
+        (200, None),
+        (200, b"close"),
+    ]
+    assert closed
+    assert v1.requests == 3
+
+
+async def test_keepalive_time_makes_the_next_request_the_last(edge: Any) -> None:
+    """nginx's keepalive_time: an old connection closes after its next answer, so that
+    long-lived clients spread again over workers (one restarted gets its share back)."""
+    rp, _, _ = await edge(keepalive_time=0.5)
+    reader, writer = await asyncio.open_connection("127.0.0.1", rp.port)
+    got = _Responses()
+
+    async def ask() -> dict[bytes, bytes]:
+        writer.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        want = len(got.done) + 1
+        while len(got.done) < want:
+            got.parser.feed_data(await asyncio.wait_for(reader.read(65536), 5))
+        return got.done[-1][1]
+
+    assert b"connection" not in await ask()
+    await asyncio.sleep(1.6)  # past keepalive_time, and one tick of the router's clock
+    assert (await ask()).get(b"connection") == b"close"
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 from collections.abc import AsyncIterator, Callable
@@ -370,3 +371,49 @@ async def test_max_fails_zero_never_takes_an_endpoint_out(scripted: Any, proxy: 
             assert (await client.get("/")).status_code == 200
     assert rp.metrics.errors[("app", "connect")] == 4  # every other request tries it
     assert [s for _, s, _ in rp.router.pools["app"].endpoint_states()] == ["up", "up"]
+
+
+@pytest.mark.parametrize(("limit", "status"), [(4096, 502), (8192, 200)])
+async def test_response_header_section_over_the_limit_is_502(
+    raw_upstream: Any, proxy: Any, limit: int, status: int
+) -> None:
+    """nginx: "upstream sent too big header while reading response header from
+    upstream" past proxy_buffer_size (one page, 4 KiB) -> 502; the connection is dropped."""
+    big = b"HTTP/1.1 200 OK\r\nX-Big: " + b"b" * 5000 + b"\r\nContent-Length: 2\r\n\r\nok"
+    up = await raw_upstream(lambda c, n: big if c == 1 else OK)
+    rp = await proxy(rules(up.port), max_response_header_bytes=limit)
+    async with httpx.AsyncClient(base_url=rp.url) as client:
+        r = await client.get("/")
+        assert r.status_code == status
+        if status == 502:
+            assert r.json()["error"] == "upstream_bad_response"
+        assert (await client.get("/")).status_code == 200
+    assert len(up.received) == (2 if status == 502 else 1)
+
+
+async def test_response_head_spread_over_reads_is_limited_too(proxy: Any) -> None:
+    finished = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        try:
+            for _ in range(20):
+                writer.write(b"s" * 500)
+                await writer.drain()
+                await asyncio.sleep(0.01)
+            await reader.read()
+        except ConnectionError:
+            pass  # the router let go at the limit
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+        finished.set()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    rp = await proxy(rules(server.sockets[0].getsockname()[1]))
+    async with httpx.AsyncClient(base_url=rp.url, timeout=5) as client:
+        r = await client.get("/")
+    await asyncio.wait_for(finished.wait(), 5)
+    server.close()
+    assert r.status_code == 502

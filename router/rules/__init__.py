@@ -29,6 +29,7 @@ from router.rules.decide import (
     RequestView,
     decide,
     host_from_header,
+    normalize_path,
     split_target,
 )
 from router.rules.load import decode_rules_bytes, load_text, read_rules_file
@@ -50,6 +51,7 @@ __all__ = [
     "load_snapshot",
     "load_snapshot_bytes",
     "load_snapshot_text",
+    "normalize_path",
     "split_target",
 ]
 

@@ -15,8 +15,9 @@ the rule file's:
 
 Everything that does not depend on the request was prepared by compile.py, so this
 costs a few dict probes, one hash when a split (or user_percent) needs it, and one
-Decision. `host_from_header` and `split_target` are how a request's Host header and
-target become the view's `host`, `path` and `query`, for the proxy and `explain` alike.
+Decision. `host_from_header`, `split_target` and `normalize_path` are how a request's
+Host header and target become the view's `host`, `path` and `query`, for the proxy and
+`explain` alike.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ __all__ = [
     "RequestView",
     "decide",
     "host_from_header",
+    "normalize_path",
     "split_target",
 ]
 
@@ -258,3 +260,42 @@ def split_target(target: str) -> tuple[str, str]:
     target = target.partition("#")[0]
     path, _, query = target.partition("?")
     return path, query
+
+
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_HEX = frozenset("0123456789ABCDEFabcdef")
+
+
+def normalize_path(path: str) -> str | None:
+    """The path as routes match it, the way nginx matches locations (RFC 3986 6.2.2):
+    `%XX` of an unreserved character decoded (any other `%XX` upper-cased, so `%2F`
+    stays a character of its segment), `//` merged, `.` and `..` segments resolved.
+
+    '/static/../admin' -> '/admin'; '/a/%2e%2E/b' -> '/b'; '/a//b/./' -> '/a/b/'.
+    None when it is not a path nginx would serve (a 400 there): `..` above the root, a
+    `%` not followed by two hex digits. `path` starts with '/'.
+    """
+    if "%" in path:
+        pieces = path.split("%")
+        out = [pieces[0]]
+        for piece in pieces[1:]:
+            if len(piece) < 2 or piece[0] not in _HEX or piece[1] not in _HEX:
+                return None
+            char = chr(int(piece[:2], 16))
+            if char not in _UNRESERVED:
+                char = "%" + piece[:2].upper()
+            out.append(char + piece[2:])
+        path = "".join(out)
+    segments = path.split("/")
+    kept: list[str] = []
+    for segment in segments[1:]:
+        if segment == "..":
+            if not kept:
+                return None
+            kept.pop()
+        elif segment and segment != ".":
+            kept.append(segment)
+    if not kept:
+        return "/"
+    trailing = "/" if segments[-1] in ("", ".", "..") else ""
+    return "/" + "/".join(kept) + trailing
