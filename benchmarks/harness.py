@@ -417,6 +417,7 @@ def start_grayroute(
     extra_env: dict[str, str] | None = None,
     ready_timeout: float = 30.0,
     tls: tuple[Path, Path] | None = None,
+    extra_args: tuple[str, ...] = (),
 ) -> Proc:
     """`grayroute serve`; with `tls` (certificate, key) also on a TLS port
     (`info["tls_addr"]`)."""
@@ -434,12 +435,13 @@ def start_grayroute(
         str(workers),
         "--log-level",
         "warning",
+        *extra_args,
     ]
     if tls:
         (tls_port,) = free_ports(1)
         cmd += ["--listen-tls", f"127.0.0.1:{tls_port}"]
         cmd += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
-    log = workdir / "grayroute.stderr"
+    log = workdir / f"grayroute-{listen}.stderr"
     with open(log, "wb") as err:
         popen = subprocess.Popen(
             [*taskset(cpu), *cmd],

@@ -1117,7 +1117,9 @@ class HttpProxyProtocol(asyncio.Protocol):
     def _answer_error(self, req: _Request, error: ProxyError) -> None:
         status = error.status
         # Unread request body bytes would be taken for the next request: close instead.
-        close = not req.keep_alive or not req.complete or self.router.draining
+        # (A request without a body is complete once its head is: answered from
+        # on_headers_complete, its on_message_complete has not come yet.)
+        close = not req.keep_alive or _body_unread(req) or self.router.draining
         self._write_answer(
             _error_status_line(error),
             [(b"Content-Type", b"application/json")],
@@ -1154,7 +1156,7 @@ class HttpProxyProtocol(asyncio.Protocol):
             reason = decision.reason or "answered by the route's script"
             body = error_body("script_" + str(status), reason)
             headers.append((b"Content-Type", b"application/json"))
-        close = not req.keep_alive or not req.complete or self.router.draining
+        close = not req.keep_alive or _body_unread(req) or self.router.draining
         self._write_answer(
             _STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status,
             headers,
@@ -1231,7 +1233,7 @@ class HttpProxyProtocol(asyncio.Protocol):
         req.state = _DONE
         self.active = None
         self.served += 1
-        if not req.keep_alive or not req.complete:
+        if not req.keep_alive or _body_unread(req):
             self._close_client()
             return
         self._serve_next()
@@ -1302,6 +1304,10 @@ class HttpProxyProtocol(asyncio.Protocol):
 
 
 # -- pure helpers ------------------------------------------------------------------------
+def _body_unread(req: _Request) -> bool:
+    return not req.complete and req.has_body
+
+
 def _drop_connection_listed(req: _Request) -> None:
     """Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1)."""
     tokens = req.connection_tokens

@@ -1249,3 +1249,134 @@ async def test_keepalive_time_makes_the_next_request_the_last(edge: Any) -> None
     assert (await ask()).get(b"connection") == b"close"
     assert await asyncio.wait_for(reader.read(), 5) == b""
     writer.close()
+
+
+# -- what the hot path must keep doing (each of these once went unnoticed) -------------------
+BODY_RULES = """
+format: 1
+upstreams:
+  v1: {{endpoints: ["{v1}"]}}
+  v2: {{endpoints: ["{v2}"]}}
+  slow: {{endpoints: ["{slow}"]}}
+user_id: [{{json: user.id}}]
+body_limit: 1KiB
+routes:
+  - name: slow
+    match: {{path_prefix: /slow}}
+    to: slow
+  - name: api
+    pins:
+      - to: v2
+        users: ["42"]
+    to: v1
+"""
+
+
+@pytest.mark.parametrize("held", [1024, 1500], ids=["body_limit", "more"])
+async def test_queued_request_is_routed_from_a_partial_body_of_body_limit_bytes(
+    proxy: Any, raw_upstream: Any, held: int
+) -> None:
+    """A pipelined request whose body is not all there when its turn comes, but holds
+    body_limit bytes or more, is routed at once, from those bytes: not complete, so no
+    user ID in them counts (the rest could make the JSON another document)."""
+    v1, v2 = await raw_upstream(), await raw_upstream()
+    release = asyncio.Event()
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await release.wait()
+        writer.write(RAW_OK)
+        await writer.drain()
+        writer.close()
+
+    slow_server = await asyncio.start_server(slow, "127.0.0.1", 0)
+    slow_ep = f"127.0.0.1:{slow_server.sockets[0].getsockname()[1]}"
+    rp = await proxy(
+        BODY_RULES.format(v1=v1.endpoint, v2=v2.endpoint, slow=slow_ep), request_buffer_bytes=0
+    )
+    document = b'{"user": {"id": 42}}'
+    body = document + b" " * (3000 - len(document))  # JSON may end in white space
+    head = b"POST /api HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", rp.port)
+    expected = head + b"Content-Length: 3000\r\n" + FWD
+    got = _Responses()
+    try:
+        writer.write(
+            b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n"
+            + head
+            + b"Content-Length: 3000\r\n\r\n"
+            + body[:held]
+        )
+        await asyncio.sleep(0.2)  # the router has read it all; /slow is not answered yet
+        release.set()
+        # Routed (to v1: no user ID in an incomplete body) before the rest is sent.
+        await poll(lambda: asyncio.sleep(0, v1.all_bytes == expected + body[:held]), 5)
+        writer.write(body[held:])
+        while len(got.done) < 2:
+            got.parser.feed_data(await asyncio.wait_for(reader.read(65536), 5))
+    finally:
+        release.set()
+        writer.close()
+        slow_server.close()
+    assert [a[0] for a in got.done] == [200, 200]
+    assert v1.all_bytes == expected + body
+    assert v2.received == []
+
+
+@pytest.mark.parametrize("buffering", [0, 65536], ids=["unbuffered", "buffered"])
+async def test_100_continue_while_the_body_is_held_for_a_user_id(
+    proxy: Any, raw_upstream: Any, buffering: int
+) -> None:
+    """RFC 9110 10.1.1: a client that sent `Expect: 100-continue` waits for it before the
+    body; the router, which must read the body to route, has to ask for it."""
+    v1, v2 = await raw_upstream(), await raw_upstream()
+    rp = await proxy(
+        BODY_RULES.format(v1=v1.endpoint, v2=v2.endpoint, slow=v1.endpoint),
+        request_buffer_bytes=buffering,
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", rp.port)
+    writer.write(
+        b"POST /api HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 20\r\nExpect: 100-continue\r\n\r\n"
+    )
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert v1.received == v2.received == []  # the body decides: nothing went anywhere yet
+    writer.write(b'{"user": {"id": 42}}')
+    got = _Responses()
+    while not got.done:
+        got.parser.feed_data(await asyncio.wait_for(reader.read(65536), 5))
+    writer.close()
+    assert got.done[0][0] == 200
+    assert bytes(v2.received[0]).endswith(b'\r\n\r\n{"user": {"id": 42}}')  # pinned
+
+
+async def test_the_routers_own_answer_to_head_has_no_body(setup: Any) -> None:
+    """RFC 9110 9.3.2: no content in a response to HEAD, the router's own 404/502 too;
+    a body there would be read as the start of the next answer."""
+    rp, _ = setup
+    raw = await raw_exchange(
+        rp.port,
+        b"HEAD /nowhere HTTP/1.1\r\nHost: a\r\n\r\n"
+        b"HEAD /down HTTP/1.1\r\nHost: a\r\n\r\n"
+        b"GET /nowhere HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    first, rest = raw.split(b"\r\n\r\n", 1)
+    assert first.startswith(b"HTTP/1.1 404 ") and b"Content-Length: " in first
+    second, rest = rest.split(b"\r\n\r\n", 1)
+    assert second.startswith(b"HTTP/1.1 502 ")
+    assert rest.startswith(b"HTTP/1.1 404 ")
+    assert rest.endswith(b'"no route matched GET /nowhere"}')
+
+
+@pytest.mark.parametrize(("extra", "status"), [(0, 200), (1, 431)])
+async def test_header_section_limit_is_exact(catch_all: Any, extra: int, status: int) -> None:
+    """--max-header-bytes (4096 here) counts each field as `name: value` + CRLF: a header
+    section of exactly the limit passes, one byte more is a 431."""
+    rp, v1 = catch_all
+    fixed = len(b"Host: a\r\n") + len(b"Connection: close\r\n") + len(b"X-Pad: \r\n")
+    pad = b"p" * (4096 - fixed + extra)
+    raw = b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\nX-Pad: %b\r\n\r\n" % pad
+    answer = await raw_exchange(rp.port, raw)
+    assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:200]
+    assert len(v1.seen) == (1 if status == 200 else 0)

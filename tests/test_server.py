@@ -245,6 +245,66 @@ async def test_restarted_worker_keeps_the_rules_in_force(
     assert await versions(router, 3) == ["v1"] * 3
 
 
+@pytest.mark.parametrize(
+    "edit",
+    [
+        pytest.param(lambda text: text.replace("to: v1\n", "to: v2\n"), id="valid"),
+        # a load-level error; taken anyway, its first `to` would route to v2
+        pytest.param(lambda text: text.replace("to: v1\n", "to: v2\n    to: v1\n"), id="dup-key"),
+    ],
+)
+async def test_restarted_worker_loads_the_version_in_force_not_the_file_on_disk(
+    rules: Path, serve_router: Serve, edit: Any
+) -> None:
+    """A worker started after the file was edited (no reload: watching is off) loads the
+    version the supervisor accepted, from the state directory, whatever is on disk."""
+    router = await serve_router(rules, workers=1, args=("--watch-interval", "0"))
+    rules.write_text(edit(rules.read_text()))
+    async with httpx.AsyncClient(timeout=10.0) as client:
+        victim = (await client.get(f"{router.admin_url}/rules")).json()["workers"]["0"]["pid"]
+        os.kill(victim, signal.SIGKILL)
+
+        async def replaced() -> bool:
+            workers = (await client.get(f"{router.admin_url}/rules")).json()["workers"]
+            return "0" in workers and workers["0"]["pid"] != victim and workers["0"]["ready"]
+
+        await poll(replaced)
+        info = (await client.get(f"{router.admin_url}/rules")).json()
+    assert info["workers"]["0"]["digest"] == router.ready["rules"]
+    assert await versions(router, 3) == ["v1"] * 3
+
+
+async def test_a_file_with_a_duplicate_key_is_never_swapped_in(
+    rules: Path, serve_router: Serve, tmp_path: Path
+) -> None:
+    """A duplicate key is an error of the YAML layer (router.rules.load), before any
+    validation: the reload fails, says where, and every worker keeps the rules in force."""
+    router = await serve_router(rules, workers=2, args=("--watch-interval", "0"))
+    old = router.ready["rules"]
+    text = rules.read_text().replace("to: v1\n", "to: v2\n    to: v1\n")
+    rules.write_text(text)
+    line = text.splitlines().index("    to: v2") + 2  # the second `to` is the duplicate
+    router.signal(signal.SIGHUP)
+    async with httpx.AsyncClient(timeout=10.0) as client:
+
+        async def failed() -> dict[str, Any] | None:
+            info: dict[str, Any] = (await client.get(f"{router.admin_url}/rules")).json()
+            last = info["last_reload"]
+            return info if last and last["result"] == "failure" else None
+
+        info = await poll(failed)
+    problems = "\n".join(info["last_reload"]["problems"])
+    assert f"{rules}:{line}:" in problems and "duplicate key" in problems, problems
+    assert info["digest"] == old
+    assert {w["digest"] for w in info["workers"].values()} == {old}
+    assert await versions(router, 6) == ["v1"] * 6
+    # a worker told to reload directly (SIGHUP to it) refuses the file too
+    os.kill(next(iter(info["workers"].values()))["pid"], signal.SIGHUP)
+    log = tmp_path / "router.log"
+    await poll(lambda: asyncio.sleep(0, "kept its rules: reload failed" in log.read_text()))
+    assert await versions(router, 6) == ["v1"] * 6
+
+
 async def test_sigterm_drains_and_exits_zero(rules: Path, serve_router: Serve) -> None:
     router = await serve_router(rules, workers=2)
     async with httpx.AsyncClient(timeout=10.0) as client:

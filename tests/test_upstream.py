@@ -14,6 +14,8 @@ import pytest
 
 from router.upstream import FAIL_TIMEOUT
 
+from conftest import poll
+
 RULES = """
 format: 1
 upstreams:
@@ -417,3 +419,38 @@ async def test_response_head_spread_over_reads_is_limited_too(proxy: Any) -> Non
     await asyncio.wait_for(finished.wait(), 5)
     server.close()
     assert r.status_code == 502
+
+
+async def test_connection_the_upstream_said_close_on_is_not_reused(
+    raw_upstream: Any, proxy: Any
+) -> None:
+    """RFC 9112 9.6: after `Connection: close` in a response the connection is done, even
+    if the upstream has not closed its end yet: the next request gets a new one."""
+    closing = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"
+    up = await raw_upstream(lambda c, n: closing)  # and never closes
+    rp = await proxy(rules(up.port))
+    async with httpx.AsyncClient(base_url=rp.url) as client:
+        for _ in range(3):
+            assert (await client.get("/")).status_code == 200
+    assert len(up.received) == 3
+    assert all(bytes(r).count(b"GET / HTTP/1.1") == 1 for r in up.received)
+
+
+async def test_a_refused_endpoint_is_tried_again_after_fail_timeout(
+    scripted: Any, proxy: Any
+) -> None:
+    """nginx's fail_timeout: an endpoint left out after a refused connection gets its
+    turn again once the timeout is over (the deadline and the clock are the same clock)."""
+    up = await scripted(lambda c, n: OK)
+    dead = free_port()
+    rp = await proxy(rules(dead, up.port), fail_timeout=2.0)
+    async with httpx.AsyncClient(base_url=rp.url) as client:
+        for _ in range(4):
+            assert (await client.get("/")).status_code == 200
+        assert rp.metrics.errors[("app", "connect")] == 1  # left out meanwhile
+
+        async def tried_again() -> bool:
+            assert (await client.get("/")).status_code == 200
+            return rp.metrics.errors[("app", "connect")] >= 2
+
+        await poll(tried_again)

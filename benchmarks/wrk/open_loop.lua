@@ -8,7 +8,8 @@
 -- connection busy: that wait is the server's, as in wrk2); when the connection was free
 -- in time, it is measured from the actual send, so wrk's millisecond timer granularity
 -- adds nothing. Sends the generator itself made late are counted ("gen_late").
--- Latencies go into a log-bucket histogram (1% wide) merged across threads in done().
+-- Latencies go into a log-bucket histogram (1% wide) merged across threads in done(), and
+-- printed too ("hist": [[bucket, count], ...], bucket b = exp(b / K) µs, K = 1/log(1.01)).
 package.path = os.getenv("GR_WRK_DIR") .. "/?.lua;" .. package.path
 local common = require "common"
 local ffi = require "ffi"
@@ -143,11 +144,17 @@ function done(summary, latency, requests)
     -- scheduled: the requests each connection's schedule called for up to its last
     -- response (wrk's own duration also counts thread start-up and its 100 ms stop tick)
     local expected = due
+    -- the merged histogram, for runs whose windows are merged (benchmarks/soak.py)
+    local hist = {}
+    for _, b in ipairs(buckets) do
+        hist[#hist + 1] = string.format("[%d,%d]", b, merged[b])
+    end
     local extra = string.format(
         '"open_loop":{"rate":%d,"expected":%d,"sent":%d,"completed":%d,"non2xx":%d,' ..
         '"corrected":%d,"gen_late":%d,"backlog":%d,"p50_us":%.1f,"p90_us":%.1f,"p99_us":%.1f,' ..
-        '"p999_us":%.1f,"max_us":%.1f}',
+        '"p999_us":%.1f,"max_us":%.1f,"hist":[%s]}',
         rate, expected, sent, completed, bad, corrected, gen_late, backlog,
-        pct(50), pct(90), pct(99), pct(99.9), total > 0 and math.exp((buckets[#buckets] + 1) / K) or 0)
+        pct(50), pct(90), pct(99), pct(99.9), total > 0 and math.exp((buckets[#buckets] + 1) / K) or 0,
+        table.concat(hist, ","))
     common.report(summary, latency, extra)
 end
