@@ -7,9 +7,12 @@
     GET /rules/history[?limit=N]
                    JSON: the last N (default 50) entries of the audit log: starts,
                    reloads and rollbacks, who/when/hash/result
+    GET /          the release console (router.console.web: the page, its assets under
+                   /console/assets/, its JSON under /console/)
 
 When a token is configured every endpoint but /healthz and /readyz requires
-`Authorization: Bearer TOKEN`; probes stay open so orchestrators need no secret. The app
+`Authorization: Bearer TOKEN`; probes stay open so orchestrators need no secret, and so
+do the console's page and assets, which hold no data (the page asks for the token). The app
 refuses to start on a non-loopback address without a token (`ConfigError`).
 
 The app only reads state through the `AdminSource` it is given; it owns no state itself.
@@ -20,18 +23,24 @@ from __future__ import annotations
 import hmac
 import logging
 import socket
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from aiohttp import web
 
 from router.config import is_loopback
+from router.console import web as console_web
 from router.errors import ConfigError
+
+if TYPE_CHECKING:
+    from router.console import Console
 
 log = logging.getLogger("grayroute.admin")
 
-# Probes must work without the token: a load balancer or kubelet has no secret.
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+# Probes must work without the token: a load balancer or kubelet has no secret. The
+# console's page and assets hold no data; its JSON endpoints do, and need the token.
+OPEN_PATHS = frozenset({"/healthz", "/readyz"}) | console_web.OPEN_PATHS
+OPEN_PREFIX = console_web.ASSETS_PREFIX
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -49,6 +58,10 @@ class AdminSource(Protocol):
 
     def rules_history(self, limit: int) -> dict[str, Any]:
         """The newest `limit` audit entries, oldest first."""
+        ...
+
+    def console(self) -> Console | None:
+        """The release console's state (router.console), or None where there is none."""
         ...
 
 
@@ -93,6 +106,7 @@ def build_app(source: AdminSource, token: str = "") -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/rules", rules)
     app.router.add_get("/rules/history", rules_history)
+    console_web.add_routes(app, source.console)
     return app
 
 
@@ -101,7 +115,7 @@ def _bearer_auth(token: str) -> Any:
 
     @web.middleware
     async def bearer_auth(request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.path not in OPEN_PATHS:
+        if request.path not in OPEN_PATHS and not request.path.startswith(OPEN_PREFIX):
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")
             # compare_digest: the time taken must not reveal how much of the token matched.
             if scheme.lower() != "bearer" or not hmac.compare_digest(

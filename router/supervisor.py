@@ -42,6 +42,7 @@ from router.server import (
 )
 
 if TYPE_CHECKING:
+    from router.console import Console
     from router.fleet.dns import EndpointDiscovery
     from router.fleet.source import Loaded, RulesSource
     from router.health import HealthBoard
@@ -197,6 +198,9 @@ class Supervisor:
         problems = source.start_problems()
         if problems:  # started from the cache: the source's value is reported as a failure
             self._reload_failed("start", problems, source.attempted_digest())
+        from router.console import Console
+
+        self._console = Console(self)  # the release console's samples (router.console)
 
     # -- state the admin app reads (router.admin.AdminSource) ---------------------------
 
@@ -227,6 +231,9 @@ class Supervisor:
                 for w in sorted(self.workers.values(), key=lambda w: w.slot)
             },
         }
+
+    def console(self) -> Console:
+        return self._console
 
     def rules_history(self, limit: int) -> dict[str, Any]:
         from router.history import read_audit
@@ -259,6 +266,7 @@ class Supervisor:
             # Only once SIGHUP is handled may `grayroute rollback` find us (its default
             # action would end the process).
             self._write_pidfile()
+            self._keep(self._console.run())
             await self._start_discovery()
             slots = [self._keep(self._slot_loop(slot)) for slot in range(self.settings.workers)]
             self._keep(self.source.watch(lambda: self.snapshot.digest, self._request_reload))

@@ -30,6 +30,9 @@ class FakeSource:
     def rules_info(self) -> dict[str, Any]:
         return {"digest": "d" * 64, "source": "rules.yaml", "last_reload": None}
 
+    def console(self) -> None:
+        return None
+
     def rules_history(self, limit: int) -> dict[str, Any]:
         events = [{"action": "reload", "n": i} for i in range(5)]
         return {"state_dir": "/state", "events": events[-limit:]}

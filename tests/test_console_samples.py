@@ -1,0 +1,101 @@
+"""The console's ring of samples: cumulative worker totals in, per-interval traffic out."""
+
+from __future__ import annotations
+
+import pytest
+
+from router.console.samples import SampleRing, quantile
+from router.metrics import DURATION_BUCKETS, MetricsAggregator, Totals, WorkerMetrics
+
+
+def totals(*workers: WorkerMetrics) -> Totals:
+    agg = MetricsAggregator()
+    for i, w in enumerate(workers):
+        agg.update(str(i), w.snapshot())
+    return agg.total()
+
+
+def test_first_record_is_the_baseline_and_later_ones_are_differences() -> None:
+    ring = SampleRing(keep=60.0)
+    w = WorkerMetrics()
+    for _ in range(5):
+        w.request_done("orders", "v1", 200, 0.003)
+    assert ring.record(100.0, totals(w)) is None  # what came before the console started
+    for _ in range(3):
+        w.request_done("orders", "v1", 200, 0.003)
+    w.request_done("orders", "v1", 503, 0.2)
+    w.request_done("orders", "v1.1", 502, 0.004)
+    w.request_done("", "", 404, 0.0001)
+    w.fell_back("v1.1", "v1")
+    w.upstream_error("v1.1", "connect")
+    sample = ring.record(102.0, totals(w))
+    assert sample is not None
+    assert sample.seconds == 2.0
+    assert sample.requests == {
+        ("orders", "v1"): (4, 1),
+        ("orders", "v1.1"): (1, 1),
+        ("", ""): (1, 0),
+    }
+    assert sum(sample.latency["v1"]) == 4  # the 5 before the baseline are not in it
+    assert sample.fallbacks == {("v1.1", "v1"): 1}
+    assert sample.errors == {("v1.1", "connect"): 1}
+    # nothing new: an empty sample, not a repeat of the last one
+    quiet = ring.record(104.0, totals(w))
+    assert quiet is not None and not quiet.requests and not quiet.latency
+
+
+def test_a_worker_that_is_replaced_never_makes_traffic_negative() -> None:
+    """Totals of a fleet router that restarted go back; that interval counts 0."""
+    ring = SampleRing()
+    a, b = WorkerMetrics(), WorkerMetrics()
+    for _ in range(10):
+        a.request_done("r", "v1", 200, 0.001)
+    ring.record(0.0, totals(a))
+    b.request_done("r", "v1", 200, 0.001)
+    sample = ring.record(1.0, totals(b))  # a's 10 are gone: 1 < 10
+    assert sample is not None and sample.requests == {}
+    assert "v1" not in sample.latency
+
+
+def test_window_adds_up_the_newest_samples_and_the_ring_forgets_old_ones() -> None:
+    ring = SampleRing(keep=10.0)
+    w = WorkerMetrics()
+    ring.record(0.0, totals(w))
+    for t in range(1, 21):  # 20 one-second samples with t requests each
+        for _ in range(t):
+            w.request_done("r", "v1", 500 if t % 2 else 200, 0.01)
+        ring.record(float(t), totals(w))
+    assert [s.at for s in ring.samples] == [float(t) for t in range(11, 21)]
+    last3 = ring.window(3.0)
+    assert last3.samples == 3 and last3.seconds == 3.0
+    assert last3.requests[("r", "v1")] == [18 + 19 + 20, 19]  # 19 is the odd one: 5xx
+    assert sum(last3.latency["v1"]) == 57
+    everything = ring.window(3600.0)
+    assert everything.samples == 10 and everything.requests[("r", "v1")][0] == sum(range(11, 21))
+    assert [s.at for s in ring.since(2.5)] == [18.0, 19.0, 20.0]
+    assert SampleRing().window(60.0).samples == 0
+
+
+def test_marks_are_bounded_and_filtered_by_route() -> None:
+    ring = SampleRing(max_marks=3)
+    ring.mark(1.0, "weights", "a", "a 1")
+    ring.mark(2.0, "reload", None, "reload")
+    ring.mark(3.0, "weights", "b", "b 1")
+    ring.mark(4.0, "weights", "a", "a 2")
+    assert [m.text for m in ring.marks] == ["reload", "b 1", "a 2"]
+    assert [m.text for m in ring.marks_since(0.0, "a")] == ["reload", "a 2"]
+    assert [m.text for m in ring.marks_since(2.5, "b")] == ["b 1"]
+
+
+def test_quantile_interpolates_inside_the_bucket() -> None:
+    counts = [0] * (len(DURATION_BUCKETS) + 1)
+    i10 = DURATION_BUCKETS.index(0.01)
+    counts[i10] = 100  # 100 requests between 5 ms and 10 ms
+    assert quantile(counts, 0.5) == pytest.approx(0.0075)
+    assert quantile(counts, 0.99) == pytest.approx(0.005 + 0.005 * 0.99)
+    counts[-1] = 100  # and 100 above the last bound: reported as that bound
+    assert quantile(counts, 0.99) == DURATION_BUCKETS[-1]
+    assert quantile(counts, 0.25) == pytest.approx(0.0075)
+    assert quantile([0] * len(counts), 0.5) is None
+    first = [4] + [0] * len(DURATION_BUCKETS)
+    assert quantile(first, 0.5) == pytest.approx(DURATION_BUCKETS[0] / 2)
