@@ -9,6 +9,8 @@
                    reloads and rollbacks, who/when/hash/result
     GET /          the release console (router.console.web: the page, its assets under
                    /console/assets/, its JSON under /console/)
+    GET /rollouts, GET /rollouts/ROUTE, POST /rollouts/ROUTE/{pause,resume,promote,
+                   abort,retry}: progressive rollouts (router.rollout.api)
 
 When a token is configured every endpoint but /healthz and /readyz requires
 `Authorization: Bearer TOKEN`; probes stay open so orchestrators need no secret, and so
@@ -31,6 +33,8 @@ from aiohttp import web
 from router.config import is_loopback
 from router.console import web as console_web
 from router.errors import ConfigError
+from router.rollout.api import RolloutControl
+from router.rollout.api import add_routes as add_rollout_routes
 
 if TYPE_CHECKING:
     from router.console import Console
@@ -62,6 +66,10 @@ class AdminSource(Protocol):
 
     def console(self) -> Console | None:
         """The release console's state (router.console), or None where there is none."""
+        ...
+
+    def rollout_control(self) -> RolloutControl | None:
+        """The rollouts (router.rollout.api), or None where there are none to drive."""
         ...
 
 
@@ -107,6 +115,7 @@ def build_app(source: AdminSource, token: str = "") -> web.Application:
     app.router.add_get("/rules", rules)
     app.router.add_get("/rules/history", rules_history)
     console_web.add_routes(app, source.console)
+    add_rollout_routes(app, source.rollout_control)
     return app
 
 

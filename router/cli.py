@@ -10,6 +10,8 @@ grayroute explain RULES [REQUESTS.jsonl]
 grayroute diff OLD NEW (--requests FILE | --access-log FILE) [--json] [--fail-on-move]
 grayroute history RULES|etcd://.../KEY [--state-dir DIR] [--json]
 grayroute rollback RULES|etcd://.../KEY [--to HASH|REVISION] [--state-dir DIR] [--print]
+grayroute rollout status|pause|resume|promote|abort|retry [ROUTE] --admin HOST:PORT
+                  [--token-file F] [--json]
 grayroute import-nginx NGINX.CONF [-o RULES] [--scripts-dir DIR] [--partial]
 """
 
@@ -205,6 +207,23 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_etcd_flags(history)
 
+    rollout = sub.add_parser(
+        "rollout", help="progressive rollouts of a running router: status, or act on one"
+    )
+    rollout.add_argument(
+        "action", choices=("status", "pause", "resume", "promote", "abort", "retry")
+    )
+    rollout.add_argument("route", nargs="?", default=None, help="the route (all for status)")
+    rollout.add_argument(
+        "--admin", default=defaults.admin, help="the router's admin HOST:PORT"
+    )
+    rollout.add_argument(
+        "--token-file",
+        default="",
+        help="file holding the admin token (default: $GRAYROUTE_ADMIN_TOKEN)",
+    )
+    rollout.add_argument("--json", action="store_true", help="the admin API's JSON")
+
     rollback = sub.add_parser("rollback", help="put the previous rules version back in force")
     rollback.add_argument("rules")
     rollback.add_argument(
@@ -392,6 +411,18 @@ def main(argv: list[str] | None = None) -> int:
             from router.history import run_history
 
             return run_history(args.rules, args.state_dir, args.json, out=sys.stdout)
+        if args.command == "rollout":
+            from router.rollout.client import run_rollout
+
+            return run_rollout(
+                args.action,
+                args.route,
+                args.admin,
+                args.token_file,
+                args.json,
+                out=sys.stdout,
+                err=sys.stderr,
+            )
         if args.command == "rollback":
             from router.history import run_rollback
 

@@ -7,6 +7,8 @@ Three parts, in the order data flows:
                          and list updates, ~0.2 us). `snapshot()` returns the worker's
                          cumulative totals as a JSON-able dict; the worker sends one
                          every `metrics_interval` seconds and at exit (router.worker).
+                         `split_done()` counts the split traffic of routes a rollout
+                         judges (router.rollout.stats: requests, failures, latency).
                          router.tls calls `tls_handshake()` and
                          `tls_handshake_failed()` once per TLS connection, router.tunnel
                          `tunnel_opened()` and `tunnel_closed()` once per tunnel.
@@ -28,10 +30,11 @@ from __future__ import annotations
 import logging
 from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from router.health import HealthBoard
+from router.rollout.stats import LATENCY_BOUNDS, Counts, counts_from_row, new_row
 
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
@@ -69,6 +72,14 @@ class _Histograms(dict[str, list[Any]]):
         return row
 
 
+class _JudgedRows(dict[tuple[str, str], list[int]]):
+    """(route, upstream) -> router.rollout.stats row: [requests, failures, buckets...]."""
+
+    def __missing__(self, key: tuple[str, str]) -> list[int]:
+        row = self[key] = new_row()
+        return row
+
+
 class WorkerMetrics:
     """Per-worker counters, updated on the hot path. Not thread-safe (one loop per worker)."""
 
@@ -78,6 +89,7 @@ class WorkerMetrics:
         "_fallbacks",
         "_handshake_failures",
         "_handshakes",
+        "_judged",
         "_requests",
         "_tunnels_closed",
         "_tunnels_opened",
@@ -92,6 +104,7 @@ class WorkerMetrics:
         self._handshake_failures: defaultdict[str, int] = defaultdict(int)
         self._tunnels_opened: defaultdict[str, int] = defaultdict(int)  # upstream
         self._tunnels_closed: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self._judged = _JudgedRows()
 
     # The two hot-path calls: no allocation but the key tuple, no formatting, no locks.
     # The status is kept as given; it becomes a status class in the supervisor.
@@ -116,6 +129,23 @@ class WorkerMetrics:
     def fell_back(self, upstream: str, fallback: str) -> None:
         """A request for `upstream` went to `fallback`: no endpoint of it was up."""
         self._fallbacks[(upstream, fallback)] += 1
+
+    def split_done(
+        self,
+        route: str,
+        upstream: str,
+        failed: bool,
+        seconds: float,
+        _bisect: Callable[[tuple[float, ...], float], int] = bisect_left,
+        _bounds: tuple[float, ...] = LATENCY_BOUNDS,
+    ) -> None:
+        """A request the split of a judged route gave `upstream` (a rollout counts it)."""
+        row = self._judged[(route, upstream)]
+        row[0] += 1
+        if failed:
+            row[1] += 1
+        row[2 + _bisect(_bounds, seconds)] += 1
+
     # Once per TLS connection (router.tls), not per request.
     def tls_handshake(self, certificate: str, version: str) -> None:
         self._handshakes[(certificate, version)] += 1
@@ -147,6 +177,10 @@ class WorkerMetrics:
                 closed[upstream] += n
             data["tunnels"] = [[u, n, n - closed[u]] for u, n in self._tunnels_opened.items()]
             data["tunnels_closed"] = [[u, r, n] for (u, r), n in self._tunnels_closed.items()]
+        if self._judged:
+            data["judged"] = [
+                [r, u, counts_from_row(row).to_json()] for (r, u), row in self._judged.items()
+            ]
         return data
 
 
@@ -159,6 +193,7 @@ class Totals:
         "fallbacks",
         "handshake_failures",
         "handshakes",
+        "judged",
         "requests",
         "tunnels_closed",
         "tunnels_open",
@@ -177,6 +212,7 @@ class Totals:
         # upstream -> tunnels open now: a gauge, so a retired worker's is dropped
         self.tunnels_open: dict[str, int] = {}
         self.tunnels_closed: dict[tuple[str, str], int] = {}  # (upstream, reason)
+        self.judged: dict[tuple[str, str], Counts] = {}  # (route, upstream): a rollout's
 
     @classmethod
     def from_snapshot(cls, data: Mapping[str, Any]) -> Totals:
@@ -210,6 +246,11 @@ class Totals:
             for upstream, reason, n in data.get("tunnels_closed", ()):
                 key4 = (str(upstream), str(reason))
                 totals.tunnels_closed[key4] = totals.tunnels_closed.get(key4, 0) + int(n)
+            for route, upstream, counts_json in data.get("judged", ()):
+                key4 = (str(route), str(upstream))
+                totals.judged[key4] = totals.judged.get(key4, Counts()) + Counts.from_json(
+                    counts_json
+                )
         except (TypeError, ValueError) as exc:
             raise ValueError(f"malformed metrics snapshot: {exc}") from exc
         return totals
@@ -241,6 +282,8 @@ class Totals:
             self.tunnels_open[upstream] = self.tunnels_open.get(upstream, 0) + n
         for key4, n in other.tunnels_closed.items():
             self.tunnels_closed[key4] = self.tunnels_closed.get(key4, 0) + n
+        for key4, c in other.judged.items():
+            self.judged[key4] = self.judged.get(key4, Counts()) + c
 
 
 class MetricsAggregator:
@@ -275,6 +318,15 @@ class MetricsAggregator:
             out.add(totals)
         return out
 
+    def judged(self) -> dict[tuple[str, str], Counts]:
+        """The split traffic rollouts judge, (route, upstream) -> counts, summed over
+        every worker so far (router.rollout.stats.LocalCounts takes intervals of it)."""
+        out = dict(self.retired.judged)
+        for totals in self.live.values():
+            for key, c in totals.judged.items():
+                out[key] = out.get(key, Counts()) + c
+        return out
+
 
 class SupervisorMetrics:
     """The supervisor's view: worker totals plus its own counters, and the registry.
@@ -293,6 +345,8 @@ class SupervisorMetrics:
         self.rules_source = ""
         self.rules_loaded_at = 0.0  # unix time the rules in force were loaded; 0 = none yet
         self.last_reload_ok = True  # False while the last reload attempt failed
+        # More metric families, rendered after the workers' (the rollout controller's).
+        self.collectors: list[Callable[[], Iterable[Any]]] = []
         # TLS certificates in force, (label, certificate file, expiry as Unix time); kept
         # by router.tls.CertificateWatch. Empty without TLS listeners.
         self.certificates: list[tuple[str, str, float]] = []
@@ -467,6 +521,9 @@ def _build_registry(state: SupervisorMetrics) -> CollectorRegistry:
             for (upstream, result), n in sorted(state.dns_lookups.items()):
                 lookups.add_metric((upstream, result), n)
             yield lookups
+
+            for more in state.collectors:
+                yield from more()
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(GrayrouteCollector())

@@ -71,6 +71,8 @@ class WorkerMetrics(Protocol):
 
     def fell_back(self, upstream: str, fallback: str) -> None: ...
 
+    def split_done(self, route: str, upstream: str, failed: bool, seconds: float) -> None: ...
+
 
 class AccessLog(Protocol):
     """One line per answered request; must buffer (it is called on the hot path)."""
@@ -1273,6 +1275,9 @@ class HttpProxyProtocol(asyncio.Protocol):
         seconds = time.monotonic() - req.started
         router = self.router
         router.metrics.request_done(route, upstream, status, seconds)
+        pick = decision.split_pick if decision is not None else ""
+        if pick:  # a rollout judges this route's split: 5xx, or its pick could not take it
+            router.metrics.split_done(route, pick, status >= 500 or upstream != pick, seconds)
         if router.access_log is not None:
             router.access_log.log(
                 req.client_ip or self.peer_ip,

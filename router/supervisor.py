@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from router.fleet.source import Loaded, RulesSource
     from router.health import HealthBoard
     from router.metrics import SupervisorMetrics
+    from router.rollout.controller import RolloutController
     from router.rules import Snapshot
     from router.tls import CertificateSet, CertificateWatch
 
@@ -194,6 +195,11 @@ class Supervisor:
         self.effective_seq = 0
         self.discovery: EndpointDiscovery | None = None  # endpoints from DNS, once running
         self.metrics.upstream_endpoints = self._endpoint_counts
+        from router.rollout.plane import build_controller
+
+        # Progressive rollouts: weights put in force through the effective state, so they
+        # are there before the first worker starts (a Failed canary stays at 0).
+        self.rollouts = build_controller(self)
         self._accept(loaded)
         problems = source.start_problems()
         if problems:  # started from the cache: the source's value is reported as a failure
@@ -222,7 +228,7 @@ class Supervisor:
             "digest": snap.digest,
             "loaded_at": self.loaded_at,
             "upstreams": self._describe_upstreams(),
-            "routes": describe_routes(snap),
+            "routes": describe_routes(snap, self.effective_snapshot),
             "last_reload": self.last_reload,
             "state_dir": self.state_dir,
             "watch_interval": self.settings.watch_interval,
@@ -234,6 +240,9 @@ class Supervisor:
 
     def console(self) -> Console:
         return self._console
+
+    def rollout_control(self) -> RolloutController:
+        return self.rollouts
 
     def rules_history(self, limit: int) -> dict[str, Any]:
         from router.history import read_audit
@@ -268,6 +277,7 @@ class Supervisor:
             self._write_pidfile()
             self._keep(self._console.run())
             await self._start_discovery()
+            self._keep(self.rollouts.run())
             slots = [self._keep(self._slot_loop(slot)) for slot in range(self.settings.workers)]
             self._keep(self.source.watch(lambda: self.snapshot.digest, self._request_reload))
             if self.certificates is not None:
@@ -613,6 +623,7 @@ class Supervisor:
             _write_atomic(rules_copy_path(self.state_dir, snapshot.digest), loaded.raw)
         if self.discovery is not None:  # at start: followed once running (_start_discovery)
             self.discovery.follow(snapshot.upstreams)
+        self.rollouts.sync(snapshot)
         self.source.accepted(loaded)
 
     def _on_sighup(self) -> None:
@@ -824,11 +835,12 @@ def describe_upstreams(
     return out
 
 
-def describe_routes(snapshot: Snapshot) -> list[dict[str, Any]]:
-    """One short summary per route, in file order, for /rules."""
+def describe_routes(snapshot: Snapshot, effective: Snapshot | None = None) -> list[dict[str, Any]]:
+    """One short summary per route, in file order, for /rules; with `effective` (the
+    rules as the workers route now), each split's weights in force beside the file's."""
     ruleset = snapshot.ruleset
     out: list[dict[str, Any]] = []
-    for compiled in snapshot.routes:
+    for i, compiled in enumerate(snapshot.routes):
         route = compiled.model
         match = route.match
         summary: dict[str, Any] = {
@@ -841,6 +853,10 @@ def describe_routes(snapshot: Snapshot) -> list[dict[str, Any]]:
             summary["to"] = route.to
         if route.split is not None:
             summary["split"] = dict(route.split.weights)
+            table = effective.routes[i].split if effective is not None else None
+            if table is not None:  # the control plane's weights (a rollout, replicas)
+                in_force = dict(zip(table.names, table.weights, strict=True))
+                summary["effective_split"] = {n: in_force.get(n, 0.0) for n in summary["split"]}
             summary["salt"] = route.salt
         if route.direct_response is not None:
             summary["direct_response"] = {"status": route.direct_response.status}

@@ -12,6 +12,8 @@
   on each connection and answers each request (as httptools delimits them) with
   scripted bytes: for the HTTP tests that must see what went on the wire.
 - `upstreams`: the demo upstreams v1 and v2 (router.demo).
+- `webhooks`: receivers of JSON POSTs (rollout notifications) that keep what they get,
+  and can be told to answer 503 or to be slow.
 - `serve_router`: `grayroute serve` as a real subprocess (supervisor + workers); `poll`;
   `scrape` reads its /metrics.
 - `tls_ca`: a throw-away certificate authority (trustme) that issues certificates as
@@ -75,12 +77,19 @@ def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Any]:
 # -- upstreams -------------------------------------------------------------------------
 @dataclass
 class Backend:
-    """One real upstream server; `seen` counts the requests that reached it."""
+    """One real upstream server; `seen` counts the requests that reached it.
+
+    It can be told to misbehave on every request, as a bad release would: answer
+    `fail_status` to exactly `fail_ratio` of them (every 1/ratio-th, not at random, so a
+    test knows the rate), and wait `delay` seconds before each answer."""
 
     version: str
     port: int = 0
     seen: list[dict[str, Any]] = field(default_factory=list)
     host: str = "127.0.0.1"
+    fail_ratio: float = 0.0
+    fail_status: int = 503
+    delay: float = 0.0
 
     @property
     def endpoint(self) -> str:
@@ -105,6 +114,11 @@ def _backend_app(backend: Backend) -> web.Application:
             "body_bytes": size,
         }
         backend.seen.append(info)
+        n, ratio = len(backend.seen), backend.fail_ratio
+        if backend.delay:
+            await asyncio.sleep(backend.delay)
+        if ratio and int(n * ratio) > int((n - 1) * ratio):
+            return web.Response(status=backend.fail_status, headers={"X-Version": backend.version})
         q = request.query
         if "sleep" in q:
             await asyncio.sleep(float(q["sleep"]))
@@ -302,6 +316,7 @@ class RecordingMetrics:
         self.requests: Counter[tuple[str, str, int]] = Counter()
         self.errors: Counter[tuple[str, str]] = Counter()
         self.fallbacks: Counter[tuple[str, str]] = Counter()
+        self.judged: Counter[tuple[str, str, bool]] = Counter()  # (route, upstream, failed)
         self.handshakes: Counter[tuple[str, str]] = Counter()
         self.handshake_failures: Counter[str] = Counter()
         self.tunnels_opened: Counter[str] = Counter()
@@ -315,6 +330,9 @@ class RecordingMetrics:
 
     def fell_back(self, upstream: str, fallback: str) -> None:
         self.fallbacks[(upstream, fallback)] += 1
+
+    def split_done(self, route: str, upstream: str, failed: bool, seconds: float) -> None:
+        self.judged[(route, upstream, failed)] += 1
 
     def tls_handshake(self, certificate: str, version: str) -> None:
         self.handshakes[(certificate, version)] += 1
@@ -461,6 +479,50 @@ class _ErrorCollector(logging.Handler):
 def threaded_proxy() -> Callable[..., ThreadedProxy]:
     """`with threaded_proxy(rules_template, **settings) as tp:`; `{v1}` is the backend."""
     return ThreadedProxy
+
+
+# -- webhook receivers ------------------------------------------------------------------------
+class Webhook:
+    """A real receiver of JSON POSTs on /hook; `got` keeps every body it accepted."""
+
+    def __init__(self) -> None:
+        self.got: list[dict[str, Any]] = []
+        self.fail_first = 0  # answer 503 to this many POSTs first
+        self.delay = 0.0  # seconds before each answer
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.fail_first > 0:
+            self.fail_first -= 1
+            return web.Response(status=503)
+        self.got.append(await request.json())
+        return web.Response(text="ok")
+
+
+@pytest.fixture
+async def webhooks() -> AsyncIterator[Callable[[], Awaitable[Webhook]]]:
+    """`await webhooks()` starts one more receiver; its URL is `.url`."""
+    runners: list[web.AppRunner] = []
+
+    async def start() -> Webhook:
+        hook = Webhook()
+        app = web.Application()
+        app.router.add_post("/hook", hook.handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        assert site._server is not None
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        hook.url = f"http://127.0.0.1:{port}/hook"
+        runners.append(runner)
+        return hook
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
 
 
 # -- the router as a real process ---------------------------------------------------------

@@ -37,6 +37,9 @@ class FakeSource:
         events = [{"action": "reload", "n": i} for i in range(5)]
         return {"state_dir": "/state", "events": events[-limit:]}
 
+    def rollout_control(self) -> None:
+        return None
+
 
 Start = Callable[..., Awaitable[tuple[FakeSource, str]]]
 

@@ -261,3 +261,38 @@ def test_tunnels_open_is_a_gauge_that_leaves_with_its_worker() -> None:
     assert s[("grayroute_tunnels_open", "upstream=chat-v2")] == 2
     assert s[("grayroute_tunnels_open", "upstream=chat-v1")] == 0
     assert "tunnels" not in WorkerMetrics().snapshot()
+
+
+def test_judged_split_traffic_is_summed_exactly_over_workers() -> None:
+    agg = MetricsAggregator()
+    a, b = WorkerMetrics(), WorkerMetrics()
+    a.split_done("orders", "v1.1", True, 0.120)
+    a.split_done("orders", "v1.1", False, 0.002)
+    b.split_done("orders", "v1.1", False, 0.121)
+    b.split_done("orders", "v1", False, 0.002)
+    agg.update("a", wire(a))
+    agg.update("b", wire(b))
+    judged = agg.judged()
+    canary = judged[("orders", "v1.1")]
+    assert (canary.requests, canary.failures, sum(canary.buckets)) == (3, 1, 3)
+    assert 0.11 < (canary.quantile(0.99) or 0) < 0.13
+    agg.retire("a")  # a worker that died: its counts stay
+    assert agg.judged()[("orders", "v1.1")] == canary
+    assert "judged" not in WorkerMetrics().snapshot()  # no rollout, nothing sent
+    # Not a Prometheus metric: the rollout controller reads them.
+    state = SupervisorMetrics()
+    state.aggregator.update("a", wire(a))
+    assert not [k for k in samples(state) if "judged" in k[0]]
+
+
+def test_more_collectors_are_rendered() -> None:
+    from prometheus_client.core import GaugeMetricFamily
+
+    def extra() -> list[GaugeMetricFamily]:
+        family = GaugeMetricFamily("grayroute_extra", "Extra.", labels=("x",))
+        family.add_metric(("1",), 7.0)
+        return [family]
+
+    state = SupervisorMetrics()
+    state.collectors.append(extra)
+    assert samples(state)[("grayroute_extra", "x=1")] == 7.0

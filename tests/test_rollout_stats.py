@@ -5,7 +5,9 @@ from __future__ import annotations
 import random
 from bisect import bisect_left
 from itertools import pairwise
+from typing import Any
 
+import httpx
 import pytest
 
 from router.rollout.stats import (
@@ -49,12 +51,15 @@ def test_quantile_edges() -> None:
     assert LATENCY_BOUNDS[bisect_left(LATENCY_BOUNDS, 0.120) - 1] <= one.quantile(0.99) <= 0.13
 
 
-def test_slower_than_counts_only_whole_buckets_above() -> None:
+def test_slower_than_counts_the_buckets_above_and_a_share_of_the_one_it_falls_in() -> None:
     c = counts_of([0.010] * 5 + [0.100] * 3 + [1.0] * 2)
     assert c.slower_than(0.050) == 5
-    assert c.slower_than(0.100) == 2  # the bucket holding 0.1 s may start below it
     assert c.slower_than(0.0) == 10
     assert c.slower_than(2.0) == 0
+    # 0.1 s falls in a bucket (0.0955, 0.1041]: about half of it lies above 0.099.
+    i = bisect_left(LATENCY_BOUNDS, 0.100)
+    low, high = LATENCY_BOUNDS[i - 1], LATENCY_BOUNDS[i]
+    assert c.slower_than(0.099) == pytest.approx(2 + 3 * (high - 0.099) / (high - low))
 
 
 def test_add_and_since_are_exact_and_never_negative() -> None:
@@ -111,3 +116,65 @@ def test_local_counts_hand_out_each_interval_once() -> None:
     assert (second["v1"].requests, second["v1"].failures) == (5, 2)
     assert second["v2"].requests == 0
     assert source.take("other")["v1"].requests == 99
+
+
+# -- what the proxy counts for a rollout --------------------------------------------------
+
+JUDGED = """\
+format: 1
+upstreams:
+  v1: {{endpoints: ["{v1}"]}}
+  v1.1: {{endpoints: ["{v11}"], fallback: v1}}
+  pinned: {{endpoints: ["{v1}"]}}
+user_id:
+  - header: X-User-Id
+routes:
+  - name: orders
+    match: {{path_prefix: /orders}}
+    pins:
+      - {{to: pinned, users: ["10086"]}}
+    split: {{v1: 50, v1.1: 50}}
+    rollout: {{canary: v1.1, stable: v1, steps: [50]}}
+  - name: other
+    match: {{path_prefix: /other}}
+    split: {{v1: 50, v1.1: 50}}
+"""
+
+
+async def test_the_proxy_counts_split_traffic_only_and_5xx_as_failures(
+    backends: Any, proxy: Any
+) -> None:
+    v1, v11 = await backends("v1", "v1.1")
+    v11.fail_ratio = 0.5
+    rp = await proxy(JUDGED.format(v1=v1.endpoint, v11=v11.endpoint))
+    async with httpx.AsyncClient(base_url=rp.url) as client:
+        for user in range(200):
+            await client.get("/orders", headers={"X-User-Id": str(user)})
+            await client.get("/other", headers={"X-User-Id": str(user)})  # no rollout
+        for _ in range(20):
+            await client.get("/orders", headers={"X-User-Id": "10086"})  # pinned
+    judged = rp.metrics.judged
+    assert set(judged) <= {("orders", u, f) for u in ("v1", "v1.1") for f in (True, False)}
+    assert sum(judged.values()) == 200
+    assert judged[("orders", "v1", True)] == 0
+    canary = judged[("orders", "v1.1", True)] + judged[("orders", "v1.1", False)]
+    assert judged[("orders", "v1.1", True)] == pytest.approx(canary / 2, abs=1)
+
+
+async def test_a_request_the_canary_could_not_take_is_its_failure(
+    backends: Any, proxy: Any
+) -> None:
+    (v1,) = await backends("v1")
+    # The canary's endpoint refuses connections: its requests fall back to v1 and
+    # succeed for the users, but the canary failed them.
+    closed = "127.0.0.1:9"
+    rp = await proxy(JUDGED.format(v1=v1.endpoint, v11=closed), connect_timeout=1.0)
+    async with httpx.AsyncClient(base_url=rp.url) as client:
+        answers = [
+            (await client.get("/orders", headers={"X-User-Id": str(user)})).status_code
+            for user in range(60)
+        ]
+    assert set(answers) == {200}
+    judged = rp.metrics.judged
+    assert judged[("orders", "v1.1", True)] > 10 and judged[("orders", "v1.1", False)] == 0
+    assert judged[("orders", "v1", True)] == 0

@@ -162,7 +162,8 @@ def latency_gate(
     if qc <= threshold:
         return GateResult("latency", PASS, qc, qs, threshold, nc, ns)
     timed = sum(canary.buckets)
-    p = binomial_upper_tail(canary.slower_than(threshold), timed, 1.0 - gate.quantile)
+    slower = math.floor(canary.slower_than(threshold))
+    p = binomial_upper_tail(slower, timed, 1.0 - gate.quantile)
     verdict = FAIL if p < 1.0 - gate.confidence else PASS
     return GateResult("latency", verdict, qc, qs, threshold, nc, ns, p_value=p)
 

@@ -104,14 +104,20 @@ class Counts:
             seen += count
         return LATENCY_BOUNDS[-1]
 
-    def slower_than(self, seconds: float) -> int:
-        """Requests certainly slower than `seconds`: those in buckets that start above
-        it (a bucket it falls inside counts for nothing; the gate stays cautious)."""
-        slower = 0
+    def slower_than(self, seconds: float) -> float:
+        """How many requests were slower than `seconds`: the buckets above it, and the
+        share of the bucket it falls in that lies above it (spread evenly, as quantile()
+        assumes)."""
+        slower = 0.0
         for i, count in enumerate(self.buckets):
+            if not count:
+                continue
             low = LATENCY_BOUNDS[i - 1] if i else 0.0
             if low >= seconds:
                 slower += count
+            elif i < len(LATENCY_BOUNDS) and LATENCY_BOUNDS[i] > seconds:
+                high = LATENCY_BOUNDS[i]
+                slower += count * (high - seconds) / (high - low)
         return slower
 
     def to_json(self) -> dict[str, Any]:
