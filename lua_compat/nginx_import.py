@@ -453,9 +453,8 @@ class _Importer:
                 "--listen address, so a name is matched whatever the port",
             )
         groups = self.server_groups(servers)
-        last = len(groups) - 1
-        for i, group in enumerate(groups):
-            self.server_routes(group, alone=len(groups) == 1, last=i == last)
+        for group in groups:
+            self.server_routes(group, alone=len(groups) == 1)
         for key, d in self.conditional.items():
             if key not in self.consumed:
                 self.ignore(d)  # sets a variable that decides nothing here
@@ -652,11 +651,11 @@ class _Importer:
                         )
                     else:
                         exact.append(((0, si, ni), server, form))
-        ordered = sorted(exact + wild, key=lambda e: e[0]) + sorted(regexes, key=lambda e: e[0])
         groups: list[_Group] = []
-        for _, server, pattern in ordered:
-            kind = "regex" if (_, server, pattern) in regexes else "hosts"
-            self.add_group(groups, _Group(server, kind, [pattern]))
+        for _, server, pattern in sorted(exact + wild, key=lambda e: e[0]):
+            self.add_group(groups, _Group(server, "hosts", [pattern]))
+        for _, server, pattern in sorted(regexes, key=lambda e: e[0]):
+            self.add_group(groups, _Group(server, "regex", [pattern]))
         self.add_group(groups, _Group(default, "default", []))
         return groups
 
@@ -675,9 +674,12 @@ class _Importer:
                     del groups[j]
                     new.patterns = group.patterns + new.patterns
                 continue
-            if group.kind != new.kind or new.kind != "hosts":
+            if group.kind != new.kind:
                 break
-            if all(_apart(new, g) for g in between):
+            # Regex names join only their neighbour: which name a regex takes is unknown.
+            if (new.kind == "regex" and not between) or (
+                new.kind == "hosts" and all(_apart(new, g) for g in between)
+            ):
                 group.patterns += new.patterns
                 return
             break
@@ -685,7 +687,7 @@ class _Importer:
 
     # -- routes of one server ------------------------------------------------------------
 
-    def server_routes(self, group: _Group, alone: bool, last: bool) -> None:
+    def server_routes(self, group: _Group, alone: bool) -> None:
         server = group.server
         hosts: dict[str, object] = {}
         if group.kind == "hosts":
@@ -700,10 +702,10 @@ class _Importer:
             hosts = {"host_regex": pattern}
             label = "regex-host"
         else:
-            if not alone:
-                hosts = {} if group.patterns or last else {"default_host": True}
-                if not group.patterns:
-                    hosts = {"default_host": True}
+            # Last, so without a host condition it takes what no other server's routes
+            # took; `default_host` says so when it serves no names of its own.
+            if not alone and not group.patterns:
+                hosts = {"default_host": True}
             label = next((p for p in group.patterns if "*" not in p), "default")
         label = _NAME_SAFE.sub("-", label.replace("*", "any")).strip("-") or "default"
         ctx = _Context(hosts, label, {}, {}, server.body_buffer or self.body_buffer, server.ssl)
