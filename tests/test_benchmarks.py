@@ -190,7 +190,12 @@ def _locust(
 
 
 def test_locust_smoke_run_through_grayroute(grayroute: h.Proc, tmp_path: Path) -> None:
-    code, check = _locust(grayroute.addr, tmp_path, {})
+    # A busy machine may not fit GR_MIN_SAMPLES into a short run: run longer then, rather
+    # than judge the split on too few responses.
+    for seconds in (3, 8, 20):
+        code, check = _locust(grayroute.addr, tmp_path, {}, seconds=seconds)
+        if sum(check["split"].values()) >= 200:
+            break
     assert check["ok"], check["messages"]
     assert code == 0
     assert sum(check["split"].values()) >= 200
