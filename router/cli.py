@@ -102,6 +102,18 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--max-connections", type=int, default=defaults.max_connections)
     serve.add_argument(
+        "--max-tunnels",
+        type=int,
+        default=defaults.max_tunnels,
+        help="WebSocket tunnels open at once per worker; 0 declines every upgrade",
+    )
+    serve.add_argument(
+        "--tunnel-idle-timeout",
+        type=float,
+        default=defaults.tunnel_idle_timeout,
+        help="seconds a WebSocket tunnel may carry no byte either way before it is closed",
+    )
+    serve.add_argument(
         "--trusted-proxy",
         action="append",
         default=[],
@@ -303,6 +315,8 @@ def serve_settings(args: argparse.Namespace) -> Settings:
         max_target_bytes=args.max_target_bytes,
         max_body_bytes=args.max_body_bytes,
         max_connections=args.max_connections,
+        max_tunnels=args.max_tunnels,
+        tunnel_idle_timeout=args.tunnel_idle_timeout,
         trusted_proxies=args.trusted_proxies,
         state_dir=args.state_dir,
         audit_max_bytes=args.audit_max_bytes,

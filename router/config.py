@@ -72,6 +72,10 @@ class Settings:
     max_target_bytes: int = 8 * 1024  # request target -> 414
     max_body_bytes: int = 1 << 30  # request body, 0 for no limit -> 413
     max_connections: int = 10_000  # client connections per worker; more are closed at once
+    # WebSocket tunnels (router.tunnel): open at once per worker (more get 503), and the
+    # seconds one may carry no byte either way before it is closed.
+    max_tunnels: int = 10_000
+    tunnel_idle_timeout: float = 300.0
     # Requests per client connection, and its age (seconds), after which the connection
     # closes following its next answer; 0 = no limit (nginx keepalive_requests/_time).
     keepalive_requests: int = 1000
@@ -179,6 +183,10 @@ class Settings:
             raise ConfigError("--max-body-bytes: must be 0 (no limit) or a positive number")
         if self.max_connections < 1:
             raise ConfigError("--max-connections: must be at least 1")
+        if self.max_tunnels < 0:
+            raise ConfigError("--max-tunnels: must be 0 (no WebSocket) or a positive number")
+        if self.tunnel_idle_timeout <= 0:
+            raise ConfigError("--tunnel-idle-timeout: must be a positive number")
         for name in ("audit_max_bytes", "history_max_age", "history_max_versions"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be 0 (no bound) or more")

@@ -16,6 +16,7 @@
         ├── InternalError          500: a bug in Grayroute (logged with its traceback)
         ├── NoEndpoints            503: the upstream has no endpoints now (a DNS name with
         │                          no records: zero replicas)
+        ├── TooManyTunnels         503: a WebSocket upgrade while --max-tunnels are open
         ├── UpstreamUnavailable    502: every endpoint refused or reset the connection
         ├── UpstreamBadResponse    502: the upstream answered something that is not HTTP
         └── UpstreamTimeout        504: connect or read timeout
@@ -113,6 +114,10 @@ class InternalError(ProxyError):
 
 class NoEndpoints(ProxyError):
     status, reason, code = 503, "Service Unavailable", "no_endpoints"
+
+
+class TooManyTunnels(ProxyError):
+    status, reason, code = 503, "Service Unavailable", "too_many_tunnels"
 
 
 class UpstreamUnavailable(ProxyError):

@@ -12,6 +12,9 @@
       -> the upstream connection back to the pool, metrics counted, the next
          pipelined request served                              (_finish)
 
+A WebSocket upgrade is routed like any request and forwarded with its Upgrade; when the
+upstream answers 101, both connections are handed to router.tunnel (upstream_switched).
+
 Everything that can be computed once is computed when the rules are installed
 (`Router.install`) or once a second (`Router._tick`: the Date header, idle and slow-header
 connections), never per request.
@@ -43,12 +46,14 @@ from router.errors import (
     NoRouteError,
     ProxyError,
     TargetTooLong,
+    TooManyTunnels,
     UpstreamBadResponse,
     UpstreamTimeout,
     UpstreamUnavailable,
     error_body,
 )
 from router.rules import RequestView, decide, host_from_header, normalize_path
+from router.tunnel import TunnelMetrics, Tunnels
 from router.upstream import (
     FRAMING_LENGTH,
     FRAMING_NONE,
@@ -64,7 +69,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("grayroute.proxy")
 
 
-class WorkerMetrics(Protocol):
+class WorkerMetrics(TunnelMetrics, Protocol):
     def request_done(self, route: str, upstream: str, status: int, seconds: float) -> None: ...
 
     def upstream_error(self, upstream: str, kind: str) -> None: ...
@@ -224,6 +229,8 @@ class Router:
         # (chunked ones always some, so that a small malformed one reaches no upstream).
         self.hold_length = settings.request_buffer_bytes
         self.hold_chunked = max(settings.request_buffer_bytes, _CHUNKED_HOLD)
+        # WebSocket connections after their 101 (router.tunnel).
+        self.tunnels = Tunnels(metrics, settings.tunnel_idle_timeout, settings.max_tunnels)
         self._ticker: asyncio.Task[None] | None = None
         self._refresh_date()
         self.install(snapshot)
@@ -311,7 +318,8 @@ class Router:
     async def drain(self, timeout: float) -> None:
         """Finish requests in flight (up to `timeout`), then close everything.
 
-        Every answer from now on says `Connection: close`. Idle keep-alive connections
+        Every answer from now on says `Connection: close`, and no new WebSocket tunnel is
+        opened. Idle keep-alive connections
         are left open for a short grace first: a client may have just sent a request on
         one, and closing under it would fail that request; within the grace it gets
         its answer, with `Connection: close`, instead.
@@ -320,13 +328,15 @@ class Router:
         started = time.monotonic()
         deadline = started + timeout
         grace_ends = started + min(_DRAIN_IDLE_GRACE, timeout / 2)
-        while self.connections and time.monotonic() < deadline:
+        # Tunnels have no request to end with: they get the whole timeout, then are cut.
+        while (self.connections or self.tunnels.open) and time.monotonic() < deadline:
             if time.monotonic() >= grace_ends:
                 for conn in list(self.connections):
                     conn.close_if_idle()
             await asyncio.sleep(0.05)
         for conn in list(self.connections):
             conn.abort()
+        self.tunnels.close_all()
         for pool in self.pools.values():
             pool.close()
         if self._ticker is not None:
@@ -350,6 +360,8 @@ class Router:
                 self._refresh_date()
                 for conn in list(self.connections):
                     conn.check_timeouts(now)
+                if self.tunnels.open:
+                    self.tunnels.check_idle(now)
 
 
 class _Request:
@@ -479,6 +491,10 @@ class HttpProxyProtocol(asyncio.Protocol):
         # Set while the parser ends a declined Upgrade offer at its head: see
         # _upgrade_offered.
         self.upgrade_body: _Request | None = None
+        # A WebSocket offer taken up (_upgrade_offered), and what the client sent after
+        # its head: the first bytes of the tunnel if the upstream answers 101.
+        self.tunnel_offer: _Request | None = None
+        self.tunnel_early = b""
         self._serving_next = False
         # Response bytes produced while one upstream read is handled; written with one
         # send() when it ends (flush_output), not one per head, chunk and terminator.
@@ -778,8 +794,10 @@ class HttpProxyProtocol(asyncio.Protocol):
 
     # -- Upgrade offers (RFC 9110 7.8) -------------------------------------------------
     def _upgrade_offered(self, req: _Request) -> None:
-        """`Connection: upgrade` with `Upgrade: ...` (WebSocket, h2c): the place where an
-        offer would be taken up. None is yet: every offer is declined, as HTTP lets a
+        """`Connection: upgrade` with `Upgrade: ...` (WebSocket, h2c). A WebSocket offer
+        (a GET without a body) is taken up: forwarded with its Upgrade, and tunnelled if
+        the upstream answers 101 (upstream_switched); any other answer is served as it is
+        and ends the connection. Every other offer (h2c) is declined, as HTTP lets a
         server do, and the request is served as HTTP/1.1 with its body; Upgrade,
         HTTP2-Settings and what Connection names are not forwarded.
 
@@ -789,13 +807,29 @@ class HttpProxyProtocol(asyncio.Protocol):
         (_after_upgrade_offer); until then the early end of the message lands on a
         stand-in request.
         """
+        if _is_websocket_offer(req) and not self.router.draining:
+            if not self.router.tunnels.has_room():
+                if self.router.tunnels.max_open:
+                    raise TooManyTunnels("too many WebSocket connections (--max-tunnels)")
+            else:
+                self.tunnel_offer = req
+                assert req.upgrade is not None
+                req.headers += ((b"Connection", b"upgrade"), (b"Upgrade", req.upgrade))
+                req.keep_alive = False  # what follows its head is the client's, not HTTP
+                self.reading_done = True
+                return
         if req.has_body:
             self.upgrade_body = req
             self.parsing = _Request(req.started)
 
     def _after_upgrade_offer(self, rest: bytes) -> None:
-        """The parser stopped after the head of a declined Upgrade offer; `rest` is what
-        followed it: the request's body if it has one, then the next requests."""
+        """The parser stopped after the head of an Upgrade offer; `rest` is what followed
+        it: the request's body if it has one, then the next requests; after a WebSocket
+        offer, the client's first bytes for the tunnel, kept until the upstream answers."""
+        if self.tunnel_offer is not None:
+            self.tunnel_early += rest
+            self._pause_reading(_PAUSE_DONE)
+            return
         req = self.upgrade_body
         self.upgrade_body = None
         if req is None:
@@ -1010,6 +1044,34 @@ class HttpProxyProtocol(asyncio.Protocol):
             self._close_client()
         else:
             self._answer_error(req, UpstreamTimeout(f"{conn.pool.name}: no response in {timeout}s"))
+
+    def upstream_switched(self, header_lines: list[bytes], rest: bytes) -> bool:
+        """The upstream answered 101: when it is to our WebSocket offer, the 101 goes to
+        the client and both connections become a tunnel; `rest` is what the upstream
+        sent after its head. False for a 101 nobody asked for (a bad response)."""
+        req = self.active
+        if req is None or req is not self.tunnel_offer or self.closed:
+            return False
+        conn = req.conn
+        transport = self.transport
+        assert conn is not None and conn.transport is not None and transport is not None
+        self.router.awaiting_upstream.discard(self)
+        self.router.connections.discard(self)
+        req.conn = None
+        req.status = 101
+        req.response_started = True
+        assert req.upgrade is not None
+        header_lines += (b"Upgrade: ", req.upgrade, b"\r\nConnection: upgrade\r\n\r\n")
+        self.flush_output()
+        transport.write(b"".join((_STATUS_LINES[101], *header_lines)))
+        self._count(req, 101)
+        req.state = _DONE
+        self.active = None
+        self.tunnel_offer = None
+        self.closed = True  # the transport is the tunnel's now: nothing here touches it
+        early, self.tunnel_early = self.tunnel_early, b""
+        self.router.tunnels.start(transport, conn.transport, conn.pool.name, early, rest)
+        return True
 
     def upstream_pause_writing(self) -> None:
         self._pause_reading(_PAUSE_UPSTREAM_FULL)
@@ -1309,6 +1371,18 @@ class HttpProxyProtocol(asyncio.Protocol):
 
 
 # -- pure helpers ------------------------------------------------------------------------
+def _is_websocket_offer(req: _Request) -> bool:
+    """RFC 6455 4.1: a GET over HTTP/1.1, without a body, asking for `websocket`."""
+    upgrade = req.upgrade
+    return (
+        upgrade is not None
+        and req.method == b"GET"
+        and req.http11
+        and not req.has_body
+        and b"websocket" in {t.strip() for t in upgrade.lower().split(b",")}
+    )
+
+
 def _body_unread(req: _Request) -> bool:
     return not req.complete and req.has_body
 

@@ -69,6 +69,8 @@ class _End(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.eof = True
         tunnel = self.tunnel
+        if not tunnel.ended_first:
+            tunnel.ended_first = self.closed_reason
         # Half-close only where both transports can (TCP); TLS has no half-close here.
         if tunnel.other_end(self).eof or not (
             self.sink.can_write_eof() and self.source.can_write_eof()
@@ -92,7 +94,15 @@ class _End(asyncio.Protocol):
 class Tunnel:
     """One client connection joined to one upstream connection."""
 
-    __slots__ = ("client_end", "closed", "last_io", "tunnels", "upstream", "upstream_end")
+    __slots__ = (
+        "client_end",
+        "closed",
+        "ended_first",
+        "last_io",
+        "tunnels",
+        "upstream",
+        "upstream_end",
+    )
 
     def __init__(
         self,
@@ -104,6 +114,7 @@ class Tunnel:
         self.tunnels = tunnels
         self.upstream = upstream_name
         self.closed = False
+        self.ended_first = ""  # the side that sent EOF first: it closed the tunnel
         self.last_io = time.monotonic()
         # Each end reads its own transport and writes to the other's.
         self.client_end = _End(self, client, upstream)
@@ -120,6 +131,8 @@ class Tunnel:
         if self.closed:
             return
         self.closed = True
+        if self.ended_first and reason in (CLIENT_CLOSED, UPSTREAM_CLOSED):
+            reason = self.ended_first
         for end in (self.client_end, self.upstream_end):
             transport = end.source
             if transport.get_write_buffer_size():

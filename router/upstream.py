@@ -110,6 +110,8 @@ class ResponseSink(Protocol):
 
     def upstream_resume_writing(self) -> None: ...
 
+    def upstream_switched(self, header_lines: list[bytes], rest: bytes) -> bool: ...
+
 
 class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection to one endpoint; parses responses with httptools."""
@@ -132,6 +134,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._framing_error = False
         self._framing = FRAMING_NONE
         self._interim = False
+        self._switching = False  # the response being parsed is a 101
         self._head_bytes = 0  # of the response header section being parsed
         # The sink of a response that ended in the read being parsed, told once the
         # whole read is parsed: bytes after the end of a response must be seen (and the
@@ -184,8 +187,14 @@ class UpstreamConnection(asyncio.Protocol):
             elif not isinstance(cause, _OutOfStep):
                 log.error("response handling failed", exc_info=cause)
                 self._fail(UpstreamBadResponse("response handling failed"))
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
-            # HttpParserUpgrade: a 101 nobody asked for (Upgrade is never forwarded).
+        except httptools.HttpParserUpgrade as exc:
+            # 101 Switching Protocols: the sink takes the connection over when it asked
+            # for that upgrade (a WebSocket tunnel); it is a bad response otherwise.
+            offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
+            if self._switch(sink, data[offset:]):
+                return
+            self._fail(UpstreamBadResponse("101 Switching Protocols that was not asked for"))
+        except httptools.HttpParserError as exc:
             self._fail(UpstreamBadResponse(f"invalid HTTP response: {exc!r}"))
         else:
             if self._framing_error:
@@ -283,8 +292,9 @@ class UpstreamConnection(asyncio.Protocol):
         status = self._parser.get_status_code()
         if status < 200:
             # Interim response (100 Continue, 103 Early Hints): not forwarded; wait
-            # for the final one. 101 is never asked for (Upgrade is hop-by-hop).
+            # for the final one. A 101 ends the parse (HttpParserUpgrade: _switch).
             self._interim = True
+            self._switching = status == 101
             return
         if self._head_bytes > self.pool.max_head_bytes:
             # nginx: "upstream sent too big header" (proxy_buffer_size) -> 502
@@ -335,6 +345,18 @@ class UpstreamConnection(asyncio.Protocol):
         self.sink = None
         self._keep_alive = self._parser.should_keep_alive()
         self._done = sink  # told when the whole read is parsed (data_received)
+
+    def _switch(self, sink: ResponseSink, rest: bytes) -> bool:
+        """Hand this connection to `sink` after a 101; it never comes back to the pool."""
+        if self.sink is not sink or not self._switching:
+            return False
+        self._switching = False
+        if not sink.upstream_switched(self._header_lines, rest):
+            return False
+        self.sink = None
+        self.closed = True  # for the pool: never lent again; the transport is the tunnel's
+        self.pool.forget(self)
+        return True
 
     def _head_too_large(self) -> str:
         return f"response header section over {self.pool.max_head_bytes} bytes"

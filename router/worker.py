@@ -185,8 +185,9 @@ class Worker:
         for server in servers:
             server.close()  # stop accepting; the other workers' sockets keep the port open
         log.info(
-            "draining %d client connections (up to %.1f s)",
+            "draining %d client connections and %d WebSocket tunnels (up to %.1f s)",
             len(self.router.connections),
+            len(self.router.tunnels.open),
             self.settings.drain_timeout,
         )
         try:
