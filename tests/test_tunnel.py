@@ -625,8 +625,11 @@ async def test_serve_counts_tunnels_and_its_drain_closes_them(
     assert await asyncio.wait_for(router.proc.wait(), 15) == 0
 
 
-async def raw_upstream(answer: bytes) -> tuple[asyncio.AbstractServer, asyncio.Queue[bytes]]:
-    """An upstream that records each request head it gets and answers `answer`."""
+async def raw_exchange(
+    proxy: Any, answer: bytes, request: bytes, **settings: Any
+) -> tuple[bytes, bytes, RunningProxy]:
+    """`request` through the router to an upstream that answers `answer`: the head the
+    client gets, and the head the upstream got."""
     heads: asyncio.Queue[bytes] = asyncio.Queue()
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -637,7 +640,21 @@ async def raw_upstream(answer: bytes) -> tuple[asyncio.AbstractServer, asyncio.Q
             await reader.read()
         writer.close()
 
-    return await asyncio.start_server(serve, "127.0.0.1", 0), heads
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    rp = await proxy(
+        f'format: 1\nupstreams:\n  v1: {{endpoints: ["127.0.0.1:{port}"]}}\n'
+        "routes:\n  - name: all\n    to: v1\n",
+        **settings,
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", rp.port)
+    try:
+        writer.write(request)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        return head, await asyncio.wait_for(heads.get(), 10), rp
+    finally:
+        writer.close()
+        server.close()
 
 
 UPGRADE_REQUEST = (
@@ -648,41 +665,24 @@ UPGRADE_REQUEST = (
 
 
 async def test_a_101_nobody_asked_for_is_a_bad_response(proxy: Any) -> None:
-    server, heads = await raw_upstream(
-        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    head, sent, rp = await raw_exchange(
+        proxy,
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        b"GET /plain HTTP/1.1\r\nHost: a\r\n\r\n",
     )
-    port = server.sockets[0].getsockname()[1]
-    rp = await proxy(
-        f'format: 1\nupstreams:\n  v1: {{endpoints: ["127.0.0.1:{port}"]}}\n'
-        "routes:\n  - name: all\n    to: v1\n"
-    )
-    reader, writer = await asyncio.open_connection("127.0.0.1", rp.port)
-    writer.write(b"GET /plain HTTP/1.1\r\nHost: a\r\n\r\n")
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
     assert head.startswith(b"HTTP/1.1 502 ")
-    assert b"upgrade" not in (await heads.get()).lower()
+    assert b"upgrade" not in sent.lower()
     assert not rp.metrics.tunnels_opened and not rp.router.tunnels.open
-    writer.close()
-    server.close()
 
 
 async def test_with_max_tunnels_0_an_upgrade_is_forwarded_without_it(proxy: Any) -> None:
-    server, heads = await raw_upstream(
-        b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 0\r\n\r\n"
-    )
-    port = server.sockets[0].getsockname()[1]
-    rp = await proxy(
-        f'format: 1\nupstreams:\n  v1: {{endpoints: ["127.0.0.1:{port}"]}}\n'
-        "routes:\n  - name: all\n    to: v1\n",
+    head, sent, rp = await raw_exchange(
+        proxy,
+        b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 0\r\n\r\n",
+        UPGRADE_REQUEST,
         max_tunnels=0,
     )
-    reader, writer = await asyncio.open_connection("127.0.0.1", rp.port)
-    writer.write(UPGRADE_REQUEST)
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
     assert head.startswith(b"HTTP/1.1 426 ")
-    sent = await heads.get()
     assert b"\r\nupgrade:" not in sent.lower() and b"connection: upgrade" not in sent.lower()
     assert b"\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n" in sent
     assert not rp.metrics.tunnels_opened
-    writer.close()
-    server.close()
