@@ -4,13 +4,21 @@
      "path": "/orders?userId=42", "host": "api.example.com", "status": 200,
      "duration_ms": 1.234, "route": "orders", "upstream": "orders-v1", "user_id": "42",
      "user_id_source": "query:userId",
-     "reason": "split by user ID -> orders-v1 (weights orders-v1=95, orders-v1.1=5)"}
+     "reason": "split by user ID -> orders-v1 (weights orders-v1=95, orders-v1.1=5)",
+     "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736"}
 
 `path` is the request target as received (with the query string, like nginx's
 $request_uri); `host` is the Host header as sent; `client` is the peer address of the
 connection. `route`, `upstream`, `user_id`, `user_id_source` and `reason` are null when
 the request was not routed (no route matched: 404; rejected before routing: 400, 408,
 ...). `grayroute diff --access-log` reads these lines back.
+
+`trace_id` is the trace the request belongs to, so that a log search leads to its trace:
+the trace-id of a W3C `traceparent` header (32 hex digits), else the trace ID of a
+SkyWalking `sw8` header (its second field, base64-decoded); null without either, or
+when the header is malformed. Both headers are forwarded upstream as they came either
+way. The proxy only keeps the header values it meets (router.proxy); they are parsed
+here, for a request that has one.
 
 Cost on the hot path (`log`, called by router.proxy once per answered request): one dict
 and one orjson.dumps appended to a bytearray (~1.5 us all told; keeping each line as its
@@ -29,9 +37,12 @@ and when it names another file (logrotate's `create`) or none, it is opened agai
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import logging
 import os
+import re
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +51,7 @@ import orjson
 if TYPE_CHECKING:
     from router.rules import Decision
 
-__all__ = ["AccessLogWriter", "check_writable"]
+__all__ = ["AccessLogWriter", "check_writable", "trace_id"]
 
 log = logging.getLogger("grayroute.access_log")
 
@@ -48,6 +59,53 @@ _FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
 # User IDs and client addresses are personal data: not world-readable.
 _MODE = 0o640
 _NEWLINE = orjson.OPT_APPEND_NEWLINE
+
+# W3C Trace Context: version-trace_id-parent_id-flags, lower-case hex; a later version
+# may add fields after the four (https://www.w3.org/TR/trace-context/#traceparent-header)
+_TRACEPARENT = re.compile(
+    rb"[ \t]*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}(-[^ \t]*)?[ \t]*"
+)
+_ZERO_TRACE = b"0" * 32
+_ZERO_PARENT = b"0" * 16
+# SkyWalking cross-process propagation (sw8): sample-traceId-segmentId-spanId-service-
+# instance-endpoint-target, the strings base64-encoded
+_SW8_FIELDS = 8
+
+
+def trace_id(traceparent: bytes | None, sw8: bytes | None) -> str | None:
+    """The trace ID of a request: traceparent's trace-id, else sw8's; None if neither
+    header is there or valid."""
+    if traceparent is not None:
+        found = _w3c_trace_id(traceparent)
+        if found is not None:
+            return found
+    if sw8 is not None:
+        return _sw8_trace_id(sw8)
+    return None
+
+
+def _w3c_trace_id(value: bytes) -> str | None:
+    m = _TRACEPARENT.fullmatch(value)
+    if m is None:
+        return None
+    version, trace, parent, more = m.groups()
+    # ff is forbidden; version 00 has exactly four fields; all-zero IDs are invalid
+    if version == b"ff" or (version == b"00" and more) or trace == _ZERO_TRACE:
+        return None
+    if parent == _ZERO_PARENT:
+        return None
+    return trace.decode("ascii")
+
+
+def _sw8_trace_id(value: bytes) -> str | None:
+    fields = value.strip().split(b"-")
+    if len(fields) != _SW8_FIELDS or fields[0] not in (b"0", b"1") or not fields[1]:
+        return None
+    try:
+        found = base64.b64decode(fields[1], validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):  # not base64, or not UTF-8 text
+        return None
+    return found if found.isprintable() and found else None
 
 
 def check_writable(path: str) -> None:
@@ -102,6 +160,8 @@ class AccessLogWriter:
         seconds: float,
         route: str,
         decision: Decision | None,
+        traceparent: bytes | None = None,
+        sw8: bytes | None = None,
     ) -> None:
         now = time.time()
         second = int(now)
@@ -128,6 +188,10 @@ class AccessLogWriter:
         else:
             record["upstream"] = record["user_id"] = record["user_id_source"] = None
             record["reason"] = None
+        if traceparent is None and sw8 is None:
+            record["trace_id"] = None
+        else:
+            record["trace_id"] = trace_id(traceparent, sw8)
         try:
             line = orjson.dumps(record, option=_NEWLINE)
         except TypeError:  # a lone surrogate in a user ID from a JSON body: not UTF-8

@@ -92,6 +92,8 @@ class AccessLog(Protocol):
         seconds: float,
         route: str,
         decision: Decision | None,
+        traceparent: bytes | None = None,
+        sw8: bytes | None = None,
     ) -> None: ...
 
 
@@ -108,7 +110,9 @@ class AccessLog(Protocol):
     _H_DROP,  # not forwarded (hop-by-hop), still seen by Lua routes as in nginx
     _H_UPGRADE,  # an Upgrade offer: kept aside, never forwarded as it is
     _H_IGNORE,  # not a header at all for us (a name with `_`, as nginx ignores it)
-) = range(11)
+    _H_TRACEPARENT,  # trace context (W3C, SkyWalking): forwarded as it is, kept for the
+    _H_SW8,  # access log's trace ID
+) = range(13)
 # Header names as clients spell them -> (_H_* kind, the name the rules know it by or None).
 _HeaderInfo = tuple[int, str | None]
 _HEADER_INFO_CACHE_SIZE = 512
@@ -125,6 +129,8 @@ _SPECIAL_REQUEST_HEADERS: dict[bytes, int] = {
     b"upgrade": _H_UPGRADE,
     # Belongs to an h2c Upgrade offer, which is this connection's only (RFC 9113 3.2.1).
     b"http2-settings": _H_DROP,
+    b"traceparent": _H_TRACEPARENT,
+    b"sw8": _H_SW8,
 }
 # header_count of a request once its head is parsed: past every limit, so that the
 # limit check on_header already makes also catches trailer fields (see on_header).
@@ -403,8 +409,10 @@ class _Request:
         "started",
         "state",
         "status",
+        "sw8",
         "target",
         "to_client",
+        "traceparent",
         "upgrade",
         "url",
         "view",
@@ -431,6 +439,8 @@ class _Request:
         self.connection_tokens: bytes | None = None
         self.xff: bytes | None = None
         self.xfp: bytes | None = None
+        self.traceparent: bytes | None = None  # the first of each: what the log reads
+        self.sw8: bytes | None = None
         self.method = b""
         self.http11 = True
         self.keep_alive = True
@@ -682,6 +692,14 @@ class HttpProxyProtocol(asyncio.Protocol):
             if req.raw_headers is not None:
                 req.raw_headers.pop()
             return
+        elif special == _H_TRACEPARENT:
+            req.headers.append((name, value))
+            if req.traceparent is None:
+                req.traceparent = value
+        elif special == _H_SW8:
+            req.headers.append((name, value))
+            if req.sw8 is None:
+                req.sw8 = value
         key = info[1]
         if key is not None and key not in req.wanted:
             req.wanted[key] = value.decode("latin-1")
@@ -1350,6 +1368,8 @@ class HttpProxyProtocol(asyncio.Protocol):
                 seconds,
                 route,
                 decision,
+                req.traceparent,
+                req.sw8,
             )
 
     def _close_client(self) -> None:

@@ -8,15 +8,18 @@ import os
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
 import pytest
 
-from router.access_log import AccessLogWriter
+from router.access_log import AccessLogWriter, trace_id
 from router.demo import DemoUpstream, RouterProcess
 from router.diff import diff_lines
 from router.rules import Decision, load_snapshot
+
+from conftest import RAW_OK
 
 TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
@@ -48,6 +51,7 @@ def test_fields_of_a_routed_and_an_unrouted_request(tmp_path: Path) -> None:
         "user_id": "42",
         "user_id_source": "header:X-User-Id",
         "reason": "split by user ID -> v1.1",
+        "trace_id": None,
     }
     assert second["route"] is None and second["upstream"] is None and second["host"] is None
     assert second["status"] == 404 and second["reason"] is None
@@ -113,6 +117,94 @@ def test_a_user_id_that_is_not_utf8_is_still_logged(tmp_path: Path) -> None:
     w.log("c", b"GET", b"/", None, 200, 0.0, "r", bad)
     w.close()
     assert lines(path)[0]["user_id"] == "ab\\udc80"
+
+
+# W3C Trace Context's example, and a SkyWalking sw8 header whose trace ID is "a1b2c3.4.16000"
+TRACEPARENT = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+SW8 = (
+    b"1-YTFiMmMzLjQuMTYwMDA=-c2VnbWVudA==-3-c2VydmljZQ==-aW5zdGFuY2U="
+    b"-L29yZGVycw==-MTAuMC4wLjE6ODA="
+)
+
+
+@pytest.mark.parametrize(
+    ("traceparent", "sw8", "expected"),
+    [
+        (TRACEPARENT, None, "4bf92f3577b34da6a3ce929d0e0e4736"),
+        (None, SW8, "a1b2c3.4.16000"),
+        (TRACEPARENT, SW8, "4bf92f3577b34da6a3ce929d0e0e4736"),  # W3C first
+        (TRACEPARENT.upper(), SW8, "a1b2c3.4.16000"),  # hex must be lower-case: sw8's
+        # a later version may carry more fields; version ff, zero IDs and a version 00
+        # with more fields are invalid
+        (b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x", None,
+         "4bf92f3577b34da6a3ce929d0e0e4736"),
+        (b"ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", None, None),
+        (b"00-00000000000000000000000000000000-00f067aa0ba902b7-01", None, None),
+        (b"00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01", None, None),
+        (TRACEPARENT + b"-x", None, None),
+        (b"00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01", None, None),  # 31 digits
+        (None, b"1-YTFiMmMzLjQuMTYwMDA=-c2Vn", None),  # 3 fields, not 8
+        (None, SW8.replace(b"YTFiMmMzLjQuMTYwMDA=", b"not*base64"), None),
+        (None, SW8.replace(b"YTFiMmMzLjQuMTYwMDA=", b"//79"), None),  # not UTF-8
+        (None, SW8.replace(b"1-", b"2-", 1), None),  # the sample flag is 0 or 1
+        (None, None, None),
+    ],
+)  # fmt: skip
+def test_trace_id_of_traceparent_and_sw8(
+    traceparent: bytes | None, sw8: bytes | None, expected: str | None
+) -> None:
+    assert trace_id(traceparent, sw8) == expected
+
+
+async def test_trace_context_is_forwarded_intact_and_logged(
+    raw_upstream: Any, tmp_path: Path
+) -> None:
+    """traceparent, tracestate and sw8 reach the upstream byte for byte (names as the client spelt
+    them, a malformed one too: the router does not judge other systems' headers), and
+    the access log has the trace ID, so a search in the log leads to the trace."""
+    upstream = await raw_upstream(lambda conn, n: RAW_OK)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        f'format: 1\nupstreams:\n  v1: {{endpoints: ["{upstream.endpoint}"]}}\n'
+        "routes:\n  - name: all\n    to: v1\n"
+    )
+    access = tmp_path / "access.log"
+    with open(tmp_path / "router.log", "wb") as log:
+        router = await RouterProcess.start(
+            rules, workers=1, args=("--access-log", str(access)), stderr=log
+        )
+    heads = [
+        b"TraceParent: " + TRACEPARENT + b"\r\n",
+        b"sw8: " + SW8 + b"\r\n",
+        b"traceparent: %b\r\ntracestate: congo=t61rcWkgMzE\r\nSW8: %b\r\n" % (TRACEPARENT, SW8),
+        b"traceparent: 00-not-a-trace\r\n",
+        b"",
+    ]
+    try:
+        host, port = router.ready["listen"].rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        for i, head in enumerate(heads):
+            writer.write(b"GET /t/%d HTTP/1.1\r\nHost: a\r\n%b\r\n" % (i, head))
+            await writer.drain()
+            status = await reader.readuntil(b"\r\n\r\n")
+            assert status.startswith(b"HTTP/1.1 200 "), status
+            await reader.readexactly(2)
+        writer.close()
+    finally:
+        assert await router.stop() == 0
+    received = upstream.all_bytes
+    for i, head in enumerate(heads):
+        start = received.index(b"GET /t/%d " % i)
+        end = received.index(b"\r\n\r\n", start)
+        assert head in received[start : end + 2]  # the lines as sent, in their order
+    logged = {str(r["path"]): r["trace_id"] for r in lines(access)}
+    assert logged == {
+        "/t/0": "4bf92f3577b34da6a3ce929d0e0e4736",
+        "/t/1": "a1b2c3.4.16000",
+        "/t/2": "4bf92f3577b34da6a3ce929d0e0e4736",
+        "/t/3": None,
+        "/t/4": None,
+    }
 
 
 def test_cost_per_request(tmp_path: Path) -> None:
