@@ -1201,7 +1201,7 @@ class HttpProxyProtocol(asyncio.Protocol):
         # Unread request body bytes would be taken for the next request: close instead.
         # (A request without a body is complete once its head is: answered from
         # on_headers_complete, its on_message_complete has not come yet.)
-        close = not req.keep_alive or _body_unread(req) or self.router.draining
+        close = not req.keep_alive or (req.has_body and not req.complete) or self.router.draining
         self._write_answer(
             _error_status_line(error),
             [(b"Content-Type", b"application/json")],
@@ -1226,11 +1226,17 @@ class HttpProxyProtocol(asyncio.Protocol):
             self.active = None
             self._close_client()
             return
-        headers = [
-            (n.encode("latin-1"), v.encode("latin-1"))
-            for n, v in decision.response_headers
-            if v is not None and n.lower() not in ("content-length", "connection")
-        ]
+        # In the order the script set them; `ngx.header[name] = nil` clears the name, as in
+        # nginx. The router frames the answer itself: no Content-Length or Connection.
+        headers: list[tuple[bytes, bytes]] = []
+        for n, v in decision.response_headers:
+            lname = n.lower()
+            if lname in ("content-length", "connection"):
+                continue
+            if v is None:
+                headers = [(hn, hv) for hn, hv in headers if hn.lower() != lname.encode("latin-1")]
+            else:
+                headers.append((n.encode("latin-1"), v.encode("latin-1")))
         if decision.location is not None:
             headers.append((b"Location", decision.location.encode("latin-1")))
         body = decision.body
@@ -1238,7 +1244,7 @@ class HttpProxyProtocol(asyncio.Protocol):
             reason = decision.reason or "answered by the route's script"
             body = error_body("script_" + str(status), reason)
             headers.append((b"Content-Type", b"application/json"))
-        close = not req.keep_alive or _body_unread(req) or self.router.draining
+        close = not req.keep_alive or (req.has_body and not req.complete) or self.router.draining
         self._write_answer(
             _STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status,
             headers,
@@ -1315,7 +1321,7 @@ class HttpProxyProtocol(asyncio.Protocol):
         req.state = _DONE
         self.active = None
         self.served += 1
-        if not req.keep_alive or _body_unread(req):
+        if not req.keep_alive or (req.has_body and not req.complete):
             self._close_client()
             return
         self._serve_next()
@@ -1401,10 +1407,6 @@ def _is_websocket_offer(req: _Request) -> bool:
         and not req.has_body
         and b"websocket" in {t.strip() for t in upgrade.lower().split(b",")}
     )
-
-
-def _body_unread(req: _Request) -> bool:
-    return not req.complete and req.has_body
 
 
 def _drop_connection_listed(req: _Request) -> None:

@@ -160,6 +160,7 @@ MALFORMED: list[tuple[str, bytes, int]] = [
     ("host-bad-port", b"GET / HTTP/1.1\r\nHost: a:80x\r\n\r\n", 400),
     ("host-userinfo", b"GET / HTTP/1.1\r\nHost: evil@a\r\n\r\n", 400),
     ("host-bad-ipv6", b"GET / HTTP/1.1\r\nHost: [::zz]\r\n\r\n", 400),
+    ("host-bad-ipv6-colons", b"GET / HTTP/1.1\r\nHost: [1::2::3]:80\r\n\r\n", 400),
     ("host-bad-escape", b"GET / HTTP/1.1\r\nHost: a%zz\r\n\r\n", 400),
     # absolute-form: the target's authority is the Host (RFC 9112 3.2.2); no userinfo
     ("absolute-userinfo", b"GET http://evil@a/x HTTP/1.1\r\nHost: b\r\n\r\n", 400),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import resource
 import shutil
@@ -1380,3 +1381,83 @@ async def test_header_section_limit_is_exact(catch_all: Any, extra: int, status:
     answer = await raw_exchange(rp.port, raw)
     assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:200]
     assert len(v1.seen) == (1 if status == 200 else 0)
+
+
+# -- drain ----------------------------------------------------------------------------------
+async def test_drain_closes_idle_keepalive_connections_after_the_grace(setup: Any) -> None:
+    """An idle keep-alive connection is closed after a short grace (1 s), not left open
+    until the drain timeout: a drain with nothing in flight ends in about a second."""
+    rp, _ = setup
+    reader, writer = await asyncio.open_connection("127.0.0.1", rp.port)
+    writer.write(b"GET /api/x HTTP/1.1\r\nHost: a\r\nX-User-Id: 42\r\n\r\n")
+    got = _Responses()
+    while not got.done:
+        got.parser.feed_data(await asyncio.wait_for(reader.read(65536), 5))
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await rp.router.drain(20.0)
+    assert loop.time() - began < 5.0
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, not reset mid-answer
+    writer.close()
+
+
+async def test_drain_cuts_what_is_still_in_flight_at_its_timeout(setup: Any) -> None:
+    rp, _ = setup
+    reader, writer = await asyncio.open_connection("127.0.0.1", rp.port)
+    # user 7: v1 or v1.1, whose read timeout (5 s) is longer than this test
+    writer.write(b"GET /api/x?sleep=3 HTTP/1.1\r\nHost: a\r\nX-User-Id: 7\r\n\r\n")
+    await asyncio.sleep(0.2)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await rp.router.drain(0.5)
+    with contextlib.suppress(ConnectionError):
+        assert await asyncio.wait_for(reader.read(), 2) == b""
+    assert loop.time() - began < 2.5
+    writer.close()
+
+
+async def test_a_streamed_chunked_body_ends_with_its_last_chunk_upstream(edge: Any) -> None:
+    """A chunked body longer than what is held goes upstream as it comes; its end (the
+    last chunk, sent later by the client) must follow it, or the upstream waits forever."""
+    rp, v1, _ = await edge(request_buffer_bytes=0)
+    # a first request leaves an idle keep-alive connection: the next one streams at once
+    answers, _, _ = await exchange(rp.port, b"GET /warm HTTP/1.1\r\nHost: a\r\n\r\n", answers=1)
+    assert [a[0] for a in answers] == [200]
+    reader, writer = await asyncio.open_connection("127.0.0.1", rp.port)
+    piece = b"x" * 20000
+    writer.write(b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+    writer.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+    await poll(lambda: asyncio.sleep(0, piece in v1.all_bytes))  # streaming upstream
+    writer.write(b"0\r\n\r\n")
+    got = _Responses()
+    while not got.done:
+        got.parser.feed_data(await asyncio.wait_for(reader.read(65536), 5))
+    writer.close()
+    assert got.done[0][0] == 200
+    assert v1.all_bytes.endswith(b"\r\n0\r\n\r\n")
+
+
+@pytest.mark.skipif(lua_available() is not None, reason=lua_available() or "")
+async def test_a_script_answer_frames_itself(backends: Any, proxy: Any, tmp_path: Path) -> None:
+    """A Lua route that answers itself sets headers with ngx.header; the router frames
+    the answer: its own Content-Length (never a second one from the script), no
+    Connection of the script's, and a header the script cleared is not sent."""
+    v1, v2 = await backends("v1", "v2")
+    script = tmp_path / "answer.lua"
+    script.write_text(
+        'ngx.header["Content-Length"] = "999"\n'
+        'ngx.header["Connection"] = "keep-alive, X-A"\n'
+        'ngx.header["X-A"] = "1"\n'
+        'ngx.header["X-Gone"] = "x"\n'
+        'ngx.header["X-Gone"] = nil\n'
+        'ngx.say("hi")\n'
+        "return ngx.exit(200)\n"
+    )
+    rp = await proxy(LUA_RULES.format(v1=v1.endpoint, v2=v2.endpoint, script=script))
+    raw = await raw_exchange(rp.port, b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.lower().split(b"\r\n")
+    assert lines[0].startswith(b"http/1.1 200 ") and body == b"hi\n"
+    assert [x for x in lines if x.startswith(b"content-length:")] == [b"content-length: 3"]
+    assert [x for x in lines if x.startswith(b"connection:")] == [b"connection: close"]
+    assert b"x-a: 1" in lines and not any(x.startswith(b"x-gone") for x in lines)

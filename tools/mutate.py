@@ -40,13 +40,16 @@ REPO = Path(__file__).resolve().parent.parent
 
 # What of tests/test_proxy.py a mutant runs: not the fuzzing (minutes) and not the ones
 # that start `grayroute serve` (the reload targets have those).
-_FAST = "not fuzz and not worker and not split"
+_FAST = "not fuzz and not every_worker and not split_proportions"
 # (module, functions or () for all, pytest arguments)
 TARGETS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "proxy": (
         "router/proxy.py",
         (),
-        ("tests/test_proxy.py", "-m", "not slow", "-k", _FAST),
+        (
+            *("tests/test_proxy.py", "tests/test_upstream.py", "tests/test_lua_routes.py"),
+            *("tests/test_rules_fallback.py", "-m", "not slow", "-k", _FAST),
+        ),
     ),
     "upstream": (
         "router/upstream.py",
@@ -200,10 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--timeout", type=float, default=600, help="seconds per mutant")
     p.add_argument("--list", action="store_true", help="only count the mutants")
+    p.add_argument("--match", default="", help="only mutants whose label contains this")
     args = p.parse_args(argv)
     chosen: list[Mutant] = []
     for target in args.targets.split(","):
-        all_ = mutants_of(target)
+        all_ = [m for m in mutants_of(target) if args.match in m.label()]
         pick = all_
         if args.sample and len(all_) > args.sample:
             pick = sorted(
