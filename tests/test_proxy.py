@@ -895,6 +895,18 @@ class _Responses:
         self._headers, self._body = {}, []
 
 
+async def read_answers(
+    reader: asyncio.StreamReader, count: int = 1
+) -> list[tuple[int, dict[bytes, bytes], bytes]]:
+    """The next `count` responses on a connection: (status, headers, body) each."""
+    got = _Responses()
+    while len(got.done) < count:
+        chunk = await asyncio.wait_for(reader.read(65536), 5)
+        assert chunk, "connection closed before the answer"
+        got.parser.feed_data(chunk)
+    return got.done
+
+
 async def exchange(
     port: int, data: bytes, answers: int = 0, timeout: float = 5.0
 ) -> tuple[list[tuple[int, dict[bytes, bytes], bytes]], bytes, bool]:
@@ -953,11 +965,9 @@ async def test_upgrade_offer_body_is_the_requests_body_not_a_smuggled_request(
     else:
         await poll(lambda: asyncio.sleep(0, v1.all_bytes == head + body))
     writer.write(b"!")
-    got = _Responses()
-    while not got.done:
-        got.parser.feed_data(await asyncio.wait_for(reader.read(65536), 5))
+    answers = await read_answers(reader)
     writer.close()
-    assert got.done[0][0] == 200
+    assert answers[0][0] == 200
     assert v1.all_bytes == head + body + b"!"
     assert v2.received == []
 
@@ -1208,11 +1218,9 @@ async def test_request_body_is_held_before_the_upstream_is_chosen(
     else:
         await poll(lambda: asyncio.sleep(0, v1.all_bytes == head + FWD + b"abc"))
     writer.write(b"def")
-    got = _Responses()
-    while not got.done:
-        got.parser.feed_data(await asyncio.wait_for(reader.read(65536), 5))
+    answers = await read_answers(reader)
     writer.close()
-    assert got.done[0][0] == 200
+    assert answers[0][0] == 200
     assert v1.all_bytes == head + FWD + b"abcdef"
 
 
@@ -1300,7 +1308,6 @@ async def test_queued_request_is_routed_from_a_partial_body_of_body_limit_bytes(
     head = b"POST /api HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
     reader, writer = await asyncio.open_connection("127.0.0.1", rp.port)
     expected = head + b"Content-Length: 3000\r\n" + FWD
-    got = _Responses()
     try:
         writer.write(
             b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n"
@@ -1313,13 +1320,12 @@ async def test_queued_request_is_routed_from_a_partial_body_of_body_limit_bytes(
         # Routed (to v1: no user ID in an incomplete body) before the rest is sent.
         await poll(lambda: asyncio.sleep(0, v1.all_bytes == expected + body[:held]), 5)
         writer.write(body[held:])
-        while len(got.done) < 2:
-            got.parser.feed_data(await asyncio.wait_for(reader.read(65536), 5))
+        answers = await read_answers(reader, 2)
     finally:
         release.set()
         writer.close()
         slow_server.close()
-    assert [a[0] for a in got.done] == [200, 200]
+    assert [a[0] for a in answers] == [200, 200]
     assert v1.all_bytes == expected + body
     assert v2.received == []
 
@@ -1344,11 +1350,9 @@ async def test_100_continue_while_the_body_is_held_for_a_user_id(
     assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
     assert v1.received == v2.received == []  # the body decides: nothing went anywhere yet
     writer.write(b'{"user": {"id": 42}}')
-    got = _Responses()
-    while not got.done:
-        got.parser.feed_data(await asyncio.wait_for(reader.read(65536), 5))
+    answers = await read_answers(reader)
     writer.close()
-    assert got.done[0][0] == 200
+    assert answers[0][0] == 200
     assert bytes(v2.received[0]).endswith(b'\r\n\r\n{"user": {"id": 42}}')  # pinned
 
 
@@ -1390,9 +1394,7 @@ async def test_drain_closes_idle_keepalive_connections_after_the_grace(setup: An
     rp, _ = setup
     reader, writer = await asyncio.open_connection("127.0.0.1", rp.port)
     writer.write(b"GET /api/x HTTP/1.1\r\nHost: a\r\nX-User-Id: 42\r\n\r\n")
-    got = _Responses()
-    while not got.done:
-        got.parser.feed_data(await asyncio.wait_for(reader.read(65536), 5))
+    assert (await read_answers(reader))[0][0] == 200
     loop = asyncio.get_running_loop()
     began = loop.time()
     await rp.router.drain(20.0)
@@ -1429,11 +1431,9 @@ async def test_a_streamed_chunked_body_ends_with_its_last_chunk_upstream(edge: A
     writer.write(b"%x\r\n%b\r\n" % (len(piece), piece))
     await poll(lambda: asyncio.sleep(0, piece in v1.all_bytes))  # streaming upstream
     writer.write(b"0\r\n\r\n")
-    got = _Responses()
-    while not got.done:
-        got.parser.feed_data(await asyncio.wait_for(reader.read(65536), 5))
+    answers = await read_answers(reader)
     writer.close()
-    assert got.done[0][0] == 200
+    assert answers[0][0] == 200
     assert v1.all_bytes.endswith(b"\r\n0\r\n\r\n")
 
 
