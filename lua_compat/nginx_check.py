@@ -33,6 +33,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from lua_compat.ngx import Effect, EffectKind, NgxRequest
 
@@ -91,13 +92,42 @@ class ScriptSpec:
         return cls(name=Path(path).stem, path=str(path), phase=phase, exec_targets=targets, **kw)  # type: ignore[arg-type]
 
 
+class WireLike(Protocol):
+    """A request as bytes (router.explain.WireRequest has this shape)."""
+
+    @property
+    def method(self) -> bytes: ...
+    @property
+    def target(self) -> bytes: ...
+    @property
+    def headers(self) -> Sequence[tuple[bytes, bytes]]: ...
+    @property
+    def body(self) -> bytes | None: ...
+    @property
+    def client_ip(self) -> str: ...
+
+
 @dataclass(frozen=True)
 class ProbeRequest:
+    """One request to send to both. Text fields are sent as latin-1 (one byte per
+    character): from_bytes() builds one from the bytes themselves."""
+
     method: str
     target: str
     headers: tuple[tuple[str, str], ...] = ()
     body: bytes | None = None
     client_ip: str = "127.0.0.1"
+
+    @classmethod
+    def from_bytes(cls, wire: WireLike) -> ProbeRequest:
+        """A request given as bytes (as `grayroute explain` reads a line)."""
+        return cls(
+            wire.method.decode("latin-1"),
+            wire.target.decode("latin-1"),
+            tuple((n.decode("latin-1"), v.decode("latin-1")) for n, v in wire.headers),
+            wire.body,
+            wire.client_ip or "127.0.0.1",
+        )
 
     def raw(self) -> bytes:
         lines = [f"{self.method} {self.target} HTTP/1.1"]
@@ -195,18 +225,25 @@ def response_observation(response: Response) -> str:
 
 
 def effect_observation(effect: Effect) -> str:
+    """The observation of an Effect, in the same terms as response_observation (bytes as
+    latin-1 characters, as they come back from nginx)."""
     if effect.kind == EffectKind.VALUE:
-        return "nil" if effect.value is None else f"value:{effect.value}"
+        return "nil" if effect.value is None else f"value:{_latin1(effect.value)}"
     if effect.kind == EffectKind.EXEC:
-        target = effect.value or ""
+        target = _latin1(effect.value or "")
         if target.startswith("@"):
             return f"exec:{target}"
-        return f"exec:{target}?{effect.args or ''}"
+        return f"exec:{target}?{_latin1(effect.args or '')}"
     if effect.kind == EffectKind.REDIRECT:
-        return f"redirect:{effect.status}:{effect.value}"
+        return f"redirect:{effect.status}:{_latin1(effect.value or '')}"
     if effect.kind == EffectKind.CLOSE:
         return "close"
     return f"status:{effect.status}"
+
+
+def _latin1(text: str) -> str:
+    """Effect text (UTF-8, see ngx.Effect) as the bytes it stands for, one per character."""
+    return text.encode("utf-8", "surrogateescape").decode("latin-1")
 
 
 _PRINT_VALUE = (
@@ -416,7 +453,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     Lua module is not available.
     """
     import argparse
-    import json
     import sys
 
     parser = argparse.ArgumentParser(prog="python -m lua_compat.nginx_check")
@@ -434,21 +470,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec = ScriptSpec.from_file(
         args.script, phase=args.phase, decision=args.var, shared_dicts=dicts
     )
+    # Lines are read as `grayroute explain` reads them (text as UTF-8, {"base64": ...}
+    # for raw bytes), into the request the router's parser would see.
+    import orjson
+
+    from router.explain import BadRequestLine, read_request
+
     probes = []
-    with open(args.requests, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                d = json.loads(line)
-                body = d.get("body")
-                probes.append(
-                    ProbeRequest(
-                        d.get("method", "GET"),
-                        d.get("path", d.get("target", "/")),
-                        tuple((str(n), str(v)) for n, v in d.get("headers", [])),
-                        None if body is None else str(body).encode("utf-8"),
-                        d.get("client_ip", "127.0.0.1"),
-                    )
-                )
+    with open(args.requests, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                wire = read_request(orjson.loads(line))
+            except (ValueError, BadRequestLine) as exc:
+                print(f"{args.requests}:{number}: skipped: {exc}", file=sys.stderr)
+                continue
+            probes.append(ProbeRequest.from_bytes(wire))
     with running_nginx([spec]) as server:
         differ = compare(spec, probes, server)
     for probe, theirs, ours in differ:

@@ -74,7 +74,8 @@ class EffectKind:
 class Effect(NamedTuple):
     """The outcome of running a script for one request.
 
-    `value` is text (decoded as latin-1, so every byte survives); None for a VALUE effect
+    Text is UTF-8, with bytes that are not UTF-8 kept as lone surrogates (U+DC80..U+DCFF,
+    "surrogateescape"), so every byte survives; `value` None for a VALUE effect
     means the variable was never set (nginx: not found). `request_headers` lists the
     ngx.req.set_header/clear_header changes in order, (name, value or None to remove);
     `response_headers` the ngx.header assignments; `body` what ngx.say/ngx.print wrote.

@@ -611,7 +611,7 @@ class LuaRuntime:
         kind, a, b, body, _status, resp_headers, req_headers = result
         if kind == 0 and body is None and req_headers is None and resp_headers is None:
             # the common case: the script set the decision variable and nothing else
-            return Effect(EffectKind.VALUE, None if a is None else a.decode("latin-1"))
+            return Effect(EffectKind.VALUE, None if a is None else _text(a))
         kind_name = _KINDS[kind]
         if kind_name == EffectKind.ERROR:
             return self._failed(script, a.decode("utf-8", "replace"))
@@ -619,15 +619,15 @@ class LuaRuntime:
         code = 0
         args: str | None = None
         if kind_name == EffectKind.VALUE:
-            value = None if a is None else a.decode("latin-1")
+            value = None if a is None else _text(a)
         elif kind_name == EffectKind.EXEC:
-            value = a.decode("latin-1")
-            args = None if b is None else b.decode("latin-1")
+            value = _text(a)
+            args = None if b is None else _text(b)
         elif kind_name == EffectKind.EXIT:
             code = int(a)
         elif kind_name == EffectKind.REDIRECT:
             code = int(a)
-            value = b.decode("latin-1")
+            value = _text(b)
         return Effect(
             kind_name,
             value=value,
@@ -646,6 +646,13 @@ class LuaRuntime:
         return Effect(EffectKind.ERROR, status=500, error=message)
 
 
+def _text(data: bytes) -> str:
+    """What a script produced, as text: UTF-8 as the rule file is written (a `map` key
+    "@灰度" is the script's ngx.exec("@灰度")); other bytes kept as lone surrogates, so
+    the router writes back exactly the bytes the script gave (router.rules.wire_bytes)."""
+    return data.decode("utf-8", "surrogateescape")
+
+
 def _header_list(table: Any) -> tuple[tuple[str, str | None], ...]:
     if table is None:
         return ()
@@ -653,7 +660,7 @@ def _header_list(table: Any) -> tuple[tuple[str, str | None], ...]:
     pairs: list[tuple[str, str | None]] = []
     for i in range(0, len(items) - 1, 2):
         name, value = items[i], items[i + 1]
-        pairs.append((name.decode("latin-1"), None if value is False else value.decode("latin-1")))
+        pairs.append((_text(name), None if value is False else _text(value)))
     return tuple(pairs)
 
 

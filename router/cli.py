@@ -6,7 +6,7 @@ grayroute serve RULES|etcd://HOST:PORT[,...]/KEY --listen HOST:PORT
 grayroute push RULES etcd://HOST:PORT[,...]/KEY [--expect-revision N] [--strict]
 grayroute demo
 grayroute check RULES [--strict]
-grayroute explain RULES [REQUESTS.jsonl]
+grayroute explain RULES [REQUESTS.jsonl] [--why]
 grayroute diff OLD NEW (--requests FILE | --access-log FILE) [--json] [--fail-on-move]
 grayroute history RULES|etcd://.../KEY [--state-dir DIR] [--json]
 grayroute rollback RULES|etcd://.../KEY [--to HASH|REVISION] [--state-dir DIR] [--print]
@@ -195,6 +195,9 @@ def _build_parser() -> argparse.ArgumentParser:
     explain = sub.add_parser("explain", help="which upstream would each request get, and why")
     explain.add_argument("rules")
     explain.add_argument("requests", nargs="?", default="-", help="JSON lines file (default stdin)")
+    explain.add_argument(
+        "--why", action="store_true", help="show what each user-ID source gave, found or not"
+    )
 
     diff = sub.add_parser("diff", help="which users would move between upstreams, OLD -> NEW")
     diff.add_argument("old")
@@ -387,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "explain":
             from router.explain import run_explain
 
-            return run_explain(args.rules, args.requests, out=sys.stdout.buffer)
+            return run_explain(args.rules, args.requests, out=sys.stdout.buffer, why=args.why)
         if args.command == "diff":
             from router.diff import run_diff
 

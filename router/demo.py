@@ -90,6 +90,8 @@ def _headers(request: web.Request) -> dict[str, str]:
     out: dict[str, str] = {}
     for name, value in request.headers.items():
         key = str(name)
+        # aiohttp keeps bytes that are not UTF-8 as surrogates, which JSON cannot carry
+        value = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
         out[key] = f"{out[key]}, {value}" if key in out else value
     return out
 

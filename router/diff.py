@@ -41,12 +41,11 @@ from urllib.parse import quote_plus
 import orjson
 
 from router.errors import RulesError
-from router.explain import BadRequestLine, text_field, view_from_request
+from router.explain import BadRequestLine, decide_request, text_field, view_from_request
 from router.rules import (
     NO_ROUTE_REASON,
     Decision,
     RequestView,
-    decide,
     host_from_header,
     load_snapshot,
     split_target,
@@ -300,18 +299,9 @@ _NO_ROUTE_DECISION = Decision(None, None, None, None, NO_ROUTE_REASON)
 def _decide(
     snapshot: Snapshot, view: RequestView, body: bytes | None
 ) -> tuple[Decision, CompiledRoute | None]:
-    """As the proxy decides: the body is held only when the matched route wants it."""
-    route = snapshot.match_route(view)
-    if route is None:
-        return _NO_ROUTE_DECISION, None
-    if body is not None and route.wants_body(view):
-        limit = route.body_limit
-        view.body = body[:limit]
-        view.body_complete = len(body) <= limit
-    else:
-        view.body = None
-        view.body_complete = False
-    return decide(snapshot, view, route), route
+    """As the proxy decides (explain.decide_request); no route: the NO_ROUTE decision."""
+    decision, route = decide_request(snapshot, view, body)
+    return (decision, route) if route is not None else (_NO_ROUTE_DECISION, None)
 
 
 def _is_random(decision: Decision, route: CompiledRoute | None) -> bool:

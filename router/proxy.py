@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import re
 import time
 from collections import deque
 from email.utils import formatdate
@@ -52,7 +51,14 @@ from router.errors import (
     UpstreamUnavailable,
     error_body,
 )
-from router.rules import RequestView, decide, host_from_header, normalize_path
+from router.rules import (
+    decide,
+    keep_header,
+    parse_target,
+    request_view,
+    route_host,
+    wire_bytes,
+)
 from router.tunnel import TunnelMetrics, Tunnels
 from router.upstream import (
     FRAMING_LENGTH,
@@ -64,7 +70,7 @@ from router.upstream import (
 
 if TYPE_CHECKING:
     from router.config import Settings
-    from router.rules import CompiledRoute, Decision, Snapshot
+    from router.rules import CompiledRoute, Decision, RequestView, Snapshot
 
 log = logging.getLogger("grayroute.proxy")
 
@@ -136,23 +142,12 @@ _SPECIAL_REQUEST_HEADERS: dict[bytes, int] = {
 # limit check on_header already makes also catches trailer fields (see on_header).
 _TRAILERS = 1 << 62
 
-# Methods as str, without a decode per request.
-_METHODS = {
-    m.encode(): m
-    for m in ("GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "TRACE", "CONNECT")
-}
-
 # Refused before routing: CONNECT (this is no forward proxy) and, unless allowed, TRACE
 # (nginx answers it 405: it would echo credentials back to a script).
 _CONNECT_REFUSED = "CONNECT is not supported: this is a reverse proxy"
 _TRACE_REFUSED = "TRACE is not allowed (grayroute serve --allow-trace)"
 
-# Host per RFC 9112 3.2 / RFC 3986 3.2.2: an IP literal, or a reg-name or IPv4 address
-# (unreserved, pct-encoded, sub-delims), and an optional port. Checked once per distinct
-# value (Router.host_names), never per request.
-_HOST_SYNTAX = re.compile(
-    rb"(?:\[([0-9A-Fa-f:.]+)\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})+)(?::[0-9]*)?"
-)
+# Distinct Host values whose routing form is remembered (Router.host_names).
 _HOST_CACHE_SIZE = 512
 
 # Safe to send again when a reused keep-alive connection turns out to be closed.
@@ -269,7 +264,7 @@ class Router:
         if self._ticker is not None:  # running: health checks of new pools start now
             for pool in pools.values():
                 pool.start_health_checks()
-        self.wanted_headers = frozenset(n.lower().encode("latin-1") for n in snapshot.header_names)
+        self.wanted_headers = snapshot.header_keys
         if not self.settings.underscores_in_headers:
             for name in sorted(n for n in snapshot.header_names if "_" in n):
                 log.warning(
@@ -303,7 +298,7 @@ class Router:
 
     def learn_host(self, value: bytes) -> str:
         """The host routes match for a Host value not seen before; 400 when invalid."""
-        host = _valid_host(value)
+        host = route_host(value)
         if host is None:
             raise BadRequestError(f"invalid Host {value.decode('latin-1')!r}")
         if len(self.host_names) < _HOST_CACHE_SIZE:
@@ -701,8 +696,8 @@ class HttpProxyProtocol(asyncio.Protocol):
             if req.sw8 is None:
                 req.sw8 = value
         key = info[1]
-        if key is not None and key not in req.wanted:
-            req.wanted[key] = value.decode("latin-1")
+        if key is not None:
+            keep_header(req.wanted, key, value)
 
     def on_headers_complete(self) -> None:
         req = self.parsing
@@ -753,13 +748,17 @@ class HttpProxyProtocol(asyncio.Protocol):
         """What routes match and what is forwarded, from the target and Host (RFC 9112
         3.2, 3.2.2): Host required in HTTP/1.1 and valid; an absolute-form target's
         authority is the Host, for routing and upstream alike."""
-        url = req.url
-        if url[:1] == b"/":
-            target = url
-            path, _, query = url.partition(b"?")
-            query, _, _ = query.partition(b"#")
-        else:
-            path, query, target = _absolute_form(req, url)
+        # The same functions build explain's requests (router.rules.parse_target, route_host).
+        try:
+            path, query, authority, target = parse_target(req.url, self.router.normalize_paths)
+        except ValueError as exc:
+            raise BadRequestError(str(exc)) from exc
+        if authority is not None:
+            # The target's authority is the Host, whatever a Host header says, so that
+            # routing and the upstream see the same host.
+            req.host = authority
+            req.headers = [(n, v) for n, v in req.headers if n.lower() != b"host"]
+            req.headers.append((b"Host", authority))
         req.target = target
         host = req.host
         if host is None:
@@ -767,14 +766,8 @@ class HttpProxyProtocol(asyncio.Protocol):
                 raise BadRequestError("HTTP/1.1 request without Host")
         else:
             req.match_host = self.router.host_names.get(host) or self.router.learn_host(host)
-        text = path.decode("latin-1")
-        if self.router.normalize_paths and ("%" in text or "/." in text or "//" in text):
-            normal = normalize_path(text) if text[:1] == "/" else text
-            if normal is None:
-                raise BadRequestError(f"invalid path {text!r}")
-            text = normal
-        req.path = text
-        req.query = query.decode("latin-1")
+        req.path = path
+        req.query = query
 
     def on_body(self, body: bytes) -> None:
         req = self.parsing
@@ -791,7 +784,9 @@ class HttpProxyProtocol(asyncio.Protocol):
             return
         req.body_parts.append(body)
         req.body_held += len(body)
-        if req.state == _READING_BODY and req is self.active and req.body_held >= req.hold_limit:
+        # Past the limit, not at it: a body of exactly body_limit bytes is whole, and the
+        # rules read it so (as explain does) once on_message_complete says it ended.
+        if req.state == _READING_BODY and req is self.active and req.body_held > req.hold_limit:
             self._route_with_body(req)
             return
         if req.body_held > _HOLD_CAP:
@@ -881,7 +876,10 @@ class HttpProxyProtocol(asyncio.Protocol):
             if reads_body or hold:
                 req.view = view
                 req.reads_body = reads_body
-                req.hold_limit = max(route.body_limit, hold) if reads_body else hold
+                # A chunked body of exactly body_limit bytes is whole only once its last
+                # chunk is read: hold one byte more (a Content-Length says it at once).
+                limit = route.body_limit + 1 if req.chunked else route.body_limit
+                req.hold_limit = max(limit, hold) if reads_body else hold
                 req.state = _READING_BODY
                 if req.expect_continue and not req.continue_sent and not req.complete:
                     self._send_continue(req)
@@ -895,15 +893,15 @@ class HttpProxyProtocol(asyncio.Protocol):
         if self.peer_trusted and req.xff is not None:
             client_ip = _client_behind_proxies(req.xff, self.router.trusted_networks) or client_ip
         req.client_ip = client_ip
-        method = req.method
-        return RequestView(
-            _METHODS.get(method) or method.decode("latin-1"),
+        # The view is built as `grayroute explain` builds it (router.rules.request_view).
+        return request_view(
+            req.method,
             req.path,
             req.query,
             req.match_host if self.router.matches_hosts else "",
             req.wanted,
             client_ip,
-            raw_headers=req.raw_headers,
+            req.raw_headers,
         )
 
     def _route_with_body(self, req: _Request) -> None:
@@ -915,7 +913,12 @@ class HttpProxyProtocol(asyncio.Protocol):
             req.body_parts = [body] if body else []
             limit = route.body_limit
             view.body = body[:limit]
-            view.body_complete = req.complete and len(body) <= limit
+            # Whole when the request is, or when it is all its Content-Length announced:
+            # a body of exactly body_limit bytes is read whole, as explain reads it.
+            whole = req.complete or (
+                req.content_length is not None and len(body) == int(req.content_length)
+            )
+            view.body_complete = whole and len(body) <= limit
         req.state = _ROUTING
         self._dispatch(req, decide(self.router.snapshot, view, route))
 
@@ -1234,11 +1237,11 @@ class HttpProxyProtocol(asyncio.Protocol):
             if lname in ("content-length", "connection"):
                 continue
             if v is None:
-                headers = [(hn, hv) for hn, hv in headers if hn.lower() != lname.encode("latin-1")]
+                headers = [(hn, hv) for hn, hv in headers if hn.lower() != wire_bytes(lname)]
             else:
-                headers.append((n.encode("latin-1"), v.encode("latin-1")))
+                headers.append((wire_bytes(n), wire_bytes(v)))
         if decision.location is not None:
-            headers.append((b"Location", decision.location.encode("latin-1")))
+            headers.append((b"Location", wire_bytes(decision.location)))
         body = decision.body
         if not body and status >= 400:
             reason = decision.reason or "answered by the route's script"
@@ -1427,58 +1430,14 @@ def _apply_script_headers(req: _Request, edits: tuple[tuple[str, str | None], ..
     """ngx.req.set_header / clear_header of a Lua route, in the order the script made them."""
     headers = req.headers
     for name, value in edits:
-        bname = name.encode("latin-1")
+        bname = wire_bytes(name)
         lname = bname.lower()
         headers = [(n, v) for n, v in headers if n.lower() != lname]
         if lname == b"host":
-            req.host = None if value is None else value.encode("latin-1")
+            req.host = None if value is None else wire_bytes(value)
         if value is not None:
-            headers.append((bname, value.encode("latin-1")))
+            headers.append((bname, wire_bytes(value)))
     req.headers = headers
-
-
-def _absolute_form(req: _Request, url: bytes) -> tuple[bytes, bytes, bytes]:
-    """`GET http://host/path?q HTTP/1.1`: (path, query, origin-form target to forward).
-
-    The target's authority is the request's Host, whatever a Host header says (RFC 9112
-    3.2.2), so that routing and the upstream see the same host; userinfo is refused.
-    """
-    if url == b"*":
-        return b"*", b"", url
-    try:
-        parsed = httptools.parse_url(url)
-    except httptools.HttpParserInvalidURLError as exc:
-        raise BadRequestError("invalid request target") from exc
-    if parsed.schema is None or parsed.schema.lower() not in (b"http", b"https"):
-        raise BadRequestError("request target is neither origin-form nor an http(s) URI")
-    if parsed.userinfo is not None:
-        raise BadRequestError("userinfo in the request target")
-    host = parsed.host
-    if not host:
-        raise BadRequestError("request target without a host")
-    if b":" in host:
-        host = b"[" + host + b"]"
-    authority = host if parsed.port is None else b"%b:%d" % (host, parsed.port)
-    req.host = authority
-    req.headers = [(n, v) for n, v in req.headers if n.lower() != b"host"]
-    req.headers.append((b"Host", authority))
-    path = parsed.path or b"/"
-    query = parsed.query or b""
-    return path, query, path + b"?" + query if query else path
-
-
-def _valid_host(value: bytes) -> str | None:
-    """The Host value as routes match it, or None when it is not `host[:port]`."""
-    match = _HOST_SYNTAX.fullmatch(value)
-    if match is None:
-        return None
-    literal = match.group(1)
-    if literal is not None:
-        try:
-            ipaddress.IPv6Address(literal.decode())
-        except ValueError:
-            return None
-    return host_from_header(value.decode("latin-1"))
 
 
 class _NotRead(Exception):

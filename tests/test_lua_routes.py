@@ -256,3 +256,27 @@ def test_user_variables_and_a_custom_decision_variable(tmp_path: Path) -> None:
     snap = load_snapshot(str(write(tmp_path, routes, script)))
     assert decide(snap, view()).upstream == "v2"
     assert decide(snap, view()).upstream == "v2"  # every request starts from the file's values
+
+
+@needs_lua
+def test_what_a_script_says_is_utf8_text(tmp_path: Path) -> None:
+    script = """
+      local uid = ngx.var.http_x_user_id
+      if uid == "1" then return ngx.exec("@灰度") end
+      if uid == "2" then ngx.var.backend = "café" return end
+      if uid == "3" then return ngx.redirect("/caf\\xe9", 302) end
+      ngx.var.backend = uid
+    """
+    routes = """\
+      - name: gray
+        lua: {file: scripts/gray.lua, map: {"@灰度": canary, café: v2}, default: v1}
+    """
+    snap = load_snapshot(str(write(tmp_path, routes, script)))
+    assert decide(snap, view("1")).upstream == "canary"
+    assert decide(snap, view("2")).upstream == "v2"
+    # bytes that are not UTF-8 are kept, and written back as they were (wire_bytes)
+    redirect = decide(snap, view("3"))
+    assert redirect.location == "/caf\udce9"
+    assert redirect.location.encode("utf-8", "surrogateescape") == b"/caf\xe9"
+    # the request's own UTF-8 reaches the script as bytes and comes back as the same text
+    assert decide(snap, view("张王")).reason == "lua scripts/gray.lua: $backend = '张王' -> default"

@@ -118,6 +118,20 @@ async def test_body_is_forwarded_byte_for_byte(setup: Any) -> None:
             assert info["version"] in ("v1", "v1.1")
 
 
+async def test_a_body_of_exactly_body_limit_bytes_is_read_whole(setup: Any) -> None:
+    rp, _ = setup
+    body = b'{"user": {"id": 42}, "x": "' + b"y" * (1024 - 29) + b'"}'
+    assert len(body) == 1024  # body_limit: 1KiB
+    head = b"POST /api/x HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+    for framing in (b"Content-Length: 1024\r\n", b"Transfer-Encoding: chunked\r\n"):
+        chunked = framing.startswith(b"Transfer")
+        data = b"400\r\n" + body + b"\r\n0\r\n\r\n" if chunked else body
+        answer = await raw_exchange(rp.port, head + framing + b"Connection: close\r\n\r\n" + data)
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+        # the whole body held: its user ID 42 is pinned to v2
+        assert b'"version":"v2"' in answer.replace(b" ", b""), answer[-300:]
+
+
 async def test_chunked_request_and_response(setup: Any) -> None:
     rp, _ = setup
     pieces = [b"a" * 1000, b"b" * 70000, b"c"]

@@ -28,9 +28,16 @@ from router.rules.decide import (
     Decision,
     RequestView,
     decide,
+    header_text,
     host_from_header,
+    keep_header,
     normalize_path,
+    parse_target,
+    request_view,
+    route_host,
     split_target,
+    wanted_headers,
+    wire_bytes,
 )
 from router.rules.load import decode_rules_bytes, load_text, read_rules_file
 from router.rules.validate import validate
@@ -47,12 +54,19 @@ __all__ = [
     "check_file",
     "check_text",
     "decide",
+    "header_text",
     "host_from_header",
+    "keep_header",
     "load_snapshot",
     "load_snapshot_bytes",
     "load_snapshot_text",
     "normalize_path",
+    "parse_target",
+    "request_view",
+    "route_host",
     "split_target",
+    "wanted_headers",
+    "wire_bytes",
 ]
 
 

@@ -20,7 +20,8 @@ began with. What is precomputed, so a request pays only for what depends on it:
 
 The proxy relies on: Snapshot.source, .digest, .upstreams (name -> UpstreamSpec),
 .fallbacks (name -> the upstreams its requests fall back to, in order), .header_names,
-.uses_client_ip, .uses_host, .routes, .match_route(view), .wants_raw_headers;
+.uses_client_ip, .uses_host, .routes, .match_route(view), .wants_raw_headers,
+.header_keys;
 CompiledRoute.name, .body_limit, .wants_body(view).
 """
 
@@ -36,8 +37,9 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from router.rules import direct, lua_routes
+from router.rules.decide import wanted_headers
 from router.rules.fallback import fallback_chains, file_fallbacks
-from router.rules.hashing import prepared
+from router.rules.hashing import prepared, wire_bytes
 from router.rules.hosts import HostPatterns, host_matches, is_wildcard
 from router.rules.model import Match, Pin, Route, RuleSet, Split, Upstream
 from router.rules.user_id import (
@@ -109,7 +111,7 @@ class SplitTable:
         entries = self.entries
         if len(entries) == 1:
             return 0
-        data = user_id.encode("utf-8", "surrogatepass")
+        data = wire_bytes(user_id)
         best, best_score, log, from_bytes = 0, -math.inf, math.log, int.from_bytes
         for i, (hasher, inv_weight) in enumerate(entries):
             # hashing.hash64() and unit() inlined: this runs per upstream per request.
@@ -212,6 +214,7 @@ class Snapshot:
     )
     # Some route looks at the Host (hosts, host_regex, default_host, a redirect's host).
     uses_host: bool = False
+    header_keys: frozenset[bytes] = frozenset()  # header_names as request names compare
 
     def match_route(self, view: RequestView) -> CompiledRoute | None:
         """The first route (file order) whose match holds for the request, or None."""
@@ -298,6 +301,7 @@ def compile_ruleset(
             r.match.names_hosts or (r.redirect is not None and r.redirect.uses_request_host)
             for r in ruleset.routes
         ),
+        header_keys=wanted_headers(header_names),
     )
 
 
@@ -473,7 +477,7 @@ def _percent_check(threshold: int, hasher: blake2b) -> Callable[[str | None, Req
             return False
         # hashing.percent_bucket(hasher, user_id) < threshold, inlined
         h = hasher.copy()
-        h.update(user_id.encode("utf-8", "surrogatepass"))
+        h.update(wire_bytes(user_id))
         return from_bytes(h.digest(), "little") % 10000 < threshold
 
     return check

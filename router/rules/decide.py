@@ -15,19 +15,30 @@ the rule file's:
 
 Everything that does not depend on the request was prepared by compile.py, so this
 costs a few dict probes, one hash when a split (or user_percent) needs it, and one
-Decision. `host_from_header`, `split_target` and `normalize_path` are how a request's
-Host header and target become the view's `host`, `path` and `query`, for the proxy and
-`explain` alike.
+Decision.
+
+The request view is built in one place for the proxy and `grayroute explain` alike:
+`parse_target` splits the request target (and normalises the path), `route_host` checks
+the Host, `keep_header` keeps the first value of a header the rules read, and
+`request_view` makes the view, with every byte turned into
+text the same way (`header_text`: UTF-8, as nginx and the rule file spell values; bytes
+that are not UTF-8 are kept as lone surrogates, so `wire_bytes` gives back the very bytes
+received, for hashing and for Lua scripts).
 """
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from typing import TYPE_CHECKING, Final
 
+import httptools
+
+from router.rules.hashing import wire_bytes
 from router.rules.user_id import extract_user_id
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Iterable, Mapping, Sequence
 
     from router.rules.compile import CompiledRoute, Snapshot
 
@@ -38,9 +49,16 @@ __all__ = [
     "JudgedDecision",
     "RequestView",
     "decide",
+    "header_text",
     "host_from_header",
+    "keep_header",
     "normalize_path",
+    "parse_target",
+    "request_view",
+    "route_host",
     "split_target",
+    "wanted_headers",
+    "wire_bytes",
 ]
 
 NO_ROUTE_REASON: Final = "no route matched"
@@ -49,13 +67,14 @@ NO_ROUTE_REASON: Final = "no route matched"
 class RequestView:
     """What the rules may look at in one request.
 
-    `headers` maps lower-case names to the first value seen; the proxy fills in only the
-    names the snapshot asks for (`Snapshot.header_names`). `body` is None when the body
-    was not read, else its first `body_limit` bytes; `body_complete` says whether those
-    bytes are the whole body. `client_ip` is the address the pins look at (already
-    resolved through trusted proxies by the caller). `raw_headers`, when the caller has
-    them (`Snapshot.wants_raw_headers`), are ALL request headers in order as bytes pairs:
-    Lua routes see repeated headers as nginx does; without them they see `headers`.
+    `headers` maps lower-case names to the first value seen (as `header_text`); the proxy
+    fills in only the names the snapshot asks for (`Snapshot.header_names`). `body` is
+    None when the body was not read, else its first `body_limit` bytes; `body_complete`
+    says whether those bytes are the whole body. `client_ip` is the address the pins
+    look at (already resolved through trusted proxies by the caller). `raw_headers`, when
+    the snapshot wants them (`Snapshot.wants_raw_headers`), are ALL request headers in
+    order as bytes pairs: Lua routes see repeated headers as nginx does; a view built by
+    hand without them gives Lua its `headers`, one value each.
     """
 
     __slots__ = (
@@ -238,6 +257,125 @@ def _decide_in_route(route: CompiledRoute, view: RequestView) -> Decision:
         return kind(route.name, split.names[i], None, None, split.random_reasons[i])
     i = split.pick(user_id)
     return kind(route.name, split.names[i], user_id, source, split.user_reasons[i])
+
+
+# Methods as str without a decode per request (httptools accepts only known methods).
+_METHODS: Final = {
+    m.encode(): m
+    for m in ("GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "TRACE", "CONNECT")
+}
+
+
+def header_text(value: bytes) -> str:
+    """Header bytes as the rules read them: UTF-8 (`café` is the user ID `café`, as the
+    rule file writes it and as nginx hashes it); a byte that is not part of valid UTF-8
+    becomes a lone surrogate U+DC80..U+DCFF, so nothing is lost (see wire_bytes)."""
+    return value.decode("utf-8", "surrogateescape")
+
+
+def wanted_headers(names: Iterable[str]) -> frozenset[bytes]:
+    """`Snapshot.header_names` as the lower-case bytes a request's header names are
+    compared with (`name.lower() in wanted`)."""
+    return frozenset(n.lower().encode("latin-1") for n in names)
+
+
+def keep_header(headers: dict[str, str], key: str, value: bytes) -> None:
+    """Keep a header the rules read: the first of repeated ones counts (as nginx's
+    $http_NAME). `key` is the lower-case name."""
+    if key not in headers:
+        headers[key] = header_text(value)
+
+
+# Host per RFC 9112 3.2 / RFC 3986 3.2.2: an IP literal, or a reg-name or IPv4 address
+# (unreserved, pct-encoded, sub-delims), and an optional port.
+_HOST_SYNTAX: Final = re.compile(
+    rb"(?:\[([0-9A-Fa-f:.]+)\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})+)(?::[0-9]*)?"
+)
+
+
+def parse_target(target: bytes, normalize: bool = True) -> tuple[str, str, bytes | None, bytes]:
+    """A request target -> (path as routes match it, query, the authority of an
+    absolute-form target or None, the origin-form target to forward).
+
+    b'/orders?id=1' -> ('/orders', 'id=1', None, b'/orders?id=1'); a fragment is not part
+    of the path; b'http://api.example.com:8080/o?x' -> ('/o', 'x',
+    b'api.example.com:8080', b'/o?x'): its authority is the request's Host (RFC 9112
+    3.2.2). With `normalize` the path is what nginx matches locations with
+    (normalize_path). Raises ValueError, saying why, where the router answers 400.
+    """
+    if target[:1] == b"/":
+        forward = target
+        path, _, query = target.partition(b"?")
+        if b"#" in target:
+            path = path.partition(b"#")[0]
+            query = query.partition(b"#")[0]
+        authority = None
+    elif target == b"*":
+        return "*", "", None, target
+    else:
+        try:
+            parsed = httptools.parse_url(target)
+        except httptools.HttpParserInvalidURLError as exc:
+            raise ValueError("invalid request target") from exc
+        if parsed.schema is None or parsed.schema.lower() not in (b"http", b"https"):
+            raise ValueError("request target is neither origin-form nor an http(s) URI")
+        if parsed.userinfo is not None:
+            raise ValueError("userinfo in the request target")
+        host = parsed.host
+        if not host:
+            raise ValueError("request target without a host")
+        if b":" in host:
+            host = b"[" + host + b"]"
+        authority = host if parsed.port is None else b"%b:%d" % (host, parsed.port)
+        path = parsed.path or b"/"
+        query = parsed.query or b""
+        forward = path + b"?" + query if query else path
+    text = header_text(path)
+    if normalize and ("%" in text or "/." in text or "//" in text):
+        normal = normalize_path(text) if text[:1] == "/" else text
+        if normal is None:
+            raise ValueError(f"invalid path {text!r}")
+        text = normal
+    return text, header_text(query), authority, forward
+
+
+def route_host(value: bytes) -> str | None:
+    """A Host value as routes match it (host_from_header), or None when it is not
+    `host[:port]` (the router answers 400)."""
+    match = _HOST_SYNTAX.fullmatch(value)
+    if match is None:
+        return None
+    literal = match.group(1)
+    if literal is not None:
+        try:
+            ipaddress.IPv6Address(literal.decode())
+        except ValueError:
+            return None
+    return host_from_header(value.decode("latin-1"))
+
+
+def request_view(
+    method: bytes,
+    path: str,
+    query: str,
+    host: str,
+    headers: Mapping[str, str],
+    client_ip: str,
+    raw_headers: Sequence[tuple[bytes, bytes]] | None = None,
+) -> RequestView:
+    """The view of a parsed request head: `path` and `query` from parse_target, `host`
+    from route_host ("" for none, or when no route looks at it), `headers` kept with
+    keep_header, `raw_headers` all headers as received when the snapshot wants them
+    (`Snapshot.wants_raw_headers`)."""
+    return RequestView(
+        _METHODS.get(method) or method.decode("latin-1"),
+        path,
+        query,
+        host,
+        headers,
+        client_ip,
+        raw_headers=raw_headers,
+    )
 
 
 def host_from_header(value: str) -> str:

@@ -45,10 +45,13 @@ from typing import TYPE_CHECKING, Final
 from lua_compat.ngx import DEFAULT_BODY_BUFFER_SIZE, Effect, EffectKind, NgxRequest
 from lua_compat.split_clients import KeyTemplate, SplitClients, SplitClientsError
 from router.rules.decide import AnswerDecision, Decision
+from router.rules.hashing import wire_bytes
 from router.rules.load import MapNode, ScalarNode, SeqNode
 from router.rules.model import LuaAction, SplitClientsMode
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from lua_compat.runtime import LuaScript
     from router.rules.compile import CompiledRoute
     from router.rules.decide import RequestView
@@ -361,18 +364,24 @@ def validate_split_clients(v: _Validator, node: Node, path: str) -> SplitClients
 
 
 def _ngx_request(view: RequestView, body_buffer_size: int) -> NgxRequest:
-    """The request as nginx would see it, from what the proxy gave the rules."""
-    raw = getattr(view, "raw_headers", None)
+    """The request as nginx would see it, from what the proxy (or explain) gave the rules.
+
+    Views built by request_view carry every header as received (`raw_headers`: the
+    snapshot asks for them whenever an action reads a header); a view built by hand
+    without them gives its `headers`, one value each.
+    """
+    raw = view.raw_headers
+    headers: Sequence[tuple[bytes, bytes]]
     if raw is None:
-        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in view.headers.items()]
+        headers = [(k.encode("latin-1"), wire_bytes(v)) for k, v in view.headers.items()]
         if view.host and "host" not in view.headers:
-            headers.append((b"host", view.host.encode("latin-1")))
+            headers.append((b"host", wire_bytes(view.host)))
     else:
         headers = raw
     target = view.path if not view.query else f"{view.path}?{view.query}"
     return NgxRequest(
-        view.method.encode("latin-1"),
-        target.encode("latin-1"),
+        wire_bytes(view.method),
+        wire_bytes(target),
         headers,
         view.client_ip.encode("latin-1"),
         view.body,
@@ -518,11 +527,11 @@ def compile_action(ruleset: RuleSet, route: Route) -> tuple[object, bool, frozen
             f"split_clients {mode.key} -> {unmatched} (above every bucket; {shown})",
         )
         wanted: set[str] = set()
-        raw = False
         for var in key.variables:
             wanted.update(_headers_of_variable(var))
-            raw = raw or var.startswith("cookie_")
-        return action, False, frozenset(wanted), raw
+        # $cookie_NAME and $http_cookie read every Cookie line, $http_x_forwarded_for
+        # every X-Forwarded-For line: the headers as received, not one value per name.
+        return action, False, frozenset(wanted), bool(wanted)
     a = route.lua
     assert a is not None
     from lua_compat.runtime import default_runtime
@@ -540,8 +549,10 @@ def compile_action(ruleset: RuleSet, route: Route) -> tuple[object, bool, frozen
     reads_body = any(
         word in a.source for word in ("read_body", "get_body_data", "get_post_args", "request_body")
     )
-    names, every = _headers_of_script(a.source)
-    return lua_action, reads_body, names, every
+    # A script may read any header, repeated ones as nginx gives them (get_headers()
+    # tables, $http_cookie joined with "; ", $cookie_NAME in any Cookie line): it
+    # always gets the headers as received.
+    return lua_action, reads_body, _headers_of_script(a.source), True
 
 
 _SCRIPT_VARS = re.compile(r"\b(?:http|cookie)_[A-Za-z0-9_]+|\bcontent_(?:type|length)\b")
@@ -559,13 +570,13 @@ def _headers_of_variable(var: str) -> set[str]:
     return set()
 
 
-def _headers_of_script(source: str) -> tuple[frozenset[str], bool]:
-    """Header names a script reads through ngx.var, and whether it may read any header."""
+def _headers_of_script(source: str) -> frozenset[str]:
+    """Header names a script reads through ngx.var (the route's body is held when its
+    Content-Type fits; the rest reach the script as `raw_headers`)."""
     names = {"host", "content-type", "content-length"}
     for m in _SCRIPT_VARS.finditer(source):
         names.update(_headers_of_variable(m.group(0).lower()))
-    every = "get_headers" in source or re.search(r"ngx\.var\s*\[", source) is not None
-    return frozenset(names), every
+    return frozenset(names)
 
 
 def declare_shared_dicts(ruleset: RuleSet) -> None:

@@ -14,7 +14,9 @@ the wrong encoding simply yields no ID from that source, and the next one is tri
             when the body is complete
 
 Everything that depends only on the rule file (lower-cased names, parsed JSON paths,
-labels) is prepared once by `compile_sources`.
+labels) is prepared once by `compile_sources`. `source_outcomes` tells, for
+`grayroute explain`, what each source gave and why a source gave nothing; it follows
+`extract_user_id` step by step (the tests hold the two to the same answers).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ __all__ = [
     "compile_sources",
     "extract_user_id",
     "parse_json_path",
+    "source_outcomes",
 ]
 
 # Source kinds as small ints: the extraction loop compares them per source.
@@ -232,3 +235,148 @@ def _form_text(view: RequestView) -> str | None:
         return body.decode("utf-8")
     except UnicodeDecodeError:
         return None
+
+
+# -- why a source gave no user ID (grayroute explain; not on the hot path) ----------------
+
+FOUND: Final = "found"
+NOT_TRIED: Final = "not tried: an earlier source gave the user ID"
+_ID_TYPES: Final = "where a string or an integer was expected"
+_BODY_TYPES = {
+    JSON: "application/json or */*+json",
+    FORM: "application/x-www-form-urlencoded",
+}
+
+
+def source_outcomes(
+    sources: tuple[Source, ...], view: RequestView, body_size: int
+) -> list[tuple[str, str]]:
+    """(label, outcome) for every source, in order: `found`, or why it gave no user ID
+    (absent, empty, wrong content type, body too large, not JSON, a float ...), and
+    `not tried` after the one that found it. `body_size` is the whole request body's
+    length (0: none); the view holds at most body_limit bytes of it."""
+    out: list[tuple[str, str]] = []
+    found = False
+    for src in sources:
+        if found:
+            out.append((src.label, NOT_TRIED))
+            continue
+        outcome = _outcome(src, view, body_size)
+        found = outcome == FOUND
+        out.append((src.label, outcome))
+    return out
+
+
+def _outcome(src: Source, view: RequestView, body_size: int) -> str:
+    kind = src.kind
+    if kind == HEADER:
+        return _value_outcome(view.headers.get(src.key), f"no {_name(src)} header")
+    if kind == COOKIE:
+        header = view.headers.get("cookie")
+        if header is None:
+            return "absent: no Cookie header"
+        return _value_outcome(_cookie(header, src.key), f"no {src.key}= in the Cookie header")
+    if kind == QUERY:
+        return _param_outcome(view.query, src.key, "query")
+    problem = _body_problem(kind, view, body_size)
+    if problem is not None:
+        return problem
+    body = view.body
+    assert body is not None
+    if kind == FORM:
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return f"the body is not UTF-8 ({exc.reason} at byte {exc.start})"
+        return _param_outcome(text, src.key, "form body")
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        return f"not JSON: {exc}"
+    return _json_outcome(doc, src)
+
+
+def _name(src: Source) -> str:
+    return src.label.partition(":")[2]
+
+
+def _value_outcome(value: str | None, absent: str) -> str:
+    if value is None:
+        return f"absent: {absent}"
+    return FOUND if value else "empty"
+
+
+def _param_outcome(text: str | None, name: str, where: str) -> str:
+    value = _param(text or "", name)
+    if value is not None:
+        return FOUND if value else "empty"
+    for part in (text or "").split("&"):
+        key = part.partition("=")[0]
+        if key == name or _unquote(key) == name:
+            return "percent-encoded bytes that are not UTF-8"
+    return f"absent: no {name}= in the {where}"
+
+
+def _body_problem(kind: int, view: RequestView, body_size: int) -> str | None:
+    content_type = view.headers.get("content-type")
+    if body_kind(content_type) != kind:
+        shown = f"`{content_type}`" if content_type else "none"
+        return f"wrong content type: {shown} (this source reads {_BODY_TYPES[kind]})"
+    if body_size == 0:
+        return "absent: no body"
+    body = view.body
+    if body is None:
+        return "the body was not read (body_limit is 0)"
+    if not view.body_complete:
+        return f"the body ({body_size} bytes) is larger than body_limit ({len(body)} bytes)"
+    return None
+
+
+def _json_outcome(doc: object, src: Source) -> str:
+    where: list[str] = []
+    for step in src.steps:
+        shown = _json_path(where) or "the body"
+        if isinstance(step, int):
+            if not isinstance(doc, list):
+                return f"absent: {shown} is {_json_kind(doc)}, not a list"
+            if step >= len(doc):
+                return f"absent: {shown} has {len(doc)} items, no [{step}]"
+            doc = doc[step]
+            where.append(f"[{step}]")
+        else:
+            if not isinstance(doc, dict):
+                return f"absent: {shown} is {_json_kind(doc)}, not an object"
+            if step not in doc:
+                return f"absent: no {src.key} in the body"
+            doc = doc[step]
+            where.append(step)
+    if isinstance(doc, str):
+        return FOUND if doc else "empty"
+    if isinstance(doc, int) and not isinstance(doc, bool):
+        return FOUND
+    if isinstance(doc, float):
+        return f"a float ({doc!r}) {_ID_TYPES}"
+    return f"{_json_kind(doc)} {_ID_TYPES}"
+
+
+def _json_path(steps: list[str]) -> str:
+    text = ""
+    for step in steps:
+        text += step if step.startswith("[") or not text else "." + step
+    return text
+
+
+def _json_kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, int):
+        return "an integer"
+    return "a string"
