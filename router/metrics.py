@@ -353,6 +353,8 @@ class SupervisorMetrics:
         self.certificate_reloads = {"success": 0, "failure": 0}
         # Where the rules in force came from: {"file": 1}, or {"etcd": 0, "cache": 1}.
         self.rules_source_kinds: Callable[[], Mapping[str, int]] = dict
+        # (route, the earlier route that takes all its requests) in the rules in force
+        self.shadowed_routes: tuple[tuple[str, str], ...] = ()
         self._workers_alive = workers_alive or (lambda: 0)
         # Endpoints from DNS (router.fleet.dns): lookups by (upstream, result), and the
         # addresses in use now per upstream, as the supervisor knows them.
@@ -489,6 +491,16 @@ def _build_registry(state: SupervisorMetrics) -> CollectorRegistry:
             )
             last_ok.add_metric((), 1 if state.last_reload_ok else 0)
             yield last_ok
+
+            shadowed = GaugeMetricFamily(
+                "grayroute_route_shadowed",
+                "1 for each route of the rules in force that never gets a request, because "
+                "an earlier route (shadowed_by) matches every request it matches.",
+                labels=("route", "shadowed_by"),
+            )
+            for route, by in state.shadowed_routes:
+                shadowed.add_metric((route, by), 1)
+            yield shadowed
 
             restarts = CounterMetricFamily(
                 "grayroute_worker_restarts",

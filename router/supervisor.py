@@ -618,6 +618,7 @@ class Supervisor:
         self.metrics.rules_digest = snapshot.digest
         self.metrics.rules_source = self.source.location
         self.metrics.rules_loaded_at = time.time()
+        self.metrics.shadowed_routes = snapshot.ruleset.shadowed_by
         if loaded.raw is not None:
             # Before the source caches it: a cache never points at a missing copy.
             _write_atomic(rules_copy_path(self.state_dir, snapshot.digest), loaded.raw)
@@ -839,6 +840,7 @@ def describe_routes(snapshot: Snapshot, effective: Snapshot | None = None) -> li
     """One short summary per route, in file order, for /rules; with `effective` (the
     rules as the workers route now), each split's weights in force beside the file's."""
     ruleset = snapshot.ruleset
+    shadowed = dict(ruleset.shadowed_by)
     out: list[dict[str, Any]] = []
     for i, compiled in enumerate(snapshot.routes):
         route = compiled.model
@@ -862,5 +864,7 @@ def describe_routes(snapshot: Snapshot, effective: Snapshot | None = None) -> li
             summary["direct_response"] = {"status": route.direct_response.status}
         if route.redirect is not None:
             summary["redirect"] = {"status": route.redirect.status}
+        # An earlier route matches every request this one matches: it gets nothing.
+        summary["shadowed_by"] = shadowed.get(route.name)
         out.append(summary)
     return out

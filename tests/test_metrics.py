@@ -156,6 +156,7 @@ def test_exposition_has_every_metric() -> None:
     state.worker_restarts = 4
     state.rules_loaded_at = 1767607200.25
     state.last_reload_ok = False
+    state.shadowed_routes = (("canary", "all"),)
     m = WorkerMetrics()
     m.request_done("orders", "orders-v1", 200, 0.002)
     m.request_done("", "", 404, 0.0001)
@@ -175,6 +176,7 @@ def test_exposition_has_every_metric() -> None:
     assert s[("grayroute_worker_restarts_total",)] == 4
     assert s[("grayroute_rules_loaded_timestamp_seconds",)] == 1767607200.25
     assert s[("grayroute_rules_last_reload_successful",)] == 0
+    assert s[("grayroute_route_shadowed", "route=canary", "shadowed_by=all")] == 1
 
     text = state.render().decode()
     for name, kind in [
@@ -187,6 +189,7 @@ def test_exposition_has_every_metric() -> None:
         ("grayroute_worker_restarts_total", "counter"),
         ("grayroute_rules_loaded_timestamp_seconds", "gauge"),
         ("grayroute_rules_last_reload_successful", "gauge"),
+        ("grayroute_route_shadowed", "gauge"),
     ]:
         assert f"# TYPE {name} {kind}\n" in text
 
@@ -196,6 +199,7 @@ def test_rules_gauges_before_any_rules_and_before_any_reload() -> None:
     assert ("grayroute_rules_loaded_timestamp_seconds",) not in s  # no rules yet: no sample
     assert s[("grayroute_rules_last_reload_successful",)] == 1  # nothing has failed
     assert s[("grayroute_rules_reloads_total", "result=failure")] == 0
+    assert not any(key[0] == "grayroute_route_shadowed" for key in s)  # none: no sample
 
 
 def test_render_twice_uses_the_same_collectors() -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from lua_compat.runtime import lua_available
 from router.errors import Problem
 from router.rules import RequestView, check_file, check_text, load_snapshot_text
 from router.rules.check import run_check
@@ -227,6 +228,14 @@ routes:
 
 def routes_text(first: str, later: str) -> str:
     return ROUTES.replace("FIRST", first).replace("LATER", later)
+
+
+def test_shadowed_routes_are_kept_with_the_rules() -> None:
+    """What the warnings say, the rules in force say too (/rules, grayroute_route_shadowed)."""
+    text = routes_text("match: {path_prefix: /api}", "match: {path_prefix: /api/v2}")
+    assert load_snapshot_text(text, "rules.yaml").ruleset.shadowed_by == (("later", "first"),)
+    text = routes_text("match: {path_prefix: /api/v2}", "match: {path_prefix: /api}")
+    assert load_snapshot_text(text, "rules.yaml").ruleset.shadowed_by == ()
 
 
 def test_route_after_a_catch_all() -> None:
@@ -484,3 +493,36 @@ def test_very_large_files_skip_the_search_for_shadowed_routes_and_pins(
     assert warnings_of(pins) == []
     monkeypatch.setattr(VALIDATE, "MAX_SHADOW_PAIRS", 1)
     assert len(warnings_of(pins)) == 1
+
+
+LUA_RULES = """\
+format: 1
+upstreams:
+  orders-v1: {endpoints: ["127.0.0.1:9001"]}
+  orders-v2: {endpoints: ["127.0.0.1:9002"]}
+  canary: {endpoints: ["127.0.0.1:9003"]}
+  fallback: {endpoints: ["127.0.0.1:9004"]}
+  spare: {endpoints: ["127.0.0.1:9005"]}
+routes:
+  - name: orders
+    lua: {file: gray.lua, map: {"@canary": canary}, fallback: fallback}
+"""
+SCRIPT = """
+-- "spare" is named in a comment only: not a choice of the script
+local uid = ngx.var.http_x_user_id
+if uid == "1" then return ngx.exec("@canary") end
+ngx.var.backend = (uid == "2") and 'orders-v2' or [[orders-v1]]
+"""
+
+
+@pytest.mark.skipif(lua_available() is not None, reason=lua_available() or "")
+def test_upstreams_a_script_names_are_used(tmp_path: Path) -> None:
+    (tmp_path / "gray.lua").write_text(SCRIPT)
+    path = write(tmp_path, LUA_RULES)
+    assert check(path, strict=True) == (1, [
+        f"{path}:7:3: warning: upstreams.spare: not used by any route (send traffic to it "
+        "with `to`, a pin or a split, or remove it)",
+        f"{path}: FAILED with --strict (5 upstreams, 1 route, 1 warning)",
+    ])
+    (tmp_path / "gray.lua").write_text(SCRIPT + 'if uid == "3" then ngx.var.backend = "spare" end')
+    assert check(path, strict=True) == (0, [f"{path}: OK (5 upstreams, 1 route)"])

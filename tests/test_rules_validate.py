@@ -494,8 +494,12 @@ def pin_text(condition: str) -> str:
                                    "regular expression: missing ), unterminated subpattern at "
                                    "position 0 (check brackets and escapes; in YAML double "
                                    "quotes write \\\\ for \\)"),
-        ("user_percent: 5.555", "rules.yaml:13:23: routes[0].pins[0].user_percent: 5.555: at "
-                                "most two decimals (write e.g. 5.55)"),
+        ("user_percent: 5.555", "rules.yaml:13:23: routes[0].pins[0].user_percent: 5.555 has "
+                                "more than two decimals: a percentage has at most two (write "
+                                "5.55 or 5.56)"),
+        ('user_percent: "5"', 'rules.yaml:13:23: routes[0].pins[0].user_percent: user_percent '
+                              'must be a number, found the text "5" (it is in quotes) (write 5 '
+                              "without quotes)"),
         ("user_percent: 101", "rules.yaml:13:23: routes[0].pins[0].user_percent: 101 is not "
                               "between 0 and 100 (write a percentage from 0 to 100)"),
         ("user_percent: 5%", "rules.yaml:13:23: routes[0].pins[0].user_percent: `5%`: write "
@@ -590,7 +594,14 @@ def test_empty_users_list_is_a_warning() -> None:
         ("-1", "rules.yaml:16:11: routes[0].split.v2: negative weight -1 "
                "(use 0 or more; 0 sends nothing)"),
         ("10.005", "rules.yaml:16:11: routes[0].split.v2: weight 10.005 has more than two "
-                   "decimals (round it, e.g. 10.01)"),
+                   "decimals: a weight has at most two (write 10 or 10.01)"),
+        # a float rounds 1.555 down to 1.55: both neighbours are named, not a "rounding"
+        ("1.555", "rules.yaml:16:11: routes[0].split.v2: weight 1.555 has more than two "
+                  "decimals: a weight has at most two (write 1.55 or 1.56)"),
+        ('"95"', 'rules.yaml:16:11: routes[0].split.v2: a weight must be a number, found the '
+                 'text "95" (it is in quotes) (write 95 without quotes)'),
+        ("'0.5'", 'rules.yaml:16:11: routes[0].split.v2: a weight must be a number, found the '
+                  'text "0.5" (it is in quotes) (write 0.5 without quotes)'),
         ("ten", "rules.yaml:16:11: routes[0].split.v2: a weight must be a number, found `ten` "
                 "(write e.g. 95 (or `replicas`))"),
         ("10%", "rules.yaml:16:11: routes[0].split.v2: `10%`: write the weight without % "

@@ -227,6 +227,53 @@ async def test_sighup_reload(
     assert hashlib.sha256((state / "rules" / f"{new}.yaml").read_bytes()).hexdigest() == new
 
 
+SHADOWED = """\
+format: 1
+upstreams:
+  v1: {{endpoints: ["{v1}"]}}
+  v2: {{endpoints: ["{v2}"]}}
+routes:
+  - name: {first}
+    {first_match}to: {first_to}
+  - name: {second}
+    {second_match}to: {second_to}
+"""
+
+
+async def test_a_route_that_never_gets_a_request_is_shown(
+    upstreams: dict[str, DemoUpstream], serve_router: Serve, tmp_path: Path
+) -> None:
+    """A catch-all above the canary's route: /rules and a metric say so, not only the log."""
+    rules = tmp_path / "rules.yaml"
+    ends = {"v1": upstreams["v1"].endpoint, "v2": upstreams["v2"].endpoint}
+    rules.write_text(SHADOWED.format(**ends, first="all", first_match="", first_to="v1",
+                                     second="canary", second_match="match: {path_prefix: /x}\n    ",
+                                     second_to="v2"))
+    router = await serve_router(rules, workers=1, args=("--watch-interval", "0"))
+    async with httpx.AsyncClient(timeout=10.0) as client:
+        info = (await client.get(f"{router.admin_url}/rules")).json()
+        assert [(r["name"], r["shadowed_by"]) for r in info["routes"]] == [
+            ("all", None), ("canary", "all")
+        ]
+        m = await scrape(client, router)
+        assert m[("grayroute_route_shadowed", "route=canary", "shadowed_by=all")] == 1
+        # The fix, reloaded: nothing is shadowed any more.
+        rules.write_text(SHADOWED.format(**ends, first="canary",
+                                         first_match="match: {path_prefix: /x}\n    ",
+                                         first_to="v2", second="all", second_match="",
+                                         second_to="v1"))
+        router.signal(signal.SIGHUP)
+
+        async def fixed() -> dict[str, Any] | None:
+            info = (await client.get(f"{router.admin_url}/rules")).json()
+            return info if [r["name"] for r in info["routes"]] == ["canary", "all"] else None
+
+        info = await poll(fixed)
+        assert [r["shadowed_by"] for r in info["routes"]] == [None, None]
+        m = await scrape(client, router)
+        assert not any(key[0] == "grayroute_route_shadowed" for key in m)
+
+
 async def test_restarted_worker_keeps_the_rules_in_force(
     rules: Path, upstreams: dict[str, DemoUpstream], serve_router: Serve
 ) -> None:

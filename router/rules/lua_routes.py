@@ -247,6 +247,12 @@ def validate_lua(v: _Validator, node: Node, path: str) -> LuaAction | None:
             "the path is relative to the rule file",
         )
         return None
+    # An upstream the script names in a string is one it may pick (`ngx.var.backend =
+    # "orders-v2"`): it is used, as those of `map`, `default` and `fallback` are.
+    from lua_compat.script_text import string_literals
+
+    if v.known_upstreams is not None:
+        v.used_upstreams.update(s for s in string_literals(source) if s in v.known_upstreams)
     from lua_compat.runtime import LuaCompileError, default_runtime, lua_available
 
     reason = lua_available()

@@ -330,6 +330,8 @@ class RuleSet:
     body_limit: int
     routes: tuple[Route, ...]
     lua_shared_dicts: tuple[tuple[str, int], ...] = ()  # (name, size in bytes)
+    # (route, the earlier route that matches every request it matches): never used
+    shadowed_by: tuple[tuple[str, str], ...] = ()
 
     def sources_of(self, route: Route) -> tuple[UserIdSource, ...]:
         """The user-ID sources that apply to `route` (its own list replaces the file's)."""

@@ -32,11 +32,12 @@ as meant). The grammar is docs/rules.md; in short:
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import math
 import re
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal, InvalidOperation
 from typing import TYPE_CHECKING
 
 from router.errors import Problem
@@ -201,10 +202,30 @@ def _did_you_mean(word: str, options: Collection[str]) -> str | None:
     return close[0] if close else None
 
 
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
 def _two_decimals(value: int | float) -> bool:
     if isinstance(value, int):
         return True
     return Decimal(repr(value)).as_tuple().exponent >= -2  # type: ignore[operator]
+
+
+def _two_decimal_choices(node: Node, value: float) -> str:
+    """'1.555' -> 'write 1.55 or 1.56': the two-decimal numbers on either side of what
+    was written (not a float's rounding, which takes 1.555 down to 1.55)."""
+    try:
+        exact = Decimal(_written(node))
+    except InvalidOperation:
+        exact = Decimal(repr(value))
+    step = Decimal("0.01")
+    low = exact.quantize(step, rounding=ROUND_FLOOR).normalize()
+    high = exact.quantize(step, rounding=ROUND_CEILING).normalize()
+    return f"write {low:f} or {high:f}"
 
 
 def _written(node: Node) -> str:
@@ -317,6 +338,15 @@ class _Validator:
                 self.error(node, path, f"{what} must be a finite number", f"write e.g. {example}")
                 return None
             return node.value
+        if isinstance(node, ScalarNode) and isinstance(node.value, str) and _is_number(node.value):
+            # "95" in quotes is YAML text: say so, rather than "must be a number, found 95"
+            self.error(
+                node,
+                path,
+                f'{what} must be a number, found the text "{node.value}" (it is in quotes)',
+                f"write {node.value.strip()} without quotes",
+            )
+            return None
         shown = f"`{node.text}`" if isinstance(node, ScalarNode) else node.kind
         self.error(node, path, f"{what} must be a number, found {shown}", f"write e.g. {example}")
         return None
@@ -450,8 +480,8 @@ class _Validator:
         ruleset = RuleSet(
             fmt, upstreams, sources, body_limit, tuple(r for r, _ in routes), shared_dicts
         )
-        self.route_warnings(ruleset, routes)
-        return ruleset
+        shadowed = self.route_warnings(ruleset, routes)
+        return dataclasses.replace(ruleset, shadowed_by=shadowed) if shadowed else ruleset
 
     def format(self, root: MapNode, entry: Entry | None) -> int | None:
         if entry is None:
@@ -1406,8 +1436,8 @@ class _Validator:
             self.error(
                 node,
                 path,
-                f"{_written(node)}: at most two decimals",
-                f"write e.g. {round(value, 2):g}",
+                f"{_written(node)} has more than two decimals: a percentage has at most two",
+                _two_decimal_choices(node, value),
             )
             return None
         return float(value)
@@ -1618,15 +1648,19 @@ class _Validator:
             self.error(
                 node,
                 path,
-                f"weight {_written(node)} has more than two decimals",
-                f"round it, e.g. {round(value, 2):g}",
+                f"weight {_written(node)} has more than two decimals: a weight has at most two",
+                _two_decimal_choices(node, value),
             )
             return None
         return float(value)
 
     # -- whole-file warnings -----------------------------------------------------------
 
-    def route_warnings(self, ruleset: RuleSet, routes: list[tuple[Route, MapNode]]) -> None:
+    def route_warnings(
+        self, ruleset: RuleSet, routes: list[tuple[Route, MapNode]]
+    ) -> tuple[tuple[str, str], ...]:
+        """Warn about what never decides; returns (route, the route shadowing it) pairs."""
+        shadowed: list[tuple[str, str]] = []
         compare_routes = len(routes) * (len(routes) - 1) // 2 <= MAX_SHADOW_PAIRS
         self.pairs_left = MAX_SHADOW_PAIRS  # for pins
         catch_all: Route | None = None
@@ -1647,6 +1681,8 @@ class _Validator:
                 )
             if catch_all is None and route.match.matches_everything:
                 catch_all = route
+            if above is not None:
+                shadowed.append((route.name, above.name))
             if above is not None and above.match.matches_everything:
                 self.warn(
                     node,
@@ -1680,6 +1716,7 @@ class _Validator:
                     "body_limit is 0, so json/form sources never yield a user ID",
                     "raise body_limit, e.g. 64KiB",
                 )
+        return tuple(shadowed)
 
     def replicas_reach_pinned(
         self, split: Split, node: MapNode, path: str, pinned_only: set[str]
