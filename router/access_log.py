@@ -171,8 +171,8 @@ class AccessLogWriter:
         record: dict[str, Any] = {
             "time": f"{self._prefix}.{int((now - second) * 1000):03d}Z",
             "client": client_ip,
-            # latin-1: every byte maps to one character, and back (the proxy decodes the
-            # target the same way before the rules see it)
+            # latin-1: every byte maps to one character, and back (the parser lets only
+            # ASCII into a request target, so for it this is also the rules' UTF-8 text)
             "method": method.decode("latin-1"),
             "path": target.decode("latin-1"),
             "host": host.decode("latin-1") if host is not None else None,
