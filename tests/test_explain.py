@@ -536,6 +536,9 @@ routes:
   - name: default-server
     match: {default_host: true, path_prefix: /dflt}
     to: v3
+  - name: canary-header
+    match: {path_prefix: /other, headers: {X-Tag: "^canary$"}}
+    to: v2
   - name: rest
     to: v1
 """
@@ -713,6 +716,8 @@ EXAMPLES: list[dict[str, Any]] = [
     {"path": "/api/orders?id=7", "headers": _headers(("X-User-Id", "café"))},
     {"path": "/dflt", "headers": _headers(("Host", "nobody.example"))},
     {"path": "/dflt", "headers": _headers(API_HOST)},
+    {"path": "/other", "headers": _headers(("X-Tag", "canary"), ("X-Tag", "stable"))},
+    {"path": "/other", "headers": _headers(("X-Tag", "stable"), ("X-Tag", "canary"))},
 ]
 
 
