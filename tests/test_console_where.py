@@ -101,6 +101,11 @@ def test_a_path_picks_the_route_as_any_request_would(rules: Path) -> None:
     assert host["route"] == "by-host-regex" and host["answer"]["reason"] == "to v1"
     [nothing] = where(snapshot, "42", path="/nowhere/at/all", host="elsewhere.org")
     assert nothing["route"] is None and nothing["answer"]["upstream"] is None
+    # what the router refuses is said, as explain says it
+    [refused] = where(snapshot, "42", path="/a b")
+    assert refused["route"] is None and "space" in refused["error"]
+    [bad_host] = where(snapshot, "42", path="/", host="a/b")
+    assert bad_host["error"] == "the router refuses this request (400): invalid Host 'a/b'"
 
 
 def test_the_answers_are_what_grayroute_explain_says(rules: Path) -> None:

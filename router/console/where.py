@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 import orjson
 
-from router.explain import explain_line, view_from_request
+from router.explain import BadRequestLine, explain_line, view_from_request
 from router.rules.user_id import parse_json_path
 
 if TYPE_CHECKING:
@@ -47,7 +47,10 @@ def where(
         routes = [r for r in routes if r.name == route]
     elif path is not None:
         probe = {"path": path, "headers": [["Host", host]] if host else []}
-        view, _ = view_from_request(probe)
+        try:
+            view, _ = view_from_request(probe)
+        except BadRequestLine as exc:  # a path or host the router refuses: say so
+            return [{"route": None, "error": str(exc)}]
         matched = snapshot.match_route(view)
         if matched is None:
             request = {
