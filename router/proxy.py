@@ -784,9 +784,7 @@ class HttpProxyProtocol(asyncio.Protocol):
             return
         req.body_parts.append(body)
         req.body_held += len(body)
-        # Past the limit, not at it: a body of exactly body_limit bytes is whole, and the
-        # rules read it so (as explain does) once on_message_complete says it ended.
-        if req.state == _READING_BODY and req is self.active and req.body_held > req.hold_limit:
+        if req.state == _READING_BODY and req is self.active and req.body_held >= req.hold_limit:
             self._route_with_body(req)
             return
         if req.body_held > _HOLD_CAP:
