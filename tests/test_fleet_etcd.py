@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -134,6 +136,18 @@ async def test_watch_ends_when_etcd_dies(own_etcd: EtcdServer) -> None:
                 async for batch in batches:
                     if batch.created:
                         own_etcd.kill()
+
+
+async def test_a_watch_on_a_frozen_etcd_gives_up(own_etcd: EtcdServer) -> None:
+    assert own_etcd.proc is not None
+    os.kill(own_etcd.proc.pid, signal.SIGSTOP)  # it accepts connections, answers nothing
+    try:
+        async with EtcdClient([own_etcd.endpoint], timeout=0.5) as client:
+            with pytest.raises(EtcdUnavailable, match=r"no answer within 0\.5 s"):
+                async with client.watch(b"/k"):
+                    pass
+    finally:
+        os.kill(own_etcd.proc.pid, signal.SIGCONT)
 
 
 async def test_user_and_password(own_etcd: EtcdServer) -> None:

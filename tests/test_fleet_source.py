@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -383,3 +384,33 @@ async def test_a_router_never_starts_without_valid_rules(
     text = log.read_text()
     assert f"{etcd_key}:5:21: routes[0].to: unknown upstream" in text
     assert "no usable cached rules" in text
+
+
+async def test_a_silent_etcd_is_noticed_by_the_probe(
+    own_etcd: EtcdServer, tmp_path: Path, upstreams: dict[str, DemoUpstream]
+) -> None:
+    """A peer that stops answering without closing the connection (a partition, a frozen
+    process) leaves a watch silent forever; the liveness read notices it."""
+    key = "/grayroute/rules"
+    await put(own_etcd, key, rules(upstreams, "v1"))
+    src = source(own_etcd.endpoint, key, tmp_path, probe_interval=0.2)
+    loaded = await src.initial()
+    reloads: list[str] = []
+    task = asyncio.ensure_future(src.watch(lambda: loaded.snapshot.digest, reloads.append))
+    assert own_etcd.proc is not None
+    try:
+        await put(own_etcd, key, rules(upstreams, "v2"))
+        await poll(lambda: asyncio.sleep(0, reloads == ["etcd"]), timeout=5)  # watching
+        os.kill(own_etcd.proc.pid, signal.SIGSTOP)  # frozen: connections stay open, silent
+        try:
+            await poll(lambda: asyncio.sleep(0, not src.connected), timeout=10)
+            assert "ReadTimeout" in (src.last_error or "")
+        finally:
+            os.kill(own_etcd.proc.pid, signal.SIGCONT)
+        await poll(lambda: asyncio.sleep(0, src.connected), timeout=10)
+        await put(own_etcd, key, rules(upstreams, "v2") + b"# 3\n")  # the watch works again
+        await poll(lambda: asyncio.sleep(0, reloads == ["etcd", "etcd"]), timeout=5)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await src.aclose()

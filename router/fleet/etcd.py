@@ -26,6 +26,7 @@ twice. Exceptions (errors of httpx are translated here, at the boundary):
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import logging
@@ -454,7 +455,16 @@ class EtcdClient:
                 request = self._http.build_request(
                     "POST", base + "/v3/watch", content=content, headers=headers, timeout=timeout
                 )
-                return await self._http.send(request, stream=True)
+                # The answer's head comes at once from a live etcd; a frozen one (or a
+                # partition) would keep us waiting forever without this bound.
+                try:
+                    return await asyncio.wait_for(
+                        self._http.send(request, stream=True), self.timeout
+                    )
+                except TimeoutError:
+                    raise EtcdUnavailable(
+                        f"etcd watch at {base}: no answer within {self.timeout:g} s"
+                    ) from None
 
             response = await self._send(open_stream, "watch")
             stack.push_async_callback(response.aclose)
