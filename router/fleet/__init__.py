@@ -7,6 +7,8 @@
     source.py     where the rules come from (a file, a ConfigMap, an etcd key): one
                   interface the supervisor uses, the etcd watch, the state-dir cache
     revisions.py  `grayroute push`, and `history`/`rollback` on an etcd key
+    lease.py      a leader among the routers (KEY/leader), values that live as long as
+                  their router (KEY/counts/ROUTER)
 
 This module itself is only the spelling of an etcd rules location, cheap to import (the
 workers use it to know that their rules come from the supervisor's copies).

@@ -52,6 +52,7 @@ __all__ = [
     "TxnResult",
     "WatchBatch",
     "WatchEvent",
+    "create_revision_is",
     "mod_revision_is",
     "prefix_end",
     "put_op",
@@ -189,6 +190,16 @@ def prefix_end(prefix: bytes) -> bytes:
 def mod_revision_is(key: bytes, revision: int) -> dict[str, Any]:
     """Compare: the key was last written at `revision` (0: the key does not exist)."""
     return {"key": _b64(key), "target": "MOD", "result": "EQUAL", "mod_revision": str(revision)}
+
+
+def create_revision_is(key: bytes, revision: int) -> dict[str, Any]:
+    """Compare: the key was created at `revision` (0: it does not exist)."""
+    return {
+        "key": _b64(key),
+        "target": "CREATE",
+        "result": "EQUAL",
+        "create_revision": str(revision),
+    }
 
 
 def put_op(key: bytes, value: bytes, lease: int = 0) -> dict[str, Any]:
