@@ -9,6 +9,8 @@
     revisions.py  `grayroute push`, and `history`/`rollback` on an etcd key
     lease.py      a leader among the routers (KEY/leader), values that live as long as
                   their router (KEY/counts/ROUTER)
+    counts.py     the rollout counts of the fleet: each router publishes its own, the
+                  leader sums them (a router.rollout.stats CountSource)
 
 This module itself is only the spelling of an etcd rules location, cheap to import (the
 workers use it to know that their rules come from the supervisor's copies).
