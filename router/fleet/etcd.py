@@ -467,11 +467,12 @@ class EtcdClient:
                     "POST", base + "/v3/watch", content=content, headers=headers, timeout=timeout
                 )
                 # The answer's head comes at once from a live etcd; a frozen one (or a
-                # partition) would keep us waiting forever without this bound.
+                # partition) would keep us waiting forever without this bound. Not
+                # asyncio.wait_for: on 3.11 it can swallow a cancellation that arrives as
+                # the answer does, and the watch would then never stop.
                 try:
-                    return await asyncio.wait_for(
-                        self._http.send(request, stream=True), self.timeout
-                    )
+                    async with asyncio.timeout(self.timeout):
+                        return await self._http.send(request, stream=True)
                 except TimeoutError:
                     raise EtcdUnavailable(
                         f"etcd watch at {base}: no answer within {self.timeout:g} s"
