@@ -1,6 +1,7 @@
 """The console in a real browser: headless Chromium (Debian's chromium + chromium-driver,
 driven by selenium) in front of a real `grayroute serve` with an admin token, 50
-routes and real traffic. One router and one browser for every look, to keep it quick.
+routes, a rollout in progress and real traffic. One router and one browser for every
+look, to keep it quick.
 
 Set GRAYROUTE_UPDATE_SCREENSHOT=1 to write the screenshot it takes to docs/console.png
 (the one docs/console.md shows); otherwise it goes to the test's temporary directory.
@@ -12,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import random
+import re
 import shutil
 import struct
 import subprocess
@@ -48,7 +50,16 @@ routes:
       - {{to: v2, users: ["42", "10086"]}}
       - {{to: v2, user_ranges: [[900000, 999999]]}}
       - {{to: v2, headers: {{X-App-Version: "^3\\\\."}}}}
-    split: {{v1: 80, v1.1: 20}}
+    split: {{v1: 100, v1.1: 0}}
+    rollout:
+      canary: v1.1
+      stable: v1
+      steps: [{steps}]
+      interval: 3s
+      min_requests: 3
+      failures: 5
+      gates:
+        latency: {{quantile: 0.99, max_ratio: 3, min_increase: 500ms}}
 {services}
   - name: rest
     to: v1
@@ -69,8 +80,11 @@ async def test_the_console_in_a_browser(
     v1, v11, v2 = await backends("v1", "v1.1", "v2")
     services = "".join(SERVICE.format(n=n) for n in range(1, SERVICES + 1))
     rules = tmp_path / "rules.yaml"
+    steps = ", ".join(str(n) for n in range(5, 101, 5))  # 20 steps: 2 min at the least
     rules.write_text(
-        RULES.format(v1=v1.endpoint, v11=v11.endpoint, v2=v2.endpoint, services=services)
+        RULES.format(
+            v1=v1.endpoint, v11=v11.endpoint, v2=v2.endpoint, services=services, steps=steps
+        )
     )
     router = await serve_router(rules, workers=2, args=("--admin-token", TOKEN))
     stop = asyncio.Event()
@@ -100,8 +114,8 @@ async def _traffic(router: RouterProcess, stop: asyncio.Event) -> None:
             for _ in range(6):
                 user = str(rng.randrange(1, 200_000))
                 path = "/orders/1" if rng.random() < 0.6 else f"/svc-{rng.randrange(1, 49):02d}/x"
-                if rng.random() < 0.03:
-                    path += "?status=503"  # some failures, on whichever version gets them
+                if rng.random() < 0.05 and path != "/orders/1":
+                    path += "?status=503"  # some failures (not where the rollout judges)
                 with contextlib.suppress(httpx.HTTPError):
                     await client.get(router.url + path, headers={"X-User-Id": user})
             await asyncio.sleep(0.1)
@@ -126,17 +140,20 @@ def _look(driver: Any, router: RouterProcess, rules: Path, tmp_path: Path) -> Pa
     kept = driver.execute_script("return sessionStorage.getItem('grayroute.console.token')")
     assert kept == TOKEN
 
-    # 50 routes, collapsed; the rules in force
+    # 50 routes, collapsed but the one with a rollout in progress; the rules in force
     cards = driver.find_elements(By.CSS_SELECTOR, "details.route")
     assert len(cards) == SERVICES + 2
     assert driver.find_element(By.ID, "route-count").text == str(SERVICES + 2)
-    assert not any(c.get_attribute("open") for c in cards)  # too many to open them all
     digest = driver.find_element(By.CSS_SELECTOR, "#rules [data-field=digest]")
     assert digest.get_attribute("title") == router.ready["rules"]
 
-    # one route opened: its versions side by side, numbers that move between two looks
+    # that route: its versions side by side, numbers that move between two looks
     orders = driver.find_element(By.CSS_SELECTOR, "details[data-route=orders]")
-    orders.find_element(By.TAG_NAME, "summary").click()
+
+    def opened() -> list[str]:
+        return [c.get_attribute("data-route") for c in cards if c.get_attribute("open")]
+
+    _wait(driver, lambda: opened() == ["orders"])
 
     def cell(version: str, field: str) -> str:
         css = f"tr[data-version='{version}'] td[data-field={field}]"
@@ -144,8 +161,7 @@ def _look(driver: Any, router: RouterProcess, rules: Path, tmp_path: Path) -> Pa
 
     _wait(driver, lambda: cell("v1", "requests") not in (NONE, "0"))
     first = {f: cell("v1", f) for f in ("requests", "rps", "observed")}
-    assert (cell("v1", "configured"), cell("v1.1", "configured")) == ("80.0%", "20.0%")
-    assert (cell("v1", "effective"), cell("v1.1", "effective")) == ("80.0%", "20.0%")
+    assert (cell("v1", "configured"), cell("v1.1", "configured")) == ("100.0%", "0.0%")
     assert cell("v2", "configured") == NONE  # only pins send there
     seen = _renders(driver)
 
@@ -162,6 +178,37 @@ def _look(driver: Any, router: RouterProcess, rules: Path, tmp_path: Path) -> Pa
     pins = orders.find_element(By.CSS_SELECTOR, ".pins").text
     assert "users 2 user IDs" in pins and "user_ranges 1 range (100,000 IDs)" in pins
     assert "headers X-App-Version" in pins
+
+    # the rollout: phase, step i/N, the canary's weight (the effective share of the
+    # split), and the verdicts with their values, thresholds and sample counts
+    def head() -> Any:
+        return orders.find_element(By.CSS_SELECTOR, ".rollout-head")
+
+    assert head().get_attribute("data-phase") in ("Progressing", "Holding")
+    step = head().find_element(By.CSS_SELECTOR, "[data-field=step]").text
+    assert re.fullmatch(r"step \d+/20 \(5% .* 100%\)", step), step
+
+    def weight_in_force() -> bool:
+        weight = head().find_element(By.CSS_SELECTOR, "[data-field=weight]").text
+        return weight == cell("v1.1", "effective") and weight != "0.0%"
+
+    _wait(driver, weight_in_force)
+    assert "canary" in orders.find_element(By.CSS_SELECTOR, "tr[data-version='v1.1'] th").text
+    assert "stable" in orders.find_element(By.CSS_SELECTOR, "tr[data-version='v1'] th").text
+
+    def verdicts() -> list[list[str]]:
+        return _table(driver, "details[data-route=orders] table.verdicts tbody tr", "td")
+
+    # a judged interval: per gate its values, threshold, sample counts and verdict
+    _wait(driver, lambda: any(len(row) >= 6 for row in verdicts()), timeout=60)
+    gate_rows = [row for row in verdicts() if len(row) >= 6]
+    assert {row[-6] for row in gate_rows} >= {"error_rate", "latency", "max_error_rate"}
+    for row in gate_rows:  # gate, canary, stable, threshold, n canary / stable, verdict
+        assert re.fullmatch(r"[\d,]+ / [\d,]+", row[-2]), row
+        assert row[-1] in ("PASS", "FAIL", "NODATA"), row
+    cohorts = _table(driver, "details[data-route=orders] table.cohorts tbody tr", "th, td")
+    assert [row[0].split()[-1] for row in cohorts] == ["stable", "canary"]
+    assert all(row[1] not in (NONE, "0") for row in cohorts)  # requests judged
 
     # the filter keeps the routes that match; the others are hidden, not gone
     box = driver.find_element(By.ID, "filter")
@@ -194,6 +241,21 @@ def _look(driver: Any, router: RouterProcess, rules: Path, tmp_path: Path) -> Pa
     )
     _check_png(shot, driver_size=(int(width), int(height)))
 
+    # pause: the rollout's phase changes, on the page and in the rollout API
+    _act(driver, orders, "pause")
+    _wait(driver, lambda: _phase(orders) == "Paused")
+    assert _api_phase(router) == "Paused"
+    # abort asks first: dismissed, nothing happens; accepted, the canary goes to 0
+    _act(driver, orders, "abort", accept=False)
+    time.sleep(1.0)
+    assert _phase(orders) == "Paused" and _api_phase(router) == "Paused"
+    _act(driver, orders, "abort", accept=True)
+    _wait(driver, lambda: _phase(orders) == "Aborted")
+    assert _api_phase(router) == "Aborted"
+    _wait(driver, lambda: cell("v1.1", "effective") == "0.0%")
+    buttons = orders.find_elements(By.CSS_SELECTOR, ".actions button")
+    assert {b.get_attribute("data-action") for b in buttons if b.is_enabled()} == {"retry"}
+
     # a phone: one column, nothing wider than the screen but the tables' own scrolling
     driver.set_window_size(390, 844)
     _wait(driver, lambda: driver.execute_script("return innerWidth") <= 500)
@@ -203,6 +265,47 @@ def _look(driver: Any, router: RouterProcess, rules: Path, tmp_path: Path) -> Pa
     assert overflow <= 0, f"the page is {overflow}px wider than a phone's screen"
     assert orders.find_element(By.CSS_SELECTOR, "summary").is_displayed()
     return shot
+
+
+def _table(driver: Any, rows: str, cells: str) -> list[list[str]]:
+    """The texts of a table's cells, read at once (the page re-renders every 3 s)."""
+    script = (
+        "return [...document.querySelectorAll(arguments[0])]"
+        ".map(r => [...r.querySelectorAll(arguments[1])].map(c => c.innerText.trim()))"
+    )
+    return [list(map(str, row)) for row in driver.execute_script(script, rows, cells)]
+
+
+def _phase(card: Any) -> str:
+    from selenium.webdriver.common.by import By
+
+    return str(card.find_element(By.CSS_SELECTOR, ".rollout-head").get_attribute("data-phase"))
+
+
+def _act(driver: Any, card: Any, action: str, accept: bool | None = None) -> None:
+    """Click a rollout button; `accept`: the answer to the confirmation it asks for."""
+    from selenium.webdriver.common.by import By
+
+    card.find_element(By.CSS_SELECTOR, f".actions button[data-action={action}]").click()
+    if accept is None:
+        return
+    _wait(driver, lambda: driver.switch_to.alert)
+    alert = driver.switch_to.alert
+    assert "Abort the rollout of v1.1 on route orders" in alert.text
+    if accept:
+        alert.accept()
+    else:
+        alert.dismiss()
+
+
+def _api_phase(router: RouterProcess) -> str:
+    resp = httpx.get(
+        f"{router.admin_url}/rollouts/orders",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        timeout=10.0,
+    )
+    assert resp.status_code == 200
+    return str(resp.json()["phase"])
 
 
 def _where(driver: Any, user: str, path: str = "") -> list[tuple[str, str, str, bytes]]:

@@ -31,6 +31,7 @@ routes:
       - {to: v2, user_ranges: [[100, 199], [300, 309]]}
       - {to: v2, client_cidrs: ["10.0.0.0/8"], user_percent: 2.5}
     split: {v1: 90, v1.1: 10}
+    rollout: {canary: v1.1, stable: v1, steps: [10, 50, 100]}
   - name: static
     match: {path_prefix: /static}
     to: v1
@@ -92,10 +93,12 @@ def test_versions_side_by_side_over_the_window(supervisor: Supervisor) -> None:
         "p50_ms": pytest.approx(3.75, abs=0.01),
         "p99_ms": pytest.approx(4.975, abs=0.01),
         "latency_samples": 280,
+        "role": "stable",
     }
     assert (v11["configured"], v11["observed"], v11["error_rate"]) == (10.0, 10.0, 10.0)
     assert v11["p50_ms"] == pytest.approx(37.5, abs=0.01) and v11["latency_samples"] == 20
     assert v2["upstream"] == "v2" and v2["configured"] is None and v2["observed"] == 0.0
+    assert (v1["role"], v11["role"]) == ("stable", "canary") and "role" not in v2
     assert v2["p50_ms"] is None and v2["latency_samples"] == 0
     assert [(v["upstream"], v["configured"]) for v in static["versions"]] == [("v1", 100.0)]
     assert hello["decides"] == "direct_response"
@@ -142,6 +145,49 @@ def test_effective_weights_beside_the_files_and_the_moment_they_changed(
     series = console.series("static", 3600.0)
     assert series is not None
     assert [m["text"] for m in series["marks"]] == ["reload failed (watch): 2 problems; rules kept"]
+
+
+def test_the_split_traffic_a_rollout_judges_beside_the_routes_traffic(
+    supervisor: Supervisor,
+) -> None:
+    console = supervisor.console()
+    w = WorkerMetrics()
+    w.split_done("orders", "v1", False, 0.010)  # before the console's baseline
+    supervisor.metrics.aggregator.update("w0", w.snapshot())
+    console.sample(0.0)
+    for _ in range(90):
+        w.split_done("orders", "v1", False, 0.010)
+    for i in range(10):
+        w.split_done("orders", "v1.1", i < 2, 0.100)
+    traffic(w, "orders", "v1", 90, 200, 0.010)
+    traffic(w, "orders", "v1.1", 8, 200, 0.100)
+    traffic(w, "orders", "v1.1", 2, 503, 0.100)
+    traffic(w, "orders", "v2", 5, 200, 0.010)  # pinned: not judged
+    supervisor.metrics.aggregator.update("w0", w.snapshot())
+    console.sample(10.0)
+    orders = console.status()["routes"][0]
+    assert orders["rollout"] == {
+        "phase": "Progressing",
+        "canary": "v1.1",
+        "stable": "v1",
+        "step": 0,
+        "steps": [10.0, 50.0, 100.0],
+        "weight": 10.0,
+        "since": orders["rollout"]["since"],
+    }
+    v1, v11, v2 = orders["versions"]
+    assert v1["split"]["requests"] == 90 and v1["split"]["error_rate"] == 0.0
+    assert v11["split"] == {
+        "requests": 10,
+        "rps": 1.0,
+        "errors": 2,
+        "error_rate": 20.0,
+        # the rollout's histogram is finer than the upstream's: within ~5% of 100 ms
+        "p50_ms": pytest.approx(100.0, rel=0.05),
+        "p99_ms": pytest.approx(100.0, rel=0.05),
+    }
+    assert "split" not in v2 and v2["requests"] == 5
+    assert "rollout" not in console.status()["routes"][1]
 
 
 def test_series_per_version_with_gaps_where_there_was_no_traffic(supervisor: Supervisor) -> None:

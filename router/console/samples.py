@@ -6,7 +6,9 @@ look, for the last `KEEP_SECONDS`. Nothing new is counted on the hot path.
 
     Sample        one interval: per (route, upstream) requests and 5xx answers, per
                   upstream the request-duration histogram and the upstream errors by
-                  kind, per (upstream, fallback) the requests the fallback took
+                  kind, per (upstream, fallback) the requests the fallback took, and per
+                  (route, upstream) the split traffic a rollout judges (its requests,
+                  failures and fine latency histogram: router.rollout.stats)
     Mark          a moment the charts mark: the rules reloaded, or a route's weights
                   in force changed (a rollout step, replicas that came or went)
     Window        samples added up over the last N seconds: what the status shows
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from router.metrics import DURATION_BUCKETS
+from router.rollout.stats import Counts
 
 if TYPE_CHECKING:
     from router.metrics import Totals
@@ -55,6 +58,7 @@ class Sample:
     latency: Mapping[str, tuple[int, ...]]  # upstream -> count per duration bucket
     errors: Mapping[tuple[str, str], int]  # (upstream, kind) -> upstream errors
     fallbacks: Mapping[tuple[str, str], int]  # (upstream, fallback) -> requests
+    judged: Mapping[_RouteKey, Counts] = field(default_factory=dict)  # a rollout's cohorts
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +80,7 @@ class Window:
     latency: dict[str, list[int]] = field(default_factory=dict)
     errors: dict[tuple[str, str], int] = field(default_factory=dict)
     fallbacks: dict[tuple[str, str], int] = field(default_factory=dict)
+    judged: dict[_RouteKey, Counts] = field(default_factory=dict)
 
     def add(self, sample: Sample) -> None:
         self.seconds += sample.seconds
@@ -99,6 +104,9 @@ class Window:
             self.errors[key2] = self.errors.get(key2, 0) + n
         for key2, n in sample.fallbacks.items():
             self.fallbacks[key2] = self.fallbacks.get(key2, 0) + n
+        for key, cohort in sample.judged.items():
+            have_cohort = self.judged.get(key)
+            self.judged[key] = cohort if have_cohort is None else have_cohort + cohort
 
 
 def quantile(
@@ -195,6 +203,12 @@ def _difference(now: Totals, before: Totals, at: float, seconds: float) -> Sampl
             delta = tuple(max(a - b, 0) for a, b in zip(counts, previous[0], strict=True))
         if any(delta):
             latency[upstream] = delta
+    judged: dict[_RouteKey, Counts] = {}
+    for key, cohort in now.judged.items():
+        earlier = before.judged.get(key)
+        d = cohort if earlier is None else cohort.since(earlier)
+        if d.requests:
+            judged[key] = d
     return Sample(
         at,
         seconds,
@@ -202,6 +216,7 @@ def _difference(now: Totals, before: Totals, at: float, seconds: float) -> Sampl
         latency,
         _counter_delta(now.errors, before.errors),
         _counter_delta(now.fallbacks, before.fallbacks),
+        judged,
     )
 
 

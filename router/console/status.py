@@ -20,6 +20,11 @@ The numbers, per version of a route, over the window:
                  latency quantiles of the upstream over the window, from the
                  request-duration histogram (every route that uses it), and how many
                  requests they rest on
+    split        on a route a rollout judges: the version's split traffic alone (what
+                 the gates compare: no pins, no other route), its requests, failures
+                 (5xx, or taken by a fallback), error rate and p50/p99 from the
+                 rollout's finer histogram
+    role         "canary" or "stable" on a route with a rollout
 
 `Console.run()` is the supervisor's task: it samples the workers' totals every
 `SAMPLE_EVERY` seconds and looks for reloads and weight changes twice a second. Nothing
@@ -35,10 +40,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from router.console.samples import KEEP_SECONDS, SAMPLE_EVERY, SampleRing, Window, quantile
 from router.history import iso_utc
+from router.rollout.stats import Counts
 from router.rules.effective import Effective, apply_effective
 
 if TYPE_CHECKING:
     from router.metrics import SupervisorMetrics
+    from router.rollout.api import RolloutControl
     from router.rules import Snapshot
     from router.rules.model import Pin, Route
 
@@ -57,6 +64,8 @@ class ConsoleSource(Protocol):
     last_reload: dict[str, Any] | None
 
     def rules_info(self) -> dict[str, Any]: ...
+
+    def rollout_control(self) -> RolloutControl | None: ...
 
 
 class Console:
@@ -124,8 +133,17 @@ class Console:
         in_force = self.in_force()
         w = self.ring.window(window)
         per_second = 1.0 / w.seconds if w.seconds > 0 else 0.0
+        control = self.source.rollout_control()
         routes = [
-            _route_status(model_route, i, snapshot, in_force, w, per_second)
+            _route_status(
+                model_route,
+                i,
+                snapshot,
+                in_force,
+                w,
+                per_second,
+                control.describe(model_route.name) if control is not None else None,
+            )
             for i, model_route in enumerate(r.model for r in snapshot.routes)
         ]
         unrouted = w.requests.get(("", ""), [0, 0])
@@ -239,6 +257,7 @@ def _route_status(
     in_force: Snapshot,
     w: Window,
     per_second: float,
+    rollout: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
     configured: dict[str, float] = {}
     effective: dict[str, float] = {}
@@ -267,6 +286,11 @@ def _route_status(
         }
         version.update(_traffic(n, failed, per_second))
         version.update(_latency(w.latency.get(name) if name else None))
+        judged = w.judged.get((route.name, name))
+        if judged is not None:
+            version["split"] = _split_traffic(judged, per_second)
+        if rollout is not None and name in (rollout.get("canary"), rollout.get("stable")):
+            version["role"] = "canary" if name == rollout.get("canary") else "stable"
         versions.append(version)
     pins = []
     by_kind: dict[str, int] = {}
@@ -287,6 +311,18 @@ def _route_status(
         "pins_by_kind": by_kind,
     }
     out.update(_traffic(total, failed_total, per_second))
+    if rollout is not None:
+        keys = ("phase", "canary", "stable", "step", "steps", "weight", "since")
+        out["rollout"] = {k: rollout.get(k) for k in keys}
+    return out
+
+
+def _split_traffic(counts: Counts, per_second: float) -> dict[str, Any]:
+    """A version's split traffic as a rollout judges it (router.rollout.stats)."""
+    p50, p99 = counts.quantile(0.5), counts.quantile(0.99)
+    out = _traffic(counts.requests, counts.failures, per_second)
+    out["p50_ms"] = None if p50 is None else round(p50 * 1000.0, 2)
+    out["p99_ms"] = None if p99 is None else round(p99 * 1000.0, 2)
     return out
 
 

@@ -44,7 +44,7 @@
   }
 
   async function api(path, options = {}) {
-    const headers = { Accept: "application/json" };
+    const headers = { Accept: "application/json", ...(options.headers || {}) };
     const t = token();
     if (t) headers.Authorization = "Bearer " + t;
     const resp = await fetch(path, { ...options, headers, cache: "no-store" });
@@ -94,6 +94,7 @@
       state.rolloutsAvailable = false; // a router without progressive rollouts
       return out;
     }
+    if (resp.status === 503) return out; // not running yet: next time
     if (!resp.ok) throw new Error(`rollouts: HTTP ${resp.status}`);
     const data = await resp.json();
     for (const r of data.rollouts || []) out.set(r.route, r);
@@ -162,8 +163,11 @@
       const visible = !filter || matches(route, rollout, filter);
       card.root.hidden = !visible;
       shown += visible ? 1 : 0;
-      if (!(route.name in state.open)) {
-        card.root.open = routes.length <= OPEN_BY_DEFAULT || (rollout != null && !FINISHED.has(rollout.phase));
+      if (!card.placed) {
+        // Decided once per card: a card never opens or closes under a person's eyes.
+        const preferred = state.open[route.name];
+        card.root.open = preferred != null ? preferred : routes.length <= OPEN_BY_DEFAULT || (rollout != null && !FINISHED.has(rollout.phase));
+        card.placed = true;
       }
       fillCard(card, route, rollout);
     }
@@ -222,6 +226,7 @@
 
   function fillCard(card, route, rollout) {
     const roles = {};
+    for (const v of route.versions) if (v.role) roles[v.upstream] = v.role;
     if (rollout) {
       roles[rollout.canary] = "canary";
       roles[rollout.stable] = "stable";
@@ -259,13 +264,14 @@
         <th title="requests in the window">requests</th><th title="requests the latency rests on (the upstream, every route)">latency n</th></tr></thead>
         <tbody>${rows}</tbody>
       </table>`);
-    setHTML(card.rollout, rollout ? rolloutHTML(rollout) : "");
+    setHTML(card.rollout, rollout ? rolloutHTML(rollout, route) : "");
     setHTML(card.pins, pinsHTML(route));
   }
 
-  function rolloutHTML(r) {
+  function rolloutHTML(r, route) {
     const steps = r.steps;
-    const where = steps == null || r.step == null ? "guard mode (weights follow replicas)" : `step ${r.step + 1}/${steps.length} (${steps.map((s) => s + "%").join(" → ")})`;
+    const shown = steps == null ? [] : steps.length <= 8 ? steps.map((s) => s + "%") : [steps[0] + "%", "…", steps[steps.length - 1] + "%"];
+    const where = steps == null || r.step == null ? "guard mode (weights follow replicas)" : `step ${r.step + 1}/${steps.length} (${shown.join(" → ")})`;
     const buttons = Object.keys(ACTIONS)
       .map((a) => `<button type="button" data-action="${a}" ${ACTIONS[a](r.phase) ? "" : "disabled"}>${a[0].toUpperCase() + a.slice(1)}</button>`)
       .join(" ");
@@ -279,8 +285,29 @@
         since ${esc(localTime(r.since))}
       </div>
       ${r.reason ? `<p class="muted">${esc(r.reason)}</p>` : ""}
+      ${cohortsHTML(r, route)}
       <div class="actions">${buttons}<span class="action-result" role="status"></span></div>
-      ${verdicts ? `<div class="scroll"><table class="verdicts"><thead><tr><th>interval</th><th>verdict</th><th>gate</th><th>canary</th><th>stable</th><th>threshold</th><th>n canary / stable</th><th>gate verdict</th></tr></thead><tbody>${verdicts}</tbody></table></div>` : `<p class="muted">No interval judged yet.</p>`}`;
+      ${verdicts ? `<div class="scroll"><table class="verdicts"><thead><tr><th>interval</th><th>verdict</th><th class="gate">gate</th><th>canary</th><th>stable</th><th>threshold</th><th>n canary / stable</th><th>gate verdict</th></tr></thead><tbody>${verdicts}</tbody></table></div>` : `<p class="muted">No interval judged yet.</p>`}`;
+  }
+
+  // The split traffic the rollout judges, stable beside canary, over the window.
+  function cohortsHTML(r, route) {
+    const rows = [r.stable, r.canary]
+      .map((name) => {
+        const v = route.versions.find((x) => x.upstream === name);
+        const s = v && v.split;
+        if (!s) return "";
+        const role = name === r.canary ? "canary" : "stable";
+        return `<tr data-cohort="${role}"><th scope="row">${esc(name)} <span class="badge role">${role}</span></th>
+          <td data-field="requests">${fmtInt(s.requests)}</td><td>${fmtRate(s.rps)}</td>
+          <td data-field="error_rate">${fmtPct(s.error_rate)}</td><td>${fmtInt(s.errors)}</td>
+          <td data-field="p50">${fmtMs(s.p50_ms)}</td><td data-field="p99">${fmtMs(s.p99_ms)}</td></tr>`;
+      })
+      .join("");
+    if (!rows) return "";
+    return `<div class="scroll"><table class="numbers cohorts"><caption>Split traffic the rollout judges (no pins), over the window</caption>
+      <thead><tr><th>version</th><th>requests</th><th>req/s</th><th title="5xx, or taken by a fallback">failure rate</th><th>failed</th><th>p50</th><th>p99</th></tr></thead>
+      <tbody>${rows}</tbody></table></div>`;
   }
 
   function verdictHTML(interval) {
@@ -291,7 +318,7 @@
       .map(([name, g], i) => {
         const show = name === "latency" ? (x) => fmtMs(x == null ? null : x * 1000) : (x) => fmtPct(x == null ? null : x * 100);
         return `<tr>${i === 0 ? head.replace(/<td>/g, `<td rowspan="${gates.length}">`) : ""}
-          <td>${esc(name)}</td><td>${show(g.canary)}</td><td>${show(g.stable)}</td><td>${show(g.threshold)}</td>
+          <td class="gate">${esc(name)}</td><td>${show(g.canary)}</td><td>${show(g.stable)}</td><td>${show(g.threshold)}</td>
           <td>${fmtInt(g.canary_requests)} / ${fmtInt(g.stable_requests)}</td>
           <td><span class="badge verdict ${esc(g.verdict)}">${esc(g.verdict)}</span></td></tr>`;
       })
@@ -451,7 +478,11 @@
     if (CONFIRM[action] && !window.confirm(CONFIRM[action](rollout || { route, canary: "the canary" }))) return;
     button.disabled = true;
     try {
-      const resp = await api(`rollouts/${encodeURIComponent(route)}/${action}`, { method: "POST" });
+      const resp = await api(`rollouts/${encodeURIComponent(route)}/${action}`, {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ by: "release console" }), // who acted, for the audit log
+      });
       const body = await resp.json().catch(() => ({}));
       result.textContent = resp.ok ? `${action}: done` : `${action} refused: ${body.detail || body.error || "HTTP " + resp.status}`;
       result.className = "action-result " + (resp.ok ? "ok" : "bad");
