@@ -430,7 +430,8 @@ class Supervisor:
             )
             if delay:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), delay)
+                    async with asyncio.timeout(delay):
+                        await self._stop.wait()
 
     async def _spawn(self, slot: int) -> _Worker:
         self._spawned += 1

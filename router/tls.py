@@ -468,7 +468,8 @@ class CertificateWatch:
                 log.exception("watching the certificates failed; trying again")
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval or None)
+                async with asyncio.timeout(self.interval or None):
+                    await self._wake.wait()
 
     async def reload(self, trigger: str) -> bool:
         loop = asyncio.get_running_loop()

@@ -224,7 +224,8 @@ class EndpointDiscovery:
         seconds; the names of those that had none (they have no endpoints yet)."""
         waiting = [f.looked_up.wait() for f in self._followed.values()]
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*waiting), timeout)
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*waiting)
         return [name for name, f in self._followed.items() if not f.looked_up.is_set()]
 
     def describe(self) -> dict[str, Any]:

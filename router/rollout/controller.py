@@ -518,7 +518,8 @@ class RolloutController:
                 wait = min(self._due.values(), default=now + 3600.0) - time.monotonic()
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), max(wait, 0.0))
+                    async with asyncio.timeout(max(wait, 0.0)):
+                        await self._wake.wait()
         finally:
             if task is not None:
                 task.cancel()
