@@ -329,7 +329,10 @@ def _where(driver: Any, user: str, path: str = "") -> list[tuple[str, str, str, 
         code = row.find_element(By.CSS_SELECTOR, "details.line code")
         command = code.get_attribute("textContent")
         line = command.split("'", 1)[1].rsplit("'", 1)[0].encode()
-        reason = row.find_element(By.CSS_SELECTOR, "[data-field=reason]").text
+        # the reason, then what each user-ID source gave (explain --why)
+        why = row.find_element(By.CSS_SELECTOR, "[data-field=reason]").text
+        reason, _, sources = why.partition("\n")
+        assert sources == "header:X-User-Id: found", sources
         rows.append((row.get_attribute("data-route"), _upstream(row), reason, line))
     return rows
 

@@ -128,7 +128,7 @@ async def test_console_on_a_real_router(
         snapshot = load_snapshot(str(rules))
         for name in ("orders", "rest"):
             line = orjson.dumps(answers[name]["request"])
-            assert answers[name]["answer"] == orjson.loads(explain_line(snapshot, line))
+            assert answers[name]["answer"] == orjson.loads(explain_line(snapshot, line, why=True))
         assert answers["orders"]["answer"]["upstream"] == "v1.1"
         assert answers["orders"]["answer"]["reason"] == "pin[0] users"
 

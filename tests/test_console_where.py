@@ -113,7 +113,7 @@ def test_the_answers_are_what_grayroute_explain_says(rules: Path) -> None:
     answers = [a for user in ("42", "7", "1001") for a in where(snapshot, user) if "request" in a]
     lines = b"".join(orjson.dumps(a["request"]) + b"\n" for a in answers)
     cli = subprocess.run(
-        [sys.executable, "-m", "router.cli", "explain", str(rules)],
+        [sys.executable, "-m", "router.cli", "explain", "--why", str(rules)],
         input=lines,
         capture_output=True,
         check=True,

@@ -3,8 +3,9 @@
 For each route the search writes the request a client of that route would send with
 the user ID where the route looks first (its first `user_id` source: a header, a
 cookie, the query, a JSON or a form body), as one `explain` input line, and hands it to
-router.explain: the answer is explain's own, line for line, and the line is shown so
-that anyone can ask `grayroute explain` the same question.
+router.explain: the answer is explain's own (`--why`: with what each user-ID source
+gave), line for line, and the line is shown so that anyone can ask `grayroute explain
+--why` the same question.
 
 The request's path and host come from the route's match (its exact path or prefix, its
 first host, a wildcard filled in); a route that matches only by `path_regex` or
@@ -72,7 +73,9 @@ def where(
 
 
 def _explain(snapshot: Snapshot, request: dict[str, Any]) -> dict[str, Any]:
-    answer: dict[str, Any] = orjson.loads(explain_line(snapshot, orjson.dumps(request)))
+    # why=True: what each user-ID source of the route gave, found or not (explain --why)
+    line = explain_line(snapshot, orjson.dumps(request), why=True)
+    answer: dict[str, Any] = orjson.loads(line)
     return answer
 
 

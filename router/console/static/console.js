@@ -530,7 +530,7 @@
           <th scope="row">${a.route ? esc(a.route) : '<span class="muted">(no route)</span>'}</th>
           <td data-field="upstream"><b>${esc(ans.upstream || (ans.status ? "answers " + ans.status : "–"))}</b></td>
           <td data-field="reason">${esc(ans.reason || ans.error || "")}${sources}</td>
-          <td>${src}<details class="line"><summary>explain line</summary><code>echo '${esc(line)}' | grayroute explain RULES</code></details></td></tr>`;
+          <td>${src}<details class="line"><summary>explain line</summary><code>echo '${esc(line)}' | grayroute explain --why RULES</code></details></td></tr>`;
       })
       .join("");
     return `<p class="muted">User <b>${esc(data.user)}</b>, rules in force ${esc(short(data.rules))} (weights as routed now):</p>
