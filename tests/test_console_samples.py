@@ -99,3 +99,23 @@ def test_quantile_interpolates_inside_the_bucket() -> None:
     assert quantile([0] * len(counts), 0.5) is None
     first = [4] + [0] * len(DURATION_BUCKETS)
     assert quantile(first, 0.5) == pytest.approx(DURATION_BUCKETS[0] / 2)
+
+
+def test_a_rollouts_cohorts_are_kept_sparse_and_added_up_dense() -> None:
+    ring = SampleRing()
+    w = WorkerMetrics()
+    w.split_done("r", "canary", True, 0.05)
+    ring.record(0.0, totals(w))
+    for failed, seconds in ((False, 0.01), (True, 0.01), (False, 0.2)):
+        w.split_done("r", "canary", failed, seconds)
+    w.split_done("r", "stable", False, 0.01)
+    first = ring.record(2.0, totals(w))
+    assert first is not None
+    requests, failures, buckets = first.judged[("r", "canary")]
+    assert (requests, failures) == (3, 1)
+    assert len(buckets) == 2 and sum(n for _, n in buckets) == 3  # two buckets, not 162
+    w.split_done("r", "canary", False, 0.2)
+    ring.record(4.0, totals(w))
+    row = ring.window(60.0).judged[("r", "canary")]
+    assert row[:2] == [4, 1] and sum(row[2:]) == 4
+    assert ring.window(60.0).judged[("r", "stable")][:2] == [1, 0]

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from router.metrics import DURATION_BUCKETS
-from router.rollout.stats import Counts
+from router.rollout.stats import new_row
 
 if TYPE_CHECKING:
     from router.metrics import Totals
@@ -48,6 +48,10 @@ KEEP_SECONDS = 15 * 60.0  # how far back the charts reach
 MAX_MARKS = 500
 
 _RouteKey = tuple[str, str]  # (route, upstream); route "" when no route matched
+# A rollout cohort's counts over one interval, kept sparse: (requests, failures,
+# ((bucket, count), ...)). An interval fills a few of the rollout histogram's 162
+# buckets; a dense copy per version per sample would be ~1 KB every 2 seconds.
+_Cohort = tuple[int, int, tuple[tuple[int, int], ...]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +62,7 @@ class Sample:
     latency: Mapping[str, tuple[int, ...]]  # upstream -> count per duration bucket
     errors: Mapping[tuple[str, str], int]  # (upstream, kind) -> upstream errors
     fallbacks: Mapping[tuple[str, str], int]  # (upstream, fallback) -> requests
-    judged: Mapping[_RouteKey, Counts] = field(default_factory=dict)  # a rollout's cohorts
+    judged: Mapping[_RouteKey, _Cohort] = field(default_factory=dict)  # a rollout's cohorts
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +84,8 @@ class Window:
     latency: dict[str, list[int]] = field(default_factory=dict)
     errors: dict[tuple[str, str], int] = field(default_factory=dict)
     fallbacks: dict[tuple[str, str], int] = field(default_factory=dict)
-    judged: dict[_RouteKey, Counts] = field(default_factory=dict)
+    # (route, upstream) -> router.rollout.stats row: [requests, failures, buckets...]
+    judged: dict[_RouteKey, list[int]] = field(default_factory=dict)
 
     def add(self, sample: Sample) -> None:
         self.seconds += sample.seconds
@@ -104,9 +109,14 @@ class Window:
             self.errors[key2] = self.errors.get(key2, 0) + n
         for key2, n in sample.fallbacks.items():
             self.fallbacks[key2] = self.fallbacks.get(key2, 0) + n
-        for key, cohort in sample.judged.items():
-            have_cohort = self.judged.get(key)
-            self.judged[key] = cohort if have_cohort is None else have_cohort + cohort
+        for key, (requests, failures, buckets) in sample.judged.items():
+            row = self.judged.get(key)
+            if row is None:
+                row = self.judged[key] = new_row()
+            row[0] += requests
+            row[1] += failures
+            for i, count in buckets:
+                row[2 + i] += count
 
 
 def quantile(
@@ -203,12 +213,13 @@ def _difference(now: Totals, before: Totals, at: float, seconds: float) -> Sampl
             delta = tuple(max(a - b, 0) for a, b in zip(counts, previous[0], strict=True))
         if any(delta):
             latency[upstream] = delta
-    judged: dict[_RouteKey, Counts] = {}
+    judged: dict[_RouteKey, _Cohort] = {}
     for key, cohort in now.judged.items():
         earlier = before.judged.get(key)
         d = cohort if earlier is None else cohort.since(earlier)
         if d.requests:
-            judged[key] = d
+            sparse = tuple((i, n) for i, n in enumerate(d.buckets) if n)
+            judged[key] = (d.requests, d.failures, sparse)
     return Sample(
         at,
         seconds,

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from router.console.samples import KEEP_SECONDS, SAMPLE_EVERY, SampleRing, Window, quantile
 from router.history import iso_utc
-from router.rollout.stats import Counts
+from router.rollout.stats import Counts, counts_from_row
 from router.rules.effective import Effective, apply_effective
 
 if TYPE_CHECKING:
@@ -288,7 +288,7 @@ def _route_status(
         version.update(_latency(w.latency.get(name) if name else None))
         judged = w.judged.get((route.name, name))
         if judged is not None:
-            version["split"] = _split_traffic(judged, per_second)
+            version["split"] = _split_traffic(counts_from_row(judged), per_second)
         if rollout is not None and name in (rollout.get("canary"), rollout.get("stable")):
             version["role"] = "canary" if name == rollout.get("canary") else "stable"
         versions.append(version)
@@ -357,20 +357,12 @@ def pin_kinds(pin: Pin) -> list[dict[str, Any]]:
     return out
 
 
+# What decides a route's requests once no pin holds: exactly one of these is given.
+_DECIDERS = ("split", "to", "split_clients", "lua", "direct_response", "redirect")
+
+
 def _decides(route: Route) -> str:
-    if route.split is not None:
-        return "split"
-    if route.to is not None:
-        return "to"
-    if route.split_clients is not None:
-        return "split_clients"
-    if route.lua is not None:
-        return "lua"
-    if route.direct_response is not None:
-        return "direct_response"
-    if route.redirect is not None:
-        return "redirect"
-    return "pins"
+    return next((key for key in _DECIDERS if getattr(route, key) is not None), "pins")
 
 
 def _versions_of(route: Route) -> list[str]:
