@@ -50,9 +50,32 @@ def _etcd_settings(args: argparse.Namespace, **more: object) -> Settings:
     )
 
 
+class _VersionAction(argparse.Action):
+    """--version: the release and which build of the hot path runs (looked up only when
+    asked: every other command starts without reading package metadata)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        from router.native import build_info
+
+        try:
+            release = version("grayroute")
+        except PackageNotFoundError:
+            release = "(not installed)"
+        print(f"grayroute {release} ({build_info()})")
+        parser.exit()
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="grayroute", description="Gray-release (canary) HTTP router."
+    )
+    parser.add_argument(
+        "--version",
+        action=_VersionAction,
+        nargs=0,
+        help="print the release and the build (compiled, or pure Python and why)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 

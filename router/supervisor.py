@@ -31,6 +31,7 @@ import uvloop
 
 from router.config import Settings, parse_hostport
 from router.errors import ConfigError, RulesError
+from router.native import build_info
 from router.rules.effective import Effective, apply_effective
 from router.server import (
     WORKER_ENV,
@@ -341,6 +342,7 @@ class Supervisor:
 
         self._previous_digest = previous_version(self.state_dir)
         self._prune_history()
+        build = build_info()
         line = {
             "event": "ready",
             "listen": format_hostport(self.listen_host, self.listen_port),
@@ -349,6 +351,8 @@ class Supervisor:
             "workers": self.settings.workers,
             "pid": os.getpid(),
             "rules": self.snapshot.digest,
+            "build": build.kind,
+            "build_detail": build.detail,
         }
         try:
             sys.stdout.write(orjson.dumps(line).decode() + "\n")
@@ -356,9 +360,9 @@ class Supervisor:
         except OSError as exc:  # nobody reads stdout (closed pipe): the log still says it
             log.warning("cannot print the ready line: %s", exc)
         log.info(
-            "ready: listening on %s, admin on %s, %d workers, rules %s",
+            "ready: listening on %s, admin on %s, %d workers, rules %s, %s",
             ", ".join([str(line["listen"]), *(f"{a} (TLS)" for a in self.tls_listen)]),
-            line["admin"], self.settings.workers, self.snapshot.digest[:12],
+            line["admin"], self.settings.workers, self.snapshot.digest[:12], build,
         )  # fmt: skip
 
     def _request_stop(self, sig: int) -> None:

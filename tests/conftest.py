@@ -59,6 +59,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from lua_compat.nginx_check import free_ports
+from router import native
 from router.config import Settings
 from router.demo import DemoUpstream, RouterProcess, start_upstream
 from router.proxy import Router
@@ -67,6 +68,11 @@ from router.server import reuseport_socket
 from router.tls import TlsTerminator, load_certificates
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_report_header() -> str:
+    # Compiled or pure, and why (router/native.py): the same tests run against either.
+    return f"grayroute build: {native.build_info()}"
 
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Any]:
