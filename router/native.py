@@ -288,11 +288,14 @@ def plan_build(root: Path) -> tuple[list[Any], dict[str, Any]]:
     paths = [str(_module_file(package_dir, m, ".py").relative_to(root)) for m in COMPILED]
     with tempfile.TemporaryDirectory() as tmp:
         # Not the project's [tool.mypy]: that is `make lint`'s strict check, with every
-        # library's types installed. Here (an isolated build) libraries may be untyped,
-        # and strictness only adds errors, never changes a type mypyc compiles by; the
-        # Python version is the one being built for.
+        # library's types installed; strictness only adds errors, never changes a type
+        # mypyc compiles by, and the Python version is the one being built for. No
+        # installed library's types either (no_site_packages): whether httptools or
+        # orjson is installed yet when the build runs would change the compiled code,
+        # and where a library's stubs are wrong (httptools' URL.userinfo is None when
+        # absent, not bytes) compiled code would raise where Python does not.
         config = Path(tmp, "mypy.ini")
-        config.write_text("[mypy]\nignore_missing_imports = True\n")
+        config.write_text("[mypy]\nignore_missing_imports = True\nno_site_packages = True\n")
         extensions: list[Any] = mypycify(["--config-file", str(config), *paths], group_name=GROUP)
     return extensions, record
 

@@ -183,8 +183,11 @@ def run(m: Mutant, copy: Path, timeout: float) -> tuple[str, float]:
     ]  # fmt: skip
     began = time.monotonic()
     try:
+        # A mutant is a change to the source: the copy's compiled modules (router/native.py)
+        # would refuse to load as stale, and every mutant would look killed.
+        env = {**os.environ, "GRAYROUTE_PURE": "1"}
         proc = subprocess.run(
-            cmd, cwd=copy, capture_output=True, timeout=timeout, start_new_session=True
+            cmd, cwd=copy, env=env, capture_output=True, timeout=timeout, start_new_session=True
         )
         verdict = "survived" if proc.returncode == 0 else "killed"
         if proc.returncode not in (0, 1):

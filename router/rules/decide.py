@@ -303,6 +303,7 @@ def parse_target(target: bytes, normalize: bool = True) -> tuple[str, str, bytes
     3.2.2). With `normalize` the path is what nginx matches locations with
     (normalize_path). Raises ValueError, saying why, where the router answers 400.
     """
+    authority: bytes | None
     if target[:1] == b"/":
         forward = target
         path, _, query = target.partition(b"?")
