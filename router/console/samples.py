@@ -1,20 +1,27 @@
-"""The console's memory of traffic: a bounded ring of per-interval samples and marks.
+"""The console's memory of traffic: a bounded ring of samples of the workers' totals, and
+the marks.
 
 The supervisor already sums the workers' cumulative totals (router.metrics); the console
-takes those totals every `SAMPLE_EVERY` seconds and keeps what changed since the last
-look, for the last `KEEP_SECONDS`. Nothing new is counted on the hot path.
+takes those totals every `SAMPLE_EVERY` seconds and keeps them for `KEEP_SECONDS`.
+Nothing new is counted on the hot path.
 
-    Sample        one interval: per (route, upstream) requests and 5xx answers, per
-                  upstream the request-duration histogram and the upstream errors by
-                  kind, per (upstream, fallback) the requests the fallback took, and per
-                  (route, upstream) the split traffic a rollout judges (its requests,
-                  failures and fine latency histogram: router.rollout.stats)
+    Sample        the totals at one moment, folded for the console: per route and
+                  upstream requests and 5xx answers, per upstream the request-duration
+                  histogram and the upstream errors by kind, per (upstream, fallback)
+                  the requests the fallback took, all counted since the router started;
+                  and, for the interval since the sample before, the split traffic a
+                  rollout judges (requests, failures, its fine latency histogram:
+                  router.rollout.stats), kept sparse
     Mark          a moment the charts mark: the rules reloaded, or a route's weights
                   in force changed (a rollout step, replicas that came or went)
-    Window        samples added up over the last N seconds: what the status shows
-    SampleRing    the ring itself; `record(at, totals)` turns cumulative totals into
-                  a Sample (a counter that goes back, e.g. a fleet router restarted,
-                  counts as 0, never as negative traffic)
+    Window        what happened over the last N seconds: the newest sample minus the
+                  one N seconds before it (one subtraction, whatever N), plus the judged
+                  intervals in between
+    SampleRing    the ring itself
+
+Totals summed by one supervisor never go down (a worker that exits leaves its counts
+behind: router.metrics.MetricsAggregator); a difference below zero is still taken as 0,
+never as negative traffic.
 
 `quantile()` reads a latency quantile from the duration histogram (router.metrics'
 buckets) as Prometheus' histogram_quantile does: interpolated inside the bucket.
@@ -23,8 +30,9 @@ buckets) as Prometheus' histogram_quantile does: interpolated inside the bucket.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import TYPE_CHECKING
 
 from router.metrics import DURATION_BUCKETS
@@ -36,6 +44,7 @@ if TYPE_CHECKING:
 __all__ = [
     "KEEP_SECONDS",
     "SAMPLE_EVERY",
+    "Interval",
     "Mark",
     "Sample",
     "SampleRing",
@@ -47,6 +56,7 @@ SAMPLE_EVERY = 2.0  # seconds between samples
 KEEP_SECONDS = 15 * 60.0  # how far back the charts reach
 MAX_MARKS = 500
 
+_Requests = Mapping[str, Mapping[str, tuple[int, int]]]  # route -> upstream -> (n, 5xx)
 _RouteKey = tuple[str, str]  # (route, upstream); route "" when no route matched
 # A rollout cohort's counts over one interval, kept sparse: (requests, failures,
 # ((bucket, count), ...)). An interval fills a few of the rollout histogram's 162
@@ -56,13 +66,12 @@ _Cohort = tuple[int, int, tuple[tuple[int, int], ...]]
 
 @dataclass(frozen=True, slots=True)
 class Sample:
-    at: float  # Unix time at the end of the interval
-    seconds: float  # the interval's length
-    requests: Mapping[_RouteKey, tuple[int, int]]  # -> (requests, 5xx answers)
-    latency: Mapping[str, tuple[int, ...]]  # upstream -> count per duration bucket
-    errors: Mapping[tuple[str, str], int]  # (upstream, kind) -> upstream errors
-    fallbacks: Mapping[tuple[str, str], int]  # (upstream, fallback) -> requests
-    judged: Mapping[_RouteKey, _Cohort] = field(default_factory=dict)  # a rollout's cohorts
+    at: float  # Unix time
+    requests: _Requests  # so far
+    latency: Mapping[str, tuple[int, ...]]  # upstream -> count per duration bucket, so far
+    errors: Mapping[tuple[str, str], int]  # (upstream, kind) -> upstream errors, so far
+    fallbacks: Mapping[tuple[str, str], int]  # (upstream, fallback) -> requests, so far
+    judged: Mapping[_RouteKey, _Cohort] = field(default_factory=dict)  # since the sample before
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,48 +84,26 @@ class Mark:
 
 @dataclass(slots=True)
 class Window:
-    """Samples added up: what happened over `seconds` (ending at `end`)."""
+    """What happened over `seconds` (ending at `end`), `samples` intervals of it."""
 
     seconds: float = 0.0
     samples: int = 0
     end: float = 0.0
-    requests: dict[_RouteKey, list[int]] = field(default_factory=dict)
+    requests: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
     latency: dict[str, list[int]] = field(default_factory=dict)
     errors: dict[tuple[str, str], int] = field(default_factory=dict)
     fallbacks: dict[tuple[str, str], int] = field(default_factory=dict)
     # (route, upstream) -> router.rollout.stats row: [requests, failures, buckets...]
     judged: dict[_RouteKey, list[int]] = field(default_factory=dict)
 
-    def add(self, sample: Sample) -> None:
-        self.seconds += sample.seconds
-        self.samples += 1
-        self.end = max(self.end, sample.at)
-        for key, (n, failed) in sample.requests.items():
-            row = self.requests.get(key)
-            if row is None:
-                self.requests[key] = [n, failed]
-            else:
-                row[0] += n
-                row[1] += failed
-        for upstream, counts in sample.latency.items():
-            have = self.latency.get(upstream)
-            if have is None:
-                self.latency[upstream] = list(counts)
-            else:
-                for i, c in enumerate(counts):
-                    have[i] += c
-        for key2, n in sample.errors.items():
-            self.errors[key2] = self.errors.get(key2, 0) + n
-        for key2, n in sample.fallbacks.items():
-            self.fallbacks[key2] = self.fallbacks.get(key2, 0) + n
-        for key, (requests, failures, buckets) in sample.judged.items():
-            row = self.judged.get(key)
-            if row is None:
-                row = self.judged[key] = new_row()
-            row[0] += requests
-            row[1] += failures
-            for i, count in buckets:
-                row[2 + i] += count
+
+@dataclass(frozen=True, slots=True)
+class Interval:
+    """One route's traffic between two samples, for its charts."""
+
+    at: float  # the end
+    seconds: float
+    requests: Mapping[str, tuple[int, int]]  # upstream -> (requests, 5xx)
 
 
 def quantile(
@@ -141,108 +128,127 @@ def quantile(
 
 
 class SampleRing:
-    """The last `keep` seconds of samples, and the marks of that time."""
+    """The samples of the last `keep` seconds (and the one before them, which the
+    oldest interval is measured from), and the marks of that time."""
 
     def __init__(self, keep: float = KEEP_SECONDS, max_marks: int = MAX_MARKS) -> None:
         self.keep = keep
         self.samples: deque[Sample] = deque()
         self.marks: deque[Mark] = deque(maxlen=max_marks)
-        self._last: Totals | None = None
-        self._last_at = 0.0
-
-    def record(self, at: float, totals: Totals) -> Sample | None:
-        """Take cumulative `totals` seen at Unix time `at`; the sample of the interval
-        since the previous call (None on the first call: it only sets the baseline)."""
-        last, last_at = self._last, self._last_at
-        self._last, self._last_at = totals, at
-        if last is None or at <= last_at:
-            return None
-        sample = _difference(totals, last, at, at - last_at)
-        self.samples.append(sample)
-        horizon = at - self.keep
-        while self.samples and self.samples[0].at <= horizon:
-            self.samples.popleft()
-        return sample
+        self._totals: Totals | None = None
 
     @property
     def last_totals(self) -> Totals | None:
         """The cumulative totals of the newest sample."""
-        return self._last
+        return self._totals
+
+    def record(self, at: float, totals: Totals) -> None:
+        """Take the workers' summed totals seen at Unix time `at` (after the newest)."""
+        if self.samples and at <= self.samples[-1].at:
+            return
+        judged: dict[_RouteKey, _Cohort] = {}
+        if self._totals is not None:
+            for key, cohort in totals.judged.items():
+                earlier = self._totals.judged.get(key)
+                d = cohort if earlier is None else cohort.since(earlier)
+                if d.requests:
+                    sparse = tuple((i, n) for i, n in enumerate(d.buckets) if n)
+                    judged[key] = (d.requests, d.failures, sparse)
+        folded: dict[str, dict[str, tuple[int, int]]] = {}
+        for (route, upstream, cls), n in totals.requests.items():
+            per_route = folded.setdefault(route, {})
+            total, failed = per_route.get(upstream, (0, 0))
+            per_route[upstream] = (total + n, failed + (n if cls == "5xx" else 0))
+        requests: dict[str, Mapping[str, tuple[int, int]]] = dict(folded)
+        latency = {upstream: tuple(counts) for upstream, (counts, _) in totals.durations.items()}
+        if self.samples:  # what did not move is shared with the sample before (idle routes)
+            last = self.samples[-1]
+            for route, counts_now in requests.items():
+                if last.requests.get(route) == counts_now:
+                    requests[route] = last.requests[route]
+            for upstream, buckets in latency.items():
+                if last.latency.get(upstream) == buckets:
+                    latency[upstream] = last.latency[upstream]
+        sample = Sample(at, requests, latency, dict(totals.errors), dict(totals.fallbacks), judged)
+        self._totals = totals
+        self.samples.append(sample)
+        # the oldest kept sample is where the oldest interval starts
+        while len(self.samples) > 1 and self.samples[1].at <= at - self.keep:
+            self.samples.popleft()
 
     def mark(self, at: float, kind: str, route: str | None, text: str) -> None:
         self.marks.append(Mark(at, kind, route, text))
 
     def window(self, seconds: float) -> Window:
-        """The newest samples that end within `seconds` of the newest one."""
-        out = Window()
-        if not self.samples:
-            return out
-        since = self.samples[-1].at - seconds
-        for sample in reversed(self.samples):
-            if sample.at - sample.seconds < since - 1e-6:
-                break
-            out.add(sample)
+        """The traffic from the sample `seconds` before the newest (or the oldest kept)
+        to the newest."""
+        samples = self.samples
+        if len(samples) < 2:
+            return Window()
+        end = samples[-1]
+        i = len(samples) - 1
+        while i > 0 and samples[i - 1].at >= end.at - seconds - 1e-6:
+            i -= 1
+        if i == len(samples) - 1:
+            i -= 1  # at least one interval
+        start = samples[i]
+        out = Window(seconds=end.at - start.at, samples=len(samples) - 1 - i, end=end.at)
+        for route, now in end.requests.items():
+            before = start.requests.get(route, {})
+            per_route = {}
+            for upstream, (n, failed) in now.items():
+                was_n, was_failed = before.get(upstream, (0, 0))
+                dn = max(n - was_n, 0)
+                if dn:
+                    per_route[upstream] = (dn, min(max(failed - was_failed, 0), dn))
+            if per_route:
+                out.requests[route] = per_route
+        for upstream, counts in end.latency.items():
+            was = start.latency.get(upstream)
+            if was is None:
+                d = list(counts)
+            else:
+                d = [max(a - b, 0) for a, b in zip(counts, was, strict=True)]
+            if any(d):
+                out.latency[upstream] = d
+        out.errors = _difference(end.errors, start.errors)
+        out.fallbacks = _difference(end.fallbacks, start.fallbacks)
+        for sample in list(samples)[i + 1 :]:
+            for key, (n, failed, buckets) in sample.judged.items():
+                row = out.judged.get(key)
+                if row is None:
+                    row = out.judged[key] = new_row()
+                row[0] += n
+                row[1] += failed
+                for b, count in buckets:
+                    row[2 + b] += count
         return out
 
-    def since(self, seconds: float) -> list[Sample]:
-        """The samples of the last `seconds` (before the newest one's end), oldest first."""
-        if not self.samples:
+    def intervals(self, route: str, seconds: float) -> list[Interval]:
+        """`route`'s traffic per interval over the last `seconds`, oldest first."""
+        samples = list(self.samples)
+        if len(samples) < 2:
             return []
-        since = self.samples[-1].at - seconds
-        return [s for s in self.samples if s.at > since]
+        since = samples[-1].at - seconds
+        out: list[Interval] = []
+        for before, now in pairwise(samples):
+            if now.at <= since:
+                continue
+            was = before.requests.get(route, {})
+            counts = {}
+            for upstream, (n, failed) in now.requests.get(route, {}).items():
+                was_n, was_failed = was.get(upstream, (0, 0))
+                dn = max(n - was_n, 0)
+                counts[upstream] = (dn, min(max(failed - was_failed, 0), dn))
+            out.append(Interval(now.at, now.at - before.at, counts))
+        return out
 
     def marks_since(self, at: float, route: str | None = None) -> list[Mark]:
         """Marks from `at` on, for `route` (and those for every route)."""
         return [m for m in self.marks if m.at >= at and (m.route is None or m.route == route)]
 
 
-def _difference(now: Totals, before: Totals, at: float, seconds: float) -> Sample:
-    requests: dict[_RouteKey, tuple[int, int]] = {}
-    old = _by_route(before.requests.items())
-    for key, (n, failed) in _by_route(now.requests.items()).items():
-        was_n, was_failed = old.get(key, (0, 0))
-        dn, df = max(n - was_n, 0), max(failed - was_failed, 0)
-        if dn or df:
-            requests[key] = (dn, min(df, dn) if dn else 0)
-    latency: dict[str, tuple[int, ...]] = {}
-    for upstream, (counts, _) in now.durations.items():
-        previous = before.durations.get(upstream)
-        if previous is None:
-            delta = tuple(counts)
-        else:
-            delta = tuple(max(a - b, 0) for a, b in zip(counts, previous[0], strict=True))
-        if any(delta):
-            latency[upstream] = delta
-    judged: dict[_RouteKey, _Cohort] = {}
-    for key, cohort in now.judged.items():
-        earlier = before.judged.get(key)
-        d = cohort if earlier is None else cohort.since(earlier)
-        if d.requests:
-            sparse = tuple((i, n) for i, n in enumerate(d.buckets) if n)
-            judged[key] = (d.requests, d.failures, sparse)
-    return Sample(
-        at,
-        seconds,
-        requests,
-        latency,
-        _counter_delta(now.errors, before.errors),
-        _counter_delta(now.fallbacks, before.fallbacks),
-        judged,
-    )
-
-
-def _by_route(
-    items: Iterable[tuple[tuple[str, str, str], int]],
-) -> dict[_RouteKey, tuple[int, int]]:
-    """(route, upstream, status class) -> n, folded into (route, upstream) -> (n, 5xx)."""
-    out: dict[_RouteKey, tuple[int, int]] = {}
-    for (route, upstream, cls), n in items:
-        total, failed = out.get((route, upstream), (0, 0))
-        out[(route, upstream)] = (total + n, failed + (n if cls == "5xx" else 0))
-    return out
-
-
-def _counter_delta(
+def _difference(
     now: Mapping[tuple[str, str], int], before: Mapping[tuple[str, str], int]
 ) -> dict[tuple[str, str], int]:
     out: dict[tuple[str, str], int] = {}

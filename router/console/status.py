@@ -146,7 +146,7 @@ class Console:
             )
             for i, model_route in enumerate(r.model for r in snapshot.routes)
         ]
-        unrouted = w.requests.get(("", ""), [0, 0])
+        unrouted = w.requests.get("", {}).get("", (0, 0))
         return {
             "generated_at": iso_utc(now),
             "window": {
@@ -167,26 +167,25 @@ class Console:
         model = next((r.model for r in snapshot.routes if r.name == route), None)
         if model is None:
             return None
-        samples = self.ring.since(seconds)
+        intervals = self.ring.intervals(route, seconds)
         names = _versions_of(model)
-        for sample in samples:
-            for r, upstream in sample.requests:
-                if r == route and upstream not in names:
-                    names.append(upstream)
+        for interval in intervals:
+            names.extend(u for u, (n, _) in interval.requests.items() if n and u not in names)
         t: list[float] = []
         versions: dict[str, dict[str, list[float | None]]] = {
             name: {"rps": [], "share": [], "error_rate": []} for name in names
         }
-        for sample in samples:
-            t.append(round(sample.at, 3))
-            total = sum(n for (r, _), (n, _) in sample.requests.items() if r == route)
+        for interval in intervals:
+            t.append(round(interval.at, 3))
+            total = sum(n for n, _ in interval.requests.values())
             for name in names:
-                n, failed = sample.requests.get((route, name), (0, 0))
+                n, failed = interval.requests.get(name, (0, 0))
                 v = versions[name]
-                v["rps"].append(round(n / sample.seconds, 3))
+                v["rps"].append(round(n / interval.seconds, 3))
                 v["share"].append(round(100.0 * n / total, 2) if total else None)
                 v["error_rate"].append(round(100.0 * failed / n, 2) if n else None)
-        start = samples[0].at - samples[0].seconds if samples else time.time() - seconds
+        first = intervals[0] if intervals else None
+        start = first.at - first.seconds if first is not None else time.time() - seconds
         marks = [
             {"at": round(m.at, 3), "kind": m.kind, "text": m.text}
             for m in self.ring.marks_since(start, route)
@@ -230,11 +229,12 @@ class Console:
         self, info: Mapping[str, Any], w: Window, per_second: float
     ) -> dict[str, dict[str, Any]]:
         requests: dict[str, list[int]] = {}
-        for (_, upstream), (n, failed) in w.requests.items():
-            if upstream:
-                row = requests.setdefault(upstream, [0, 0])
-                row[0] += n
-                row[1] += failed
+        for per_route in w.requests.values():
+            for upstream, (n, failed) in per_route.items():
+                if upstream:
+                    row = requests.setdefault(upstream, [0, 0])
+                    row[0] += n
+                    row[1] += failed
         last = self.ring.last_totals
         out: dict[str, dict[str, Any]] = {}
         for name, described in (info.get("upstreams") or {}).items():
@@ -270,14 +270,13 @@ def _route_status(
     elif route.to is not None:
         configured = effective = {route.to: 100.0}
     names = _versions_of(route)
-    for r, upstream in w.requests:
-        if r == route.name and upstream not in names:
-            names.append(upstream)
-    total = sum(n for (r, _), (n, _) in w.requests.items() if r == route.name)
-    failed_total = sum(f for (r, _), (_, f) in w.requests.items() if r == route.name)
+    traffic = w.requests.get(route.name, {})
+    names.extend(upstream for upstream in traffic if upstream not in names)
+    total = sum(n for n, _ in traffic.values())
+    failed_total = sum(f for _, f in traffic.values())
     versions = []
     for name in names:
-        n, failed = w.requests.get((route.name, name), (0, 0))
+        n, failed = traffic.get(name, (0, 0))
         version: dict[str, Any] = {
             "upstream": name,
             "configured": configured.get(name) if configured else None,
