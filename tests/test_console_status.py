@@ -38,6 +38,9 @@ routes:
   - name: hello
     match: {path_exact: /hello}
     direct_response: {status: 200, body: hi}
+  - name: hello-again
+    match: {path_exact: /hello}
+    to: v1
 """
 
 
@@ -73,7 +76,7 @@ def test_versions_side_by_side_over_the_window(supervisor: Supervisor) -> None:
     status = console.status(300.0)
     window = {"seconds": 300.0, "covered": 10.0, "samples": 1, "sample_every": 2.0}
     assert status["window"] == window
-    orders, static, hello = status["routes"]
+    orders, static, hello, again = status["routes"]
     assert orders["name"] == "orders" and orders["decides"] == "split"
     assert orders["match"] == {"path_prefix": "/orders"}
     assert orders["user_id"] == ["header:X-User-Id"]
@@ -114,7 +117,12 @@ def test_versions_side_by_side_over_the_window(supervisor: Supervisor) -> None:
 
     rules = status["rules"]
     assert rules["digest"] == supervisor.snapshot.digest
-    assert rules["last_reload"] is None and rules["warnings"] == []
+    # a route an earlier one takes every request of: a warning, and said on the route
+    assert rules["last_reload"] is None
+    [warning] = rules["warnings"]
+    assert "routes[3]: never used: route `hello` above matches every request" in warning
+    assert rules["shadowed"] == [{"route": "hello-again", "by": "hello"}]
+    assert again["shadowed_by"] == "hello" and orders["shadowed_by"] is None
     assert rules["workers"] == {"ready": 0, "running": 0}
 
 

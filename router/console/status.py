@@ -210,7 +210,7 @@ class Console:
         snapshot = self.source.snapshot
         loaded = self.source.metrics.rules_loaded_at
         workers = info.get("workers") or {}
-        shadowed = getattr(snapshot.ruleset, "shadowed_by", ())
+        shadowed = snapshot.ruleset.shadowed_by
         return {
             "source": info.get("source"),
             "digest": snapshot.digest,
@@ -300,6 +300,7 @@ def _route_status(
             by_kind[kind["kind"]] = by_kind.get(kind["kind"], 0) + kind["count"]
     out: dict[str, Any] = {
         "name": route.name,
+        "shadowed_by": dict(snapshot.ruleset.shadowed_by).get(route.name),
         "match": {
             k: list(v) if isinstance(v, tuple) else v for k, v in route.match.written().items()
         },

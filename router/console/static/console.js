@@ -129,10 +129,7 @@
         reload += `<ul class="problems">${last.problems.map((p) => `<li><code>${esc(p)}</code></li>`).join("")}</ul>`;
       }
     }
-    const warnings = [
-      ...rules.shadowed.map((s) => `route <b>${esc(s.route)}</b> never gets a request: <b>${esc(s.by)}</b> before it takes all of them`),
-      ...rules.warnings.map((w) => `<code>${esc(w)}</code>`),
-    ];
+    const warnings = rules.warnings.map((w) => `<code>${esc(w)}</code>`); // shadowed routes among them
     $("rules").innerHTML = `
       <h2>Rules in force</h2>
       <dl class="facts">
@@ -232,6 +229,7 @@
       roles[rollout.stable] = "stable";
     }
     let badges = `<span class="badge">${esc(route.decides)}</span>`;
+    if (route.shadowed_by) badges += ` <span class="badge bad" title="route ${esc(route.shadowed_by)}, above it, matches every request it would">never used: ${esc(route.shadowed_by)} takes its requests</span>`;
     if (rollout) badges += ` <span class="badge phase ${esc(rollout.phase)}" data-field="phase">${esc(rollout.phase)}</span>`;
     setHTML(card.badges, badges);
     const shares = route.versions
