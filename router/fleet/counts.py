@@ -1,9 +1,10 @@
 """The rollout counts of a fleet: every router publishes its own, the leader sums them all.
 
     FleetCounts(client, key, router_id, local_totals, ttl)
-        await run(interval)    publish this router's totals at KEY/counts/ROUTER (under a
+        await run(period)      publish this router's totals at KEY/counts/ROUTER (under a
                                lease: they vanish TTL after the router) and read every
-                               router's, every `interval` seconds
+                               router's, every `period` seconds (a number, or a function
+                               asked each time: it may follow the rollouts' intervals)
         take(route)            a rollout CountSource (router.rollout.stats): each upstream's
                                counts over the whole fleet since the previous take
 
@@ -15,7 +16,9 @@ workers (`local_totals`, as router.rollout.stats.LocalCounts takes them), as JSO
 COUNTS being `Counts.to_json()`. Cumulative totals make a lost or late publication cost
 nothing (the next one carries everything), and `take` subtracts per router: a router
 whose totals went back has restarted, and counts from zero; a router whose key vanished
-(it died, its lease expired) stops adding.
+(it died, its lease expired) stops adding. Totals that did not change since they were
+last published are not written again (only the lease is kept alive): every write is a
+new etcd revision, kept until etcd compacts its history.
 """
 
 from __future__ import annotations
@@ -70,13 +73,18 @@ class FleetCounts:
         self.router_id = router_id
         self._local = local_totals
         self._mine = LeasedValue(client, self.prefix + router_id, ttl)
+        self._published: Totals | None = None  # as last written
         self.routers: dict[str, dict[tuple[str, str], Counts]] = {}  # as last read
         self._last: dict[str, dict[str, dict[str, Counts]]] = {}  # route -> router -> taken
 
     async def publish(self) -> None:
         from router.history import now_iso
 
-        await self._mine.put(encode_counts(self._local(), now_iso()))
+        totals = dict(self._local())
+        if totals == self._published and self._mine.alive:
+            return
+        await self._mine.put(encode_counts(totals, now_iso()))
+        self._published = totals
 
     async def refresh(self) -> None:
         """Read every router's totals (a malformed entry is skipped and logged)."""
@@ -88,16 +96,24 @@ class FleetCounts:
                 log.warning("counts of router %s skipped: %s", router, exc)
         self.routers = found
 
-    async def run(self, interval: float) -> None:
+    async def run(self, period: float | Callable[[], float]) -> None:
+        every = period if callable(period) else lambda: period
         keeper = asyncio.ensure_future(self._mine.run())
+        failing = False
         try:
             while True:
                 try:
                     await self.publish()
                     await self.refresh()
                 except EtcdError as exc:
-                    log.warning("fleet counts: %s", exc)
-                await asyncio.sleep(interval)
+                    if not failing:  # once per outage, not every period
+                        log.warning("fleet counts: %s; retrying", exc)
+                    failing = True
+                else:
+                    if failing:
+                        log.info("fleet counts: published again")
+                    failing = False
+                await asyncio.sleep(every())
         finally:
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -53,6 +53,7 @@ __all__ = [
     "WatchBatch",
     "WatchEvent",
     "create_revision_is",
+    "delete_op",
     "mod_revision_is",
     "prefix_end",
     "put_op",
@@ -211,6 +212,10 @@ def put_op(key: bytes, value: bytes, lease: int = 0) -> dict[str, Any]:
 
 def range_op(key: bytes) -> dict[str, Any]:
     return {"request_range": {"key": _b64(key)}}
+
+
+def delete_op(key: bytes) -> dict[str, Any]:
+    return {"request_delete_range": {"key": _b64(key)}}
 
 
 def _kv(raw: dict[str, Any]) -> KeyValue:

@@ -1,13 +1,17 @@
 """Leases in etcd for a fleet of routers: one leader among them, and keys that live only
 as long as the router that writes them.
 
-    Leadership(client, key, ident, ttl)   KEY/leader holds the id of the router that leads
+    Leadership(client, key, ident, ttl, on_change)   KEY/leader holds the id of the router
+                         that leads; on_change() is called whenever is_leader or leader changes
         await run()      campaign, hold the key while alive, campaign again when it is lost
         is_leader        True while this router holds the key
         leader           the id in the key now (whoever holds it), None when nobody does
+        revision         the key's create_revision while this router holds it: a write
+                         that must only happen while it leads compares it (held_by())
         await resign()   let go at once (revoke the lease: another takes over now)
     LeasedValue(client, key, ttl)         e.g. KEY/counts/ROUTER: gone TTL after its writer
         await put(value) write it under the lease (granted on first use, again if expired)
+        alive            a lease is held (False: the next put grants one)
         await run()      keep the lease alive
         await close()    delete it now (revoke)
     await read_prefix(client, prefix) -> {key suffix: value}
@@ -26,6 +30,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
+from typing import Any
 
 from router.fleet.etcd import (
     EtcdClient,
@@ -48,7 +54,14 @@ RETRY = 0.5  # seconds between attempts while etcd cannot be reached
 class Leadership:
     """Campaign for `key` as `ident`; see the module docstring."""
 
-    def __init__(self, client: EtcdClient, key: str, ident: str, ttl: int = MAX_TTL) -> None:
+    def __init__(
+        self,
+        client: EtcdClient,
+        key: str,
+        ident: str,
+        ttl: int = MAX_TTL,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
         if not 1 <= ttl <= MAX_TTL:
             raise ValueError(f"leader lease TTL {ttl}: between 1 and {MAX_TTL} seconds")
         self.client = client
@@ -57,29 +70,45 @@ class Leadership:
         self.ttl = ttl
         self.is_leader = False
         self.leader: str | None = None
+        self.revision = 0
         self._lease = 0
+        self._on_change = on_change
 
     def _set(self, leader: str | None, mine: bool) -> None:
         if (leader, mine) != (self.leader, self.is_leader):
             self.leader, self.is_leader = leader, mine
+            if not mine:
+                self.revision = 0
             log.info("leader of %s: %s%s", self.key.decode(), leader, " (this router)" * mine)
+            if self._on_change is not None:
+                self._on_change()
+
+    def held_by(self) -> dict[str, Any]:
+        """A transaction's compare that holds only while this router leads: the key is the
+        one it created. When it does not lead, -1: no key has it (a missing key counts as
+        created at 0), so the compare fails."""
+        return create_revision_is(self.key, self.revision if self.is_leader else -1)
 
     async def run(self) -> None:
         """Campaign and lead, or follow, until cancelled."""
+        failing = False
         try:
             while True:
                 try:
                     won, revision = await self._campaign()
+                    failing = False
                     if won:
                         await self._lead()
                     else:
                         await self._follow(revision)
                 except EtcdError as exc:
-                    log.warning("leader election on %s: %s", self.key.decode(), exc)
+                    if not failing:  # once per outage, not every attempt
+                        log.warning("leader election on %s: %s", self.key.decode(), exc)
+                    failing = True
                     self._set(None if self.is_leader else self.leader, False)
                     await asyncio.sleep(RETRY)
         finally:
-            self.is_leader = False
+            self._set(None, False)
 
     async def _campaign(self) -> tuple[bool, int]:
         lease = await self.client.lease_grant(self.ttl)
@@ -90,6 +119,7 @@ class Leadership:
         )
         if result.succeeded:
             self._lease = lease.id
+            self.revision = result.revision  # the transaction's own: the key's creation
             self._set(self.ident, True)
             return True, result.revision
         await self.client.lease_revoke(lease.id)  # not needed: someone holds the key
@@ -146,6 +176,11 @@ class LeasedValue:
         self.key = key.encode()
         self.ttl = ttl
         self._lease = 0
+
+    @property
+    def alive(self) -> bool:
+        """A lease is held (as far as this router knows: the last renewal worked)."""
+        return bool(self._lease)
 
     async def put(self, value: bytes) -> None:
         """Write under the lease; EtcdError when etcd cannot be reached."""
