@@ -16,6 +16,9 @@
   and can be told to answer 503 or to be slow.
 - `serve_router`: `grayroute serve` as a real subprocess (supervisor + workers); `poll`;
   `scrape` reads its /metrics.
+- `Traffic`: requests from many users (every 10th the pinned one, PINNED) to a router
+  at a bounded rate, until stopped: what a rollout judges; `rollout_rules` the rules of
+  such a rollout (v1.1 against v1).
 - `tls_ca`: a throw-away certificate authority (trustme) that issues certificates as
   files, and client contexts that trust it; `proxy(..., tls=pairs)` adds a TLS listener.
 - `dnsmasq`: a real DNS server (Debian's dnsmasq) on a loopback port, answering for one
@@ -36,6 +39,7 @@ import hashlib
 import logging
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -595,6 +599,121 @@ async def until(check: Callable[[], object], timeout: float = 8.0) -> None:
         return check()
 
     await poll(probe, timeout)
+
+
+# -- traffic -------------------------------------------------------------------------------
+PINNED = "10086"  # the user the rollout tests' rules pin to the stable version
+
+
+ROLLOUT_RULES = """\
+format: 1
+upstreams:
+  v1: {{endpoints: ["{v1}"]}}
+  v1.1: {{endpoints: ["{v11}"]}}
+user_id:
+  - header: X-User-Id
+routes:
+  - name: orders
+    pins:
+      - {{to: v1, users: ["{pinned}"]}}
+    split: {{v1: 100, v1.1: 0}}
+    rollout:
+      canary: v1.1
+      stable: v1
+      steps: {steps}
+      interval: {interval}
+      min_requests: {min_requests}
+      max_nodata: {max_nodata}
+      failures: 2
+{notify}"""
+
+
+def rollout_rules(
+    v1: Backend,
+    v11: Backend,
+    hook: str = "",
+    steps: str = "[50, 100]",
+    interval: str = "2s",
+    max_nodata: int = 1000,
+    min_requests: int = 40,
+) -> str:
+    """Rules with a rollout of v1.1 against v1 on the route `orders` (PINNED pinned to v1)."""
+    return ROLLOUT_RULES.format(
+        v1=v1.endpoint,
+        v11=v11.endpoint,
+        pinned=PINNED,
+        notify=f'      notify: ["{hook}"]\n' if hook else "",
+        steps=steps,
+        interval=interval,
+        max_nodata=max_nodata,
+        min_requests=min_requests,
+    )
+
+
+class Traffic:
+    """Requests from many users (every 10th the pinned one) at a bounded rate, until
+    stopped; a lean keep-alive client, so that the test's own side is not what limits
+    the rate on a busy machine."""
+
+    def __init__(
+        self, url: str, rate: float = 200.0, concurrency: int = 8, pin_every: int = 10
+    ) -> None:
+        host, _, port = url.removeprefix("http://").rpartition(":")
+        self.host, self.port = host, int(port)
+        self.rate = rate
+        self.concurrency = concurrency
+        self.pin_every = pin_every
+        self.sent = 0
+        self.pinned_answers: list[str] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Traffic:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        await asyncio.gather(*(self._client(i) for i in range(self.concurrency)))
+
+    async def _client(self, seed: int) -> None:
+        rng = random.Random(seed)
+        loop = asyncio.get_running_loop()
+        pause = self.concurrency / self.rate
+        writer: asyncio.StreamWriter | None = None
+        try:
+            while True:
+                started = loop.time()
+                if writer is None:
+                    reader, writer = await asyncio.open_connection(self.host, self.port)
+                pinned = self.pin_every and self.sent % self.pin_every == 0
+                user = PINNED if pinned else str(rng.randrange(1_000_000))
+                self.sent += 1
+                writer.write(
+                    b"GET /orders HTTP/1.1\r\nHost: t\r\nX-User-Id: %b\r\n\r\n" % user.encode()
+                )
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    fields = dict(
+                        line.split(b": ", 1) for line in head.split(b"\r\n")[1:] if b": " in line
+                    )
+                    await reader.readexactly(int(fields.get(b"Content-Length", b"0")))
+                except (OSError, asyncio.IncompleteReadError, ValueError):
+                    writer.close()
+                    writer = None
+                    continue
+                if user == PINNED:
+                    self.pinned_answers.append(fields.get(b"X-Version", b"").decode())
+                if fields.get(b"Connection") == b"close":
+                    writer.close()
+                    writer = None
+                await asyncio.sleep(max(0.0, pause - (loop.time() - started)))
+        finally:
+            if writer is not None:
+                writer.close()
 
 
 # -- TLS ---------------------------------------------------------------------------------

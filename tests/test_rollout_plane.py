@@ -9,11 +9,9 @@ slower, intervals are NODATA and hold, and the tests wait longer, never judge on
 from __future__ import annotations
 
 import asyncio
-import random
 import socket
 import subprocess
 import sys
-import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,121 +21,13 @@ import orjson
 
 from router.demo import RouterProcess
 
-from conftest import Backend, Serve, poll
-
-RULES = """\
-format: 1
-upstreams:
-  v1: {{endpoints: ["{v1}"]}}
-  v1.1: {{endpoints: ["{v11}"]}}
-user_id:
-  - header: X-User-Id
-routes:
-  - name: orders
-    pins:
-      - {{to: v1, users: ["10086"]}}
-    split: {{v1: 100, v1.1: 0}}
-    rollout:
-      canary: v1.1
-      stable: v1
-      steps: {steps}
-      interval: {interval}
-      min_requests: {min_requests}
-      max_nodata: {max_nodata}
-      failures: 2
-{notify}"""
-
-PINNED = "10086"
+from conftest import PINNED, Backend, Serve, Traffic, poll, rollout_rules
 
 
-def write_rules(
-    tmp_path: Path,
-    v1: Backend,
-    v11: Backend,
-    hook: str = "",
-    steps: str = "[50, 100]",
-    interval: str = "2s",
-    max_nodata: int = 1000,
-    min_requests: int = 40,
-) -> Path:
+def write_rules(tmp_path: Path, v1: Backend, v11: Backend, **block: Any) -> Path:
     path = tmp_path / "rules.yaml"
-    text = RULES.format(
-        v1=v1.endpoint,
-        v11=v11.endpoint,
-        notify=f'      notify: ["{hook}"]\n' if hook else "",
-        steps=steps,
-        interval=interval,
-        max_nodata=max_nodata,
-        min_requests=min_requests,
-    )
-    path.write_text(textwrap.dedent(text))
+    path.write_text(rollout_rules(v1, v11, **block))
     return path
-
-
-class Traffic:
-    """Requests from many users (every 10th the pinned one) at a bounded rate, until
-    stopped; a lean keep-alive client, so that the test's own side is not what limits
-    the rate on a busy machine."""
-
-    def __init__(
-        self, url: str, rate: float = 200.0, concurrency: int = 8, pin_every: int = 10
-    ) -> None:
-        host, _, port = url.removeprefix("http://").rpartition(":")
-        self.host, self.port = host, int(port)
-        self.rate = rate
-        self.concurrency = concurrency
-        self.pin_every = pin_every
-        self.sent = 0
-        self.pinned_answers: list[str] = []
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> Traffic:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-
-    async def _run(self) -> None:
-        await asyncio.gather(*(self._client(i) for i in range(self.concurrency)))
-
-    async def _client(self, seed: int) -> None:
-        rng = random.Random(seed)
-        loop = asyncio.get_running_loop()
-        pause = self.concurrency / self.rate
-        writer: asyncio.StreamWriter | None = None
-        try:
-            while True:
-                started = loop.time()
-                if writer is None:
-                    reader, writer = await asyncio.open_connection(self.host, self.port)
-                pinned = self.pin_every and self.sent % self.pin_every == 0
-                user = PINNED if pinned else str(rng.randrange(1_000_000))
-                self.sent += 1
-                writer.write(
-                    b"GET /orders HTTP/1.1\r\nHost: t\r\nX-User-Id: %b\r\n\r\n" % user.encode()
-                )
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                    fields = dict(
-                        line.split(b": ", 1) for line in head.split(b"\r\n")[1:] if b": " in line
-                    )
-                    await reader.readexactly(int(fields.get(b"Content-Length", b"0")))
-                except (OSError, asyncio.IncompleteReadError, ValueError):
-                    writer.close()
-                    writer = None
-                    continue
-                if user == PINNED:
-                    self.pinned_answers.append(fields.get(b"X-Version", b"").decode())
-                if fields.get(b"Connection") == b"close":
-                    writer.close()
-                    writer = None
-                await asyncio.sleep(max(0.0, pause - (loop.time() - started)))
-        finally:
-            if writer is not None:
-                writer.close()
 
 
 async def rollout(router: RouterProcess, route: str = "orders") -> dict[str, Any]:

@@ -6,7 +6,9 @@ is configured, covers them like every other path):
     POST /rollouts/ROUTE/ACTION       pause | resume | promote | abort | retry: the
                                       ROLLOUT after it; 409 {"error": "refused",
                                       "detail": why, "rollout": ROLLOUT} when the phase
-                                      does not allow it; 404 as above
+                                      does not allow it; 404 as above; in a fleet,
+                                      503 when etcd cannot take the new state (nothing
+                                      changed)
 
 A POST may carry {"by": "alice@laptop"}: who acted, for the audit log (the CLI sends the
 login name and host); the peer address is recorded either way. ROUTE is the route's
@@ -31,7 +33,7 @@ class RolloutControl(Protocol):
 
     def describe(self, route: str) -> dict[str, Any] | None: ...
 
-    def act(
+    async def perform(
         self, route: str, action: str, who: Mapping[str, Any]
     ) -> tuple[int, dict[str, Any]]: ...
 
@@ -81,7 +83,8 @@ def add_routes(app: web.Application, control: Callable[[], RolloutControl | None
                 by = body["by"][:200]
         user, _, host = by.partition("@")
         who = {"user": user or "admin-api", "host": host or None, "peer": request.remote}
-        status, result = ctl.act(request.match_info["route"], request.match_info["action"], who)
+        route, verb = request.match_info["route"], request.match_info["action"]
+        status, result = await ctl.perform(route, verb, who)
         return _json(result, status)
 
     actions = "|".join(ACTIONS)

@@ -122,8 +122,10 @@ def format_rollout(rollout: Mapping[str, Any], detail: bool) -> str:
         if steps is None
         else f"step {step} of {len(steps) - 1} ({', '.join(_pct(s) for s in steps)})"
     )
+    leader = rollout.get("leader")
+    judged = f"; judged by {leader}" if leader else ""
     lines = [
-        f"{rollout.get('route')}: {rollout.get('phase')} since {rollout.get('since')}",
+        f"{rollout.get('route')}: {rollout.get('phase')} since {rollout.get('since')}{judged}",
         f"  canary {rollout.get('canary')} at {_pct(rollout.get('weight'))} against stable "
         f"{rollout.get('stable')}; {where}; FAIL {rollout.get('failures')} of "
         f"{rollout.get('max_failures')} in this step",

@@ -27,7 +27,10 @@ What one interval does (docs/rollout.md has it for release managers):
 `RolloutController` is the adapter: it keeps one State per route with a rollout, takes
 each interval's counts from a CountSource, puts the weights in force through a
 `Plane` (the supervisor: every worker, the way a reload does, without the file), saves
-state through a StateStore, writes the audit log and sends notifications.
+state through a StateStore, writes the audit log and sends notifications. A fleet's
+(router.fleet.rollouts) judges only while it leads, and writes each transition to etcd
+before it acts on it: it overrides the seams marked below (judging, tick, perform,
+_save, _forget, _started).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol
 
 import orjson
 
@@ -58,6 +61,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ABORTED",
     "ACTIONS",
+    "CONTROLLER",
     "FAILED",
     "FINISHED",
     "HOLDING",
@@ -65,6 +69,7 @@ __all__ = [
     "PHASES",
     "PROGRESSING",
     "SUCCEEDED",
+    "Decided",
     "Outcome",
     "Plane",
     "Refused",
@@ -218,6 +223,14 @@ class State:
 class Outcome:
     state: State
     judgement: Judgement | None = None
+
+
+class Decided(NamedTuple):
+    """A person's action on a rollout, decided: the state before and after."""
+
+    spec: Spec
+    old: State
+    new: State
 
 
 @dataclass(frozen=True, slots=True)
@@ -419,9 +432,15 @@ class RolloutController:
     """One State per route with a rollout, advanced once per `interval` each."""
 
     def __init__(
-        self, plane: Plane, store: StateStore, counts: CountSource, notifier: Notifier | None
+        self,
+        plane: Plane,
+        store: StateStore,
+        counts: CountSource,
+        notifier: Notifier | None,
+        router_id: str | None = None,
     ) -> None:
         self.plane = plane
+        self.router_id = router_id  # who judges: this router (ROLLOUT's `leader`)
         self.store = store
         self.counts = counts
         self.notifier = notifier
@@ -447,9 +466,8 @@ class RolloutController:
             gone = self.states.pop(route)
             self.specs.pop(route, None)
             self._due.pop(route, None)
-            self.store.remove(route)
             self.plane.put_weights(route, None, (gone.canary, None))
-            self._audit(gone, None, "the rollout was removed from the rules", "reload", CONTROLLER)
+            self._forget(gone)
             log.info("rollout %s: removed from the rules", route)
         for route, spec in specs.items():
             old = self.states.get(route)
@@ -477,8 +495,7 @@ class RolloutController:
                 why = "started" if old is None else "the rollout changed: started again"
                 state = start(spec, at, why)
                 log.info("rollout %s: %s (%s)", route, why, state.reason)
-                self._audit(old, state, state.reason, "reload", CONTROLLER)
-                self._notify(spec, old, state)
+                self._started(spec, old, state)
             self._put(route, state)
             self._take_baseline(route, spec)
         for route in stored:
@@ -490,9 +507,23 @@ class RolloutController:
         """Make `state` the route's: saved, and its weights in force (a no-op in the
         workers when they did not change)."""
         self.states[route] = state
-        self.store.save(route, state.to_json())
+        self._save(route, state)
         spec = self.specs[route]
         self.plane.put_weights(route, route_weights(spec, state), (state.canary, state.stable))
+
+    def _save(self, route: str, state: State) -> None:
+        """Seam: `state` is the route's now; keep it."""
+        self.store.save(route, state.to_json())
+
+    def _forget(self, gone: State) -> None:
+        """Seam: the rules no longer have this rollout: its state goes, and the audit says so."""
+        self.store.remove(gone.route)
+        self._audit(gone, None, "the rollout was removed from the rules", "reload", CONTROLLER)
+
+    def _started(self, spec: Spec, old: State | None, state: State) -> None:
+        """Seam: the rules started a rollout (`old`: the one they replaced): say so."""
+        self._audit(old, state, state.reason, "reload", CONTROLLER)
+        self._notify(spec, old, state)
 
     def _take_baseline(self, route: str, spec: Spec) -> None:
         """Counts from now on belong to the next interval, which ends in `interval`."""
@@ -514,9 +545,12 @@ class RolloutController:
                         spec = self.specs[route]
                         # Late (a busy loop): the next interval starts now, not in the past.
                         self._due[route] = max(due + spec.rollout.interval, now)
-                        self.tick(route)
+                        if self.judging():
+                            self.tick(route)
                 wait = min(self._due.values(), default=now + 3600.0) - time.monotonic()
                 self._wake.clear()
+                # Not wait_for: on 3.11 it can swallow a cancellation that arrives as the
+                # event is set, and the loop would never stop.
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(max(wait, 0.0)):
                         await self._wake.wait()
@@ -529,18 +563,50 @@ class RolloutController:
         if self._wake is not None:
             self._wake.set()
 
+    def judging(self) -> bool:
+        """Seam: whether this router judges its rollouts now (a fleet's: while it leads)."""
+        return True
+
+    async def first_states(self, timeout: float) -> bool:
+        """Seam: wait (at most `timeout` s) until the stored states are known; whether they
+        are (a router's own state directory is read at once; a fleet's etcd may be away)."""
+        return True
+
+    def leader(self) -> str | None:
+        """Seam: the id of the router that judges the rollouts (ROLLOUT's `leader`)."""
+        return self.router_id
+
+    def resume_intervals(self, grace: float) -> None:
+        """A router that takes over judging: each rollout's interval goes on (it followed
+        the judge's), unless it began more than two intervals plus `grace` seconds ago
+        (the judge was gone or silent that long): then a new one starts now."""
+        now = time.monotonic()
+        for route, spec in self.specs.items():
+            interval = spec.rollout.interval
+            began = self._due.get(route, now) - interval
+            if now - began > 2 * interval + grace:
+                self._take_baseline(route, spec)
+        self._poke()
+
     def tick(self, route: str) -> None:
-        """One interval of `route`'s rollout."""
+        """Seam: one interval of `route`'s rollout."""
         spec, state = self.specs[route], self.states[route]
-        counts = self.counts.take(route)
+        outcome = self._judge(spec, state)
+        self._count(route, outcome)
+        self._advance(spec, state, outcome.state, "interval", CONTROLLER)
+
+    def _judge(self, spec: Spec, state: State) -> Outcome:
+        """The interval's counts, judged: what the rollout becomes (nothing done yet)."""
+        counts = self.counts.take(spec.route)
         canary = counts.get(state.canary, Counts())
         stable = counts.get(state.stable, Counts())
         at = self.plane.now_iso()
-        outcome = on_interval(spec, state, canary, stable, at, self.plane.weights_applied())
+        return on_interval(spec, state, canary, stable, at, self.plane.weights_applied())
+
+    def _count(self, route: str, outcome: Outcome) -> None:
         if outcome.judgement is not None:
             for gate in outcome.judgement.gates:
                 self.verdicts[(route, gate.gate, gate.verdict)] += 1
-        self._advance(spec, state, outcome.state, "interval", CONTROLLER)
 
     def _advance(
         self, spec: Spec, old: State, new: State, trigger: str, who: Mapping[str, Any]
@@ -559,6 +625,22 @@ class RolloutController:
 
     def act(self, route: str, action: str, who: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
         """(HTTP status, JSON body) of a person's action on `route`'s rollout."""
+        decided = self._decide(route, action, who)
+        if not isinstance(decided, Decided):
+            return decided
+        self._acted(decided, who)
+        return 200, self.describe(route) or {}
+
+    async def perform(
+        self, route: str, action: str, who: Mapping[str, Any]
+    ) -> tuple[int, dict[str, Any]]:
+        """Seam: act() for the admin API (a fleet's writes the new state to etcd first)."""
+        return self.act(route, action, who)
+
+    def _decide(
+        self, route: str, action: str, who: Mapping[str, Any]
+    ) -> Decided | tuple[int, dict[str, Any]]:
+        """What the action makes of the rollout, or the answer refusing it (404, 409)."""
         spec, state = self.specs.get(route), self.states.get(route)
         if spec is None or state is None:
             return 404, _no_rollout(route)
@@ -570,11 +652,14 @@ class RolloutController:
                 "detail": result.reason,
                 "rollout": self.describe(route),
             }
-        self._advance(spec, state, result, "admin", who)
-        if result.phase != state.phase or result.step != state.step:
-            self._take_baseline(route, spec)
+        return Decided(spec, state, result)
+
+    def _acted(self, decided: Decided, who: Mapping[str, Any]) -> None:
+        spec, old, new = decided
+        self._advance(spec, old, new, "admin", who)
+        if new.phase != old.phase or new.step != old.step:
+            self._take_baseline(spec.route, spec)
             self._poke()
-        return 200, self.describe(route) or {}
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -599,6 +684,7 @@ class RolloutController:
             "since": state.since,
             "reason": state.reason,
             "interval": rollout.interval,
+            "leader": self.leader(),
             "analysis": list(state.analysis),
         }
 
