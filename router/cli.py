@@ -194,6 +194,22 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-level", default=defaults.log_level)
     _add_etcd_flags(serve)
+    fleet = serve.add_argument_group("a fleet's rollouts (rules at etcd://...)")
+    fleet.add_argument(
+        "--router-id",
+        default="",
+        metavar="ID",
+        help="this router's id in the fleet (default: its --listen address; the host name "
+        "for 0.0.0.0)",
+    )
+    fleet.add_argument(
+        "--leader-ttl",
+        type=int,
+        default=defaults.leader_ttl,
+        metavar="SECONDS",
+        help="lease of the router that judges the fleet's rollouts: a dead one is replaced "
+        f"within it (1-5, default {defaults.leader_ttl})",
+    )
 
     push = sub.add_parser("push", help="validate a rule file and write it to an etcd key")
     push.add_argument("rules", help="rule file (YAML)")
@@ -353,6 +369,8 @@ def serve_settings(args: argparse.Namespace) -> Settings:
         admin_token=args.admin_token,
         resolvers=args.resolvers,
         log_level=args.log_level,
+        router_id=args.router_id,
+        leader_ttl=args.leader_ttl,
         **{name: getattr(args, name) for name, _, _ in _EDGE_FLAGS},
     )
 

@@ -126,6 +126,11 @@ class Settings:
     etcd_key: str = ""
     etcd_user: str = ""
     etcd_password: str = ""
+    # A fleet's rollouts (rules in etcd): this router's id among the routers ("" = its
+    # --listen address, router.fleet.default_router_id), and the TTL (seconds)
+    # of the leader's lease: how long a dead leader goes unnoticed.
+    router_id: str = ""
+    leader_ttl: int = 5
 
     def validate(self) -> None:
         parse_hostport(self.listen, "--listen")
@@ -148,6 +153,12 @@ class Settings:
             raise ConfigError("--etcd-key: give the certificate too (--etcd-cert FILE)")
         if self.etcd_password and not self.etcd_user:
             raise ConfigError("an etcd password is set but no --etcd-user")
+        if not 1 <= self.leader_ttl <= 5:
+            raise ConfigError(f"--leader-ttl: {self.leader_ttl} must be 1 to 5 seconds")
+        if self.router_id and (not self.router_id.isprintable() or " " in self.router_id):
+            raise ConfigError(
+                f"--router-id: {self.router_id!r}: give a name without spaces, e.g. the pod's"
+            )
         parse_hostport(self.admin, "--admin")
         if self.workers < 1:
             raise ConfigError(f"--workers: {self.workers} must be at least 1")

@@ -58,6 +58,8 @@ _MAX_LINE = 16 * 1024 * 1024  # a metrics line grows with routes x upstreams x s
 STARTUP_TIMEOUT = 60.0  # seconds for every worker to report ready at start
 # Seconds the first DNS lookups may hold back the workers at start (router/fleet/dns.py).
 DNS_STARTUP_WAIT = 5.0
+# Seconds the first read of a fleet's rollout states may hold back the workers at start.
+FLEET_STARTUP_WAIT = 2.0
 # Seconds past --drain-timeout a draining worker gets to exit before it is killed (the
 # interpreter's own exit); a pod's terminationGracePeriodSeconds must cover both.
 WORKER_EXIT_MARGIN = 5.0
@@ -195,6 +197,9 @@ class Supervisor:
         self.effective = Effective()
         self.effective_seq = 0
         self.discovery: EndpointDiscovery | None = None  # endpoints from DNS, once running
+        from router.fleet import default_router_id
+
+        self.router_id = settings.router_id or default_router_id(self.listen_host, listen_port)
         self.metrics.upstream_endpoints = self._endpoint_counts
         from router.rollout.plane import build_controller
 
@@ -279,6 +284,8 @@ class Supervisor:
             self._keep(self._console.run())
             await self._start_discovery()
             self._keep(self.rollouts.run())
+            # A fleet's rollout states come from etcd: in force before traffic, when it answers.
+            await self.rollouts.first_states(FLEET_STARTUP_WAIT)
             slots = [self._keep(self._slot_loop(slot)) for slot in range(self.settings.workers)]
             self._keep(self.source.watch(lambda: self.snapshot.digest, self._request_reload))
             if self.certificates is not None:

@@ -11,20 +11,33 @@
                   their router (KEY/counts/ROUTER)
     counts.py     the rollout counts of the fleet: each router publishes its own, the
                   leader sums them (a router.rollout.stats CountSource)
+    rollouts.py   a fleet's rollouts: the leader judges and writes each rollout's state
+                  at KEY/rollouts/ROUTE; every router puts it in force
 
-This module itself is only the spelling of an etcd rules location, cheap to import (the
-workers use it to know that their rules come from the supervisor's copies).
+This module itself is only the spelling of an etcd rules location and of a router's id,
+cheap to import (the workers use it to know that their rules come from the supervisor's
+copies).
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import socket
 from dataclasses import dataclass
 
 from router.errors import ConfigError
 
 ETCD_SCHEME = "etcd://"
+
+
+def default_router_id(host: str, port: int) -> str:
+    """A router's id in a fleet: its --listen address with the port in use. A wildcard
+    address (0.0.0.0, ::) is the same on every router, so the host's name stands for it
+    (in Kubernetes, the pod's name)."""
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.gethostname()
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def is_etcd_url(text: str) -> bool:

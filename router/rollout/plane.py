@@ -4,7 +4,9 @@
 over its workers (router.metrics), state in its state directory, weights and the
 canary's default fallback put in force in every worker through the supervisor's
 effective state (merged with what others put there, e.g. endpoints found by DNS), the
-audit log, notifications, and the rollout metrics on /metrics.
+audit log, notifications, and the rollout metrics on /metrics. With rules in etcd it is
+a fleet's (router.fleet.rollouts): counts summed over the fleet, state in etcd, judged
+by one router, the state directory keeping a copy.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
+from router.fleet import EtcdLocation, is_etcd_url
 from router.history import now_iso
 from router.rollout.controller import RolloutController
 from router.rollout.notify import Notifier
@@ -21,6 +24,7 @@ from router.rollout.state import FileStore
 from router.rollout.stats import LocalCounts
 
 if TYPE_CHECKING:
+    from router.config import Settings
     from router.history import AuditLog
     from router.metrics import SupervisorMetrics
     from router.rules import Snapshot
@@ -35,6 +39,8 @@ class _Supervisor(Protocol):
     """What the plane needs of router.supervisor.Supervisor."""
 
     state_dir: str
+    settings: Settings
+    router_id: str
     audit: AuditLog  # the router's one audit log: rollout entries share its bound
     effective: Effective
     snapshot: Snapshot
@@ -77,7 +83,8 @@ class SupervisorPlane:
 
     def audit(self, entry: dict[str, Any]) -> None:
         try:
-            self.supervisor.audit.append({**entry, "router_pid": os.getpid()})
+            sup = self.supervisor
+            sup.audit.append({**entry, "router": sup.router_id, "router_pid": os.getpid()})
         except OSError as exc:
             log.warning("cannot append to the audit log in %s: %s", self.supervisor.state_dir, exc)
 
@@ -90,11 +97,30 @@ class SupervisorPlane:
 
 def build_controller(supervisor: _Supervisor) -> RolloutController:
     aggregator = supervisor.metrics.aggregator
-    controller = RolloutController(
-        SupervisorPlane(supervisor),
-        FileStore(supervisor.state_dir),
-        LocalCounts(aggregator.judged),
-        Notifier(),
-    )
+    settings = supervisor.settings
+    controller: RolloutController
+    if is_etcd_url(settings.rules_path):
+        from router.fleet.rollouts import FleetController
+        from router.fleet.source import etcd_client
+
+        location = EtcdLocation.parse(settings.rules_path)
+        controller = FleetController(
+            SupervisorPlane(supervisor),
+            FileStore(supervisor.state_dir),
+            Notifier(),
+            client=etcd_client(location, settings),
+            key=location.key,
+            router_id=supervisor.router_id,
+            totals=aggregator.judged,
+            leader_ttl=settings.leader_ttl,
+        )
+    else:
+        controller = RolloutController(
+            SupervisorPlane(supervisor),
+            FileStore(supervisor.state_dir),
+            LocalCounts(aggregator.judged),
+            Notifier(),
+            supervisor.router_id,
+        )
     supervisor.metrics.collectors.append(controller.metric_families)
     return controller
