@@ -625,7 +625,7 @@ routes:
       min_requests: {min_requests}
       max_nodata: {max_nodata}
       failures: 2
-{notify}"""
+{notify}{gates}"""
 
 
 def rollout_rules(
@@ -636,8 +636,10 @@ def rollout_rules(
     interval: str = "2s",
     max_nodata: int = 1000,
     min_requests: int = 40,
+    gates: str = "",
 ) -> str:
-    """Rules with a rollout of v1.1 against v1 on the route `orders` (PINNED pinned to v1)."""
+    """Rules with a rollout of v1.1 against v1 on the route `orders` (PINNED pinned to v1);
+    `gates`, e.g. "{latency: {min_increase: 1s}}", replaces the default gates."""
     return ROLLOUT_RULES.format(
         v1=v1.endpoint,
         v11=v11.endpoint,
@@ -647,6 +649,7 @@ def rollout_rules(
         interval=interval,
         max_nodata=max_nodata,
         min_requests=min_requests,
+        gates=f"      gates: {gates}\n" if gates else "",
     )
 
 
