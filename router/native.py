@@ -59,6 +59,7 @@ __all__ = [
 COMPILED: Final = (
     "router.proxy",
     "router.upstream",
+    "router.rules.compile",
     "router.rules.decide",
     "router.rules.user_id",
     "router.rules.hashing",

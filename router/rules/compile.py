@@ -31,13 +31,15 @@ import math
 import re
 import socket
 from bisect import bisect_right
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from hashlib import blake2b
 from random import random
 from types import MappingProxyType
-from typing import TYPE_CHECKING
 
+from router.errors import Problem
 from router.rules import direct, lua_routes
-from router.rules.decide import wanted_headers
+from router.rules.decide import Decision, RequestView, wanted_headers
 from router.rules.fallback import fallback_chains, file_fallbacks
 from router.rules.hashing import prepared, wire_bytes
 from router.rules.hosts import HostPatterns, host_matches, is_wildcard
@@ -53,12 +55,8 @@ from router.rules.user_id import (
     extract_user_id,
 )
 
-if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
-    from hashlib import blake2b
-
-    from router.errors import Problem
-    from router.rules.decide import Decision, RequestView
+# The names in the dataclasses' annotations are imported for real, not only for type
+# checking: compiled (router/native.py), dataclasses read them when the module loads.
 
 __all__ = [
     "CompiledPin",
