@@ -29,7 +29,7 @@ import time
 from collections import deque
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Final, Protocol, cast
 
 import httptools
 
@@ -104,25 +104,23 @@ class AccessLog(Protocol):
 
 
 # Request headers the proxy handles itself instead of forwarding as they are.
-(
-    _H_FORWARD,
-    _H_HOST,
-    _H_LENGTH,
-    _H_TE,
-    _H_EXPECT,
-    _H_CONNECTION,
-    _H_XFF,
-    _H_XFP,
-    _H_DROP,  # not forwarded (hop-by-hop), still seen by Lua routes as in nginx
-    _H_UPGRADE,  # an Upgrade offer: kept aside, never forwarded as it is
-    _H_IGNORE,  # not a header at all for us (a name with `_`, as nginx ignores it)
-    _H_TRACEPARENT,  # trace context (W3C, SkyWalking): forwarded as it is, kept for the
-    _H_SW8,  # access log's trace ID
-) = range(13)
+_H_FORWARD: Final = 0
+_H_HOST: Final = 1
+_H_LENGTH: Final = 2
+_H_TE: Final = 3
+_H_EXPECT: Final = 4
+_H_CONNECTION: Final = 5
+_H_XFF: Final = 6
+_H_XFP: Final = 7
+_H_DROP: Final = 8  # not forwarded (hop-by-hop), still seen by Lua routes as in nginx
+_H_UPGRADE: Final = 9  # an Upgrade offer: kept aside, never forwarded as it is
+_H_IGNORE: Final = 10  # not a header at all for us (a name with `_`, as nginx ignores it)
+_H_TRACEPARENT: Final = 11  # trace context (W3C, SkyWalking): forwarded as it is, kept
+_H_SW8: Final = 12  # for the access log's trace ID
 # Header names as clients spell them -> (_H_* kind, the name the rules know it by or None).
 _HeaderInfo = tuple[int, str | None]
-_HEADER_INFO_CACHE_SIZE = 512
-_SPECIAL_REQUEST_HEADERS: dict[bytes, int] = {
+_HEADER_INFO_CACHE_SIZE: Final = 512
+_SPECIAL_REQUEST_HEADERS: Final[dict[bytes, int]] = {
     b"host": _H_HOST,
     b"content-length": _H_LENGTH,
     b"transfer-encoding": _H_TE,
@@ -140,55 +138,63 @@ _SPECIAL_REQUEST_HEADERS: dict[bytes, int] = {
 }
 # header_count of a request once its head is parsed: past every limit, so that the
 # limit check on_header already makes also catches trailer fields (see on_header).
-_TRAILERS = 1 << 62
+_TRAILERS: Final = 1 << 62
 
 # Refused before routing: CONNECT (this is no forward proxy) and, unless allowed, TRACE
 # (nginx answers it 405: it would echo credentials back to a script).
-_CONNECT_REFUSED = "CONNECT is not supported: this is a reverse proxy"
-_TRACE_REFUSED = "TRACE is not allowed (grayroute serve --allow-trace)"
+_CONNECT_REFUSED: Final = "CONNECT is not supported: this is a reverse proxy"
+_TRACE_REFUSED: Final = "TRACE is not allowed (grayroute serve --allow-trace)"
 
 # Distinct Host values whose routing form is remembered (Router.host_names).
-_HOST_CACHE_SIZE = 512
+_HOST_CACHE_SIZE: Final = 512
 
 # Safe to send again when a reused keep-alive connection turns out to be closed.
-_IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+_IDEMPOTENT_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
-_CRLF = b"\r\n"
+_CRLF: Final = b"\r\n"
 # X-Forwarded-Proto as each kind of listener sets it (chosen per connection).
-FORWARDED_HTTP = b"X-Forwarded-Proto: http\r\n"
-FORWARDED_HTTPS = b"X-Forwarded-Proto: https\r\n"
-_STATUS_LINES = {s.value: b"HTTP/1.1 %d %b\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_LAST_CHUNK = b"0\r\n\r\n"
+FORWARDED_HTTP: Final = b"X-Forwarded-Proto: http\r\n"
+FORWARDED_HTTPS: Final = b"X-Forwarded-Proto: https\r\n"
+_STATUS_LINES: Final = {
+    s.value: b"HTTP/1.1 %d %b\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus
+}
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_LAST_CHUNK: Final = b"0\r\n\r\n"
 
 # Request states.
-_ROUTING, _READING_BODY, _CONNECTING, _STREAMING, _DONE = range(5)
+_ROUTING: Final = 0
+_READING_BODY: Final = 1
+_CONNECTING: Final = 2
+_STREAMING: Final = 3
+_DONE: Final = 4
 
 # Why reading from the client is paused (bit flags: reading resumes when none is left).
-_PAUSE_PIPELINE = 1  # a pipelined request waits for the one before it
-_PAUSE_UPSTREAM_FULL = 2  # the upstream's write buffer is full
-_PAUSE_BUFFER_FULL = 4  # body bytes are held while routing or connecting
-_PAUSE_DONE = 8  # the connection's last request was read: nothing more ever is
+_PAUSE_PIPELINE: Final = 1  # a pipelined request waits for the one before it
+_PAUSE_UPSTREAM_FULL: Final = 2  # the upstream's write buffer is full
+_PAUSE_BUFFER_FULL: Final = 4  # body bytes are held while routing or connecting
+_PAUSE_DONE: Final = 8  # the connection's last request was read: nothing more ever is
 
 # Body bytes held per request before reading from the client pauses (beyond body_limit).
-_HOLD_CAP = 256 * 1024
+_HOLD_CAP: Final = 256 * 1024
 
 # A chunked body is held this far before anything goes upstream, so that a malformed
 # small chunked request never reaches an upstream half-parsed. A bad chunk further on
 # aborts the upstream connection: the upstream sees a truncated request, never a
 # complete wrong one.
-_CHUNKED_HOLD = 16 * 1024
+_CHUNKED_HOLD: Final = 16 * 1024
 
 # Seconds idle keep-alive connections stay open after a drain starts (see Router.drain).
-_DRAIN_IDLE_GRACE = 1.0
+_DRAIN_IDLE_GRACE: Final = 1.0
 
 # The router's clock for timeouts: upstream read timeouts are checked every _TICK
 # seconds (so they fire up to that late), client timeouts once a second.
-_TICK = 0.1
-_TICKS_PER_SECOND = 10
+_TICK: Final = 0.1
+_TICKS_PER_SECOND: Final = 10
 
 # Client framing of the response body.
-_TO_CLIENT_NONE, _TO_CLIENT_RAW, _TO_CLIENT_CHUNKED = range(3)
+_TO_CLIENT_NONE: Final = 0
+_TO_CLIENT_RAW: Final = 1
+_TO_CLIENT_CHUNKED: Final = 2
 
 
 class Router:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Final, Protocol, cast
 
 import httptools
 
@@ -42,10 +42,10 @@ log = logging.getLogger("grayroute.upstream")
 Endpoint = tuple[str, int]
 
 # Seconds an endpoint that failed a connection is left out of round-robin, by default.
-FAIL_TIMEOUT = DEFAULT_FAIL_TIMEOUT
+FAIL_TIMEOUT: Final = DEFAULT_FAIL_TIMEOUT
 
 # Response headers that describe one hop only; the proxy sets its own framing.
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -60,16 +60,20 @@ HOP_BY_HOP = frozenset(
 
 # What the proxy does with a response header, by name. The names upstreams send most,
 # in their usual spellings, are looked up as they come; others are lower-cased first.
-_FORWARD, _LENGTH, _CHUNKED, _CONNECTION, _DROP = range(5)
-_RESPONSE_HEADER_KIND: dict[bytes, int] = {
+_FORWARD: Final = 0
+_LENGTH: Final = 1
+_CHUNKED: Final = 2
+_CONNECTION: Final = 3
+_DROP: Final = 4
+_RESPONSE_HEADER_KIND: Final[dict[bytes, int]] = {
     b"content-length": _LENGTH,
     b"transfer-encoding": _CHUNKED,
 }
 _RESPONSE_HEADER_KIND.update({name: _DROP for name in HOP_BY_HOP if name != b"transfer-encoding"})
 _RESPONSE_HEADER_KIND[b"connection"] = _CONNECTION
 # Connection tokens that name no header of their own.
-_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b""})
-_KNOWN_RESPONSE_NAMES: dict[bytes, int] = {}
+_CONNECTION_OPTIONS: Final = frozenset({b"close", b"keep-alive", b""})
+_KNOWN_RESPONSE_NAMES: Final[dict[bytes, int]] = {}
 for _lower in (
     *_RESPONSE_HEADER_KIND,
     *(
@@ -85,10 +89,10 @@ for _lower in (
 _KNOWN_RESPONSE_NAMES[b"ETag"] = _FORWARD
 _KNOWN_RESPONSE_NAMES[b"WWW-Authenticate"] = _FORWARD
 
-FRAMING_LENGTH = 1  # Content-Length given
-FRAMING_CHUNKED = 2  # Transfer-Encoding: chunked
-FRAMING_CLOSE = 3  # body runs until the upstream closes
-FRAMING_NONE = 4  # no body (1xx, 204, 304, or a response to HEAD)
+FRAMING_LENGTH: Final = 1  # Content-Length given
+FRAMING_CHUNKED: Final = 2  # Transfer-Encoding: chunked
+FRAMING_CLOSE: Final = 3  # body runs until the upstream closes
+FRAMING_NONE: Final = 4  # no body (1xx, 204, 304, or a response to HEAD)
 
 
 class ResponseSink(Protocol):

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from hashlib import blake2b
 from random import random
 from types import MappingProxyType
+from typing import Final
 
 from router.errors import Problem
 from router.rules import direct, lua_routes
@@ -81,7 +82,7 @@ class CompiledPin:
     reason: str  # e.g. "pin[2] user_suffixes"
 
 
-_2_POW_M64 = 2.0**-64
+_2_POW_M64: Final = 2.0**-64
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,8 +186,8 @@ _Group = tuple[int, dict[str, _Hit], int]
 _Regex = tuple[int, "Callable[[str], object]", CompiledRoute]
 _Bucket = tuple[tuple[_Group, ...], dict[str, _Hit], tuple[_Regex, ...]]
 _MethodIndex = tuple[dict[str, _Bucket], _Bucket]  # (by method, any other method)
-_NOT_FOUND = 1 << 62
-_EMPTY_BUCKET: _Bucket = ((), {}, ())
+_NOT_FOUND: Final = 1 << 62
+_EMPTY_BUCKET: Final[_Bucket] = ((), {}, ())
 
 
 @dataclass(frozen=True, slots=True)

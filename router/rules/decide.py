@@ -401,8 +401,8 @@ def split_target(target: str) -> tuple[str, str]:
     return path, query
 
 
-_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
-_HEX = frozenset("0123456789ABCDEFabcdef")
+_UNRESERVED: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_HEX: Final = frozenset("0123456789ABCDEFabcdef")
 
 
 def normalize_path(path: str) -> str | None:

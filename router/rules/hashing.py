@@ -20,10 +20,11 @@ allocates a big int per operation), and every upstream's value stays independent
 from __future__ import annotations
 
 from hashlib import blake2b
+from typing import Final
 
 __all__ = ["hash64", "percent_bucket", "prepared", "unit", "wire_bytes"]
 
-_2_POW_M64 = 2.0**-64
+_2_POW_M64: Final = 2.0**-64
 
 
 def prepared(*parts: str) -> blake2b:

@@ -51,7 +51,7 @@ COOKIE: Final = 1
 QUERY: Final = 2
 JSON: Final = 3
 FORM: Final = 4
-_KINDS = {"header": HEADER, "cookie": COOKIE, "query": QUERY, "json": JSON, "form": FORM}
+_KINDS: Final = {"header": HEADER, "cookie": COOKIE, "query": QUERY, "json": JSON, "form": FORM}
 NO_BODY: Final = -1  # body_kind() of a content type no source reads
 
 JsonStep = str | int
@@ -242,7 +242,7 @@ def _form_text(view: RequestView) -> str | None:
 FOUND: Final = "found"
 NOT_TRIED: Final = "not tried: an earlier source gave the user ID"
 _ID_TYPES: Final = "where a string or an integer was expected"
-_BODY_TYPES = {
+_BODY_TYPES: Final = {
     JSON: "application/json or */*+json",
     FORM: "application/x-www-form-urlencoded",
 }
