@@ -226,6 +226,12 @@ class Router:
         # once per distinct value; kept across reloads (no rule changes what a host is).
         self.host_names: dict[bytes, str] = {}
         self.normalize_paths = settings.normalize_paths
+        # Limits checked on every request or header: fields of this (compiled) class, not
+        # attribute lookups on the settings object.
+        self.max_target_bytes = settings.max_target_bytes
+        self.max_header_bytes = settings.max_header_bytes
+        self.max_header_count = settings.max_header_count
+        self.max_body_bytes = settings.max_body_bytes
         self.refused_methods: dict[bytes, tuple[type[ProxyError], str]] = {
             b"CONNECT": (BadRequestError, _CONNECT_REFUSED)
         }
@@ -573,7 +579,7 @@ class HttpProxyProtocol(asyncio.Protocol):
             if parsing is not None and not parsing.head_done:
                 # A head spread over many reads: httptools holds its pieces until it ends.
                 self.unfinished_head += len(data)
-                if self.unfinished_head > self.router.settings.max_header_bytes:
+                if self.unfinished_head > self.router.max_header_bytes:
                     self._reject(HeadersTooLarge("request head too large"))
             return
         self._after_upgrade_offer(data[offset:])
@@ -635,28 +641,26 @@ class HttpProxyProtocol(asyncio.Protocol):
         req = self.parsing
         assert req is not None
         req.url += url
-        if len(req.url) > self.router.settings.max_target_bytes:
-            raise TargetTooLong(
-                f"request target over {self.router.settings.max_target_bytes} bytes"
-            )
+        if len(req.url) > self.router.max_target_bytes:
+            raise TargetTooLong(f"request target over {self.router.max_target_bytes} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self.parsing
         assert req is not None
         req.head_bytes += len(name) + len(value) + 4
         req.header_count += 1
-        settings = self.router.settings
-        if req.header_count > settings.max_header_count:
+        router = self.router
+        if req.header_count > router.max_header_count:
             if req.head_done:
                 # A trailer field (after a chunked body): never merged into the header
                 # section nor used for routing (RFC 9110 6.5.1); discarded, as nginx does.
                 return
-            raise HeadersTooLarge(f"more than {settings.max_header_count} header fields")
-        if req.head_bytes > settings.max_header_bytes:
-            raise HeadersTooLarge(f"header section over {settings.max_header_bytes} bytes")
+            raise HeadersTooLarge(f"more than {router.max_header_count} header fields")
+        if req.head_bytes > router.max_header_bytes:
+            raise HeadersTooLarge(f"header section over {router.max_header_bytes} bytes")
         if req.raw_headers is not None:
             req.raw_headers.append((name, value))
-        info = self.router.header_info.get(name) or self.router.learn_header(name)
+        info = router.header_info.get(name) or router.learn_header(name)
         special = info[0]
         if special == _H_FORWARD:
             req.headers.append((name, value))
@@ -734,7 +738,7 @@ class HttpProxyProtocol(asyncio.Protocol):
         elif length is not None:
             if length[0] == 48 and len(length) > 1:  # leading zeros: forwarded canonical
                 req.content_length = length = length.lstrip(b"0") or b"0"
-            limit = router.settings.max_body_bytes
+            limit = router.max_body_bytes
             if limit and int(length) > limit:
                 raise BodyTooLarge(f"request body over {limit} bytes")
         self._target_and_host(req)
@@ -780,7 +784,7 @@ class HttpProxyProtocol(asyncio.Protocol):
         assert req is not None
         if req.chunked:
             req.body_total += len(body)
-            limit = self.router.settings.max_body_bytes
+            limit = self.router.max_body_bytes
             if limit and req.body_total > limit:
                 raise BodyTooLarge(f"request body over {limit} bytes")
         if req.state == _STREAMING and req is self.active:

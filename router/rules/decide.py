@@ -307,7 +307,7 @@ def parse_target(target: bytes, normalize: bool = True) -> tuple[str, str, bytes
     if target[:1] == b"/":
         forward = target
         path, _, query = target.partition(b"?")
-        if b"#" in target:
+        if target.find(b"#") >= 0:  # not `in`: with bytes it first tries them as an int
             path = path.partition(b"#")[0]
             query = query.partition(b"#")[0]
         authority = None
@@ -325,7 +325,7 @@ def parse_target(target: bytes, normalize: bool = True) -> tuple[str, str, bytes
         host = parsed.host
         if not host:
             raise ValueError("request target without a host")
-        if b":" in host:
+        if host.find(b":") >= 0:
             host = b"[" + host + b"]"
         authority = host if parsed.port is None else b"%b:%d" % (host, parsed.port)
         path = parsed.path or b"/"
