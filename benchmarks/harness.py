@@ -422,9 +422,8 @@ def start_grayroute(
     """`grayroute serve`; with `tls` (certificate, key) also on a TLS port
     (`info["tls_addr"]`)."""
     listen, admin = free_ports(2)
-    exe = Path(sys.executable).with_name("grayroute")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "router.cli"]
-    cmd += [
+    cmd = [
+        *_grayroute_command(),
         "serve",
         str(rules_file),
         "--listen",
@@ -453,11 +452,29 @@ def start_grayroute(
         )
     ready = _read_ready_line(popen, ready_timeout, "grayroute serve", log)
     proc = Proc("grayroute", popen, addr=f"127.0.0.1:{listen}", info=ready, workdir=workdir)
-    proc._drain = _drain_to(popen.stdout, workdir / "grayroute.stdout")
+    proc._drain = _drain_to(popen.stdout, workdir / f"grayroute-{listen}.stdout")
     wait_port("127.0.0.1", listen, 10, popen)
     if tls:
         proc.info["tls_addr"] = ready["listen_tls"][0]
     return proc
+
+
+def _grayroute_command() -> list[str]:
+    exe = Path(sys.executable).with_name("grayroute")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "router.cli"]
+
+
+def grayroute_build(extra_env: dict[str, str] | None = None) -> str:
+    """Which build `grayroute` runs with this environment, as `--version` says it."""
+    out = subprocess.run(
+        [*_grayroute_command(), "--version"],
+        capture_output=True,
+        text=True,
+        cwd=REPO_DIR,
+        env={**os.environ, **(extra_env or {})},
+    )
+    version = out.stdout.strip()
+    return version[version.find("(") + 1 : -1] if version.endswith(")") else version
 
 
 def grayroute_worker_pids(proc: Proc, workers: int = 1, timeout: float = 10.0) -> list[int]:

@@ -56,7 +56,10 @@ WORKLOADS = {
     "tls": ("get_header.lua", "(c) GET over TLS, keep-alive"),
 }
 TLS_WORKLOADS = frozenset({"tls"})  # measured on the routers' TLS ports
-TARGET_NAMES = ("backends", "nginx+lua", "grayroute")
+TARGET_NAMES = ("backends", "nginx+lua", "grayroute-pure", "grayroute")
+# Grayroute as installed (compiled where a C compiler was at hand), and the same package
+# run as its sources, to show what the compiled build gains in the same run.
+GRAYROUTE_BUILDS = {"grayroute-pure": {"GRAYROUTE_PURE": "1"}, "grayroute": {}}
 
 
 class _Counted(Protocol):
@@ -105,7 +108,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--targets",
         default=",".join(TARGET_NAMES),
-        help="comma-separated subset of backends,nginx+lua,grayroute",
+        help="comma-separated subset of " + ",".join(TARGET_NAMES),
     )
     p.add_argument(
         "--workloads", default="get,post,tls", help="comma-separated subset of get,post,tls"
@@ -187,6 +190,7 @@ class Target:
     skipped: str = ""  # why it is not measured
     load_pid: int = 0  # the upstreams' process (on the load CPU with wrk)
     tls_addr: str = ""  # HOST:PORT of its TLS listener (routers, unless --no-tls)
+    build: str = ""  # Grayroute's: compiled or pure Python (`grayroute --version`)
 
     def url_for(self, workload: str) -> str:
         if workload in TLS_WORKLOADS:
@@ -327,27 +331,34 @@ def start_targets(args: argparse.Namespace, workdir: Path) -> tuple[list[Target]
                     tls_addr=proc.info.get("tls_addr", ""),
                 )
             )
-    if "grayroute" in args.targets:
-        why = ""
-        gr: h.Proc | None = None
-        rules_file = h.write_rules_for(rules, addrs, workdir / "rules.yaml")
+    rules_file = h.write_rules_for(rules, addrs, workdir / "rules.yaml")
+    for name, build_env in GRAYROUTE_BUILDS.items():
+        if name not in args.targets:
+            continue
         try:
-            gr = h.start_grayroute(rules_file, ROUTER_CPU, workdir, workers=1, tls=tls)
-        except h.BenchError as exc:
-            why = str(exc)
-        if gr is None:
-            targets.append(Target("grayroute", "", 0, skipped=f"grayroute serve: {why}"))
-        else:
-            h.grayroute_worker_pids(gr, 1)
-            targets.append(
-                Target(
-                    "grayroute",
-                    f"http://{gr.addr}/api/orders",
-                    gr.pid,
-                    gr,
-                    tls_addr=gr.info.get("tls_addr", ""),
-                )
+            # TLS is measured on the installed build only: its cost is OpenSSL's.
+            gr = h.start_grayroute(
+                rules_file,
+                ROUTER_CPU,
+                workdir,
+                workers=1,
+                tls=tls if name == "grayroute" else None,
+                extra_env=build_env,
             )
+        except h.BenchError as exc:
+            targets.append(Target(name, "", 0, skipped=f"grayroute serve: {exc}"))
+            continue
+        h.grayroute_worker_pids(gr, 1)
+        targets.append(
+            Target(
+                name,
+                f"http://{gr.addr}/api/orders",
+                gr.pid,
+                gr,
+                tls_addr=gr.info.get("tls_addr", ""),
+                build=h.grayroute_build(build_env),
+            )
+        )
     for t in targets:
         t.load_pid = backends.pid
     for t in targets:
@@ -599,7 +610,8 @@ def _median_rps(row: Row) -> float:
 def throughput_table(rows: dict[tuple[str, str], Row], args: argparse.Namespace) -> str:
     head = (
         "| target | workload | req/s | best round | p50 ms | p99 ms | errors | target CPU µs/req "
-        f"| target CPU | others on CPU {ROUTER_CPU} / {LOAD_CPU} | Grayroute / Nginx+Lua |\n"
+        f"| target CPU | others on CPU {ROUTER_CPU} / {LOAD_CPU} "
+        "| Grayroute / Nginx+Lua (compiled / pure) |\n"
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
     )
     out = [head]
@@ -610,10 +622,17 @@ def throughput_table(rows: dict[tuple[str, str], Row], args: argparse.Namespace)
                 continue
             ratio = ""
             base = rows.get(("nginx+lua", w))
-            if name == "grayroute" and base is not None and base.samples:
+            if name in GRAYROUTE_BUILDS and base is not None and base.samples:
                 ratio = (
                     f"{row.median('rps') / base.median('rps'):.2f} (req/s), "
                     f"{row.median('cpu_us_per_req') / base.median('cpu_us_per_req'):.1f}x CPU/req"
+                )
+            pure = rows.get(("grayroute-pure", w))
+            if name == "grayroute" and pure is not None and pure.samples:
+                ratio += (
+                    f"; {row.median('rps') / pure.median('rps'):.2f}x the pure build's req/s, "
+                    f"{pure.median('cpu_us_per_req') / row.median('cpu_us_per_req'):.2f}x "
+                    "less CPU/req"
                 )
             noise = row.samples[[s.rps for s in row.samples].index(_median_rps(row))].noise
             out.append(
@@ -689,6 +708,9 @@ def report(
         f"warm-up); users drawn from {args.users:,}",
         "- routing checks: " + ("; ".join(checks) if checks else "none ran"),
     ]
+    builds = [f"{t.name}: {t.build}" for t in targets if t.build]
+    if builds:
+        lines.append("- builds: " + "; ".join(builds))
     for t in targets:
         if t.skipped:
             lines.append(f"- **{t.name} not measured**: {t.skipped}")
