@@ -17,7 +17,10 @@ latency runs; they show at p99.9 over a long fixed-rate run. This one:
    for every request it delays), in windows of ``--window`` seconds; with ``--ab`` the
    windows alternate between the two routers, so that both see the same machine;
 3. merges the windows' histograms per router and prints p50, p99, p99.9, the max, how
-   many requests took longer than 20/50 ms, and the worst window.
+   many requests took longer than 20/50 ms, and the worst window;
+4. prints each router's garbage collections over the run from its /metrics
+   (grayroute_gc_pause_seconds): how many per generation, their total and how many held
+   the worker longer than 10 and 50 ms, which says whether the stalls were collections.
 """
 
 from __future__ import annotations
@@ -28,9 +31,12 @@ import math
 import shutil
 import sys
 import tempfile
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks import harness as h
 
@@ -89,6 +95,35 @@ def summary(v: Variant) -> str:
         f"{slow}; worst window p99.9 {worst_p999:.2f} ms; non-2xx {v.non2xx}, "
         f"socket errors {v.socket_errors}"
     )
+
+
+def gc_pauses(proc: h.Proc) -> str:
+    """The router's garbage collections so far, from grayroute_gc_pause_seconds."""
+    with urllib.request.urlopen(f"http://{proc.info['admin']}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    count: dict[str, float] = {}
+    total: dict[str, float] = {}
+    longer = {ms: 0.0 for ms in (10, 50)}
+    for family in text_string_to_metric_families(text):
+        if family.name != "grayroute_gc_pause_seconds":
+            continue
+        for sample in family.samples:
+            generation = sample.labels.get("generation", "")
+            if sample.name.endswith("_count"):
+                count[generation] = sample.value
+            elif sample.name.endswith("_sum"):
+                total[generation] = sample.value
+            elif sample.name.endswith("_bucket"):
+                for ms in longer:
+                    if sample.labels["le"] == repr(ms / 1000):
+                        longer[ms] -= sample.value
+    for ms in longer:
+        longer[ms] += sum(count.values())
+    per_generation = ", ".join(
+        f"generation {g}: {count[g]:,.0f} ({total[g] * 1000:,.0f} ms)" for g in sorted(count)
+    )
+    over = ", ".join(f"> {ms} ms: {n:.0f}" for ms, n in longer.items())
+    return f"collections {per_generation or 'none'}; {over}"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -165,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
         for v in variants:
             print(summary(v), flush=True)
+            print(f"  {v.name} gc: {gc_pauses(v.proc)}", flush=True)
         return 0
     except h.BenchError as exc:
         print(f"benchmarks: {exc}", file=sys.stderr)

@@ -59,7 +59,8 @@ def status_class(status: int) -> str:
 
 
 class _Histograms(dict[str, list[Any]]):
-    """upstream -> [count in bucket 0, ..., count in +Inf bucket, sum of seconds].
+    """key (an upstream, a gc generation) -> [count in bucket 0, ..., count in +Inf
+    bucket, sum of seconds], over DURATION_BUCKETS.
 
     Bucket counts are per bucket (not cumulative) so one request touches one slot;
     they are made cumulative only when rendered.
@@ -87,6 +88,7 @@ class WorkerMetrics:
         "_durations",
         "_errors",
         "_fallbacks",
+        "_gc_pauses",
         "_handshake_failures",
         "_handshakes",
         "_judged",
@@ -105,6 +107,7 @@ class WorkerMetrics:
         self._tunnels_opened: defaultdict[str, int] = defaultdict(int)  # upstream
         self._tunnels_closed: defaultdict[tuple[str, str], int] = defaultdict(int)
         self._judged = _JudgedRows()
+        self._gc_pauses = _Histograms()  # generation ("0", "1", "2") -> pause durations
 
     # The two hot-path calls: no allocation but the key tuple, no formatting, no locks.
     # The status is kept as given; it becomes a status class in the supervisor.
@@ -160,6 +163,12 @@ class WorkerMetrics:
     def tunnel_closed(self, upstream: str, reason: str) -> None:
         self._tunnels_closed[(upstream, reason)] += 1
 
+    # Once per garbage collection (router.worker.GcPauses).
+    def gc_pause(self, generation: str, seconds: float) -> None:
+        row = self._gc_pauses[generation]
+        row[bisect_left(DURATION_BUCKETS, seconds)] += 1
+        row[-1] += seconds
+
     def snapshot(self) -> dict[str, Any]:
         """The cumulative totals since this worker started, as plain JSON-able data."""
         data: dict[str, Any] = {
@@ -177,6 +186,8 @@ class WorkerMetrics:
                 closed[upstream] += n
             data["tunnels"] = [[u, n, n - closed[u]] for u, n in self._tunnels_opened.items()]
             data["tunnels_closed"] = [[u, r, n] for (u, r), n in self._tunnels_closed.items()]
+        if self._gc_pauses:
+            data["gc"] = [[g, row[:-1], row[-1]] for g, row in self._gc_pauses.items()]
         if self._judged:
             data["judged"] = [
                 [r, u, counts_from_row(row).to_json()] for (r, u), row in self._judged.items()
@@ -191,6 +202,7 @@ class Totals:
         "durations",
         "errors",
         "fallbacks",
+        "gc_pauses",
         "handshake_failures",
         "handshakes",
         "judged",
@@ -213,6 +225,8 @@ class Totals:
         self.tunnels_open: dict[str, int] = {}
         self.tunnels_closed: dict[tuple[str, str], int] = {}  # (upstream, reason)
         self.judged: dict[tuple[str, str], Counts] = {}  # (route, upstream): a rollout's
+        # gc generation -> (per-bucket counts of its pauses, sum of seconds)
+        self.gc_pauses: dict[str, tuple[list[int], float]] = {}
 
     @classmethod
     def from_snapshot(cls, data: Mapping[str, Any]) -> Totals:
@@ -223,10 +237,9 @@ class Totals:
                 key = (str(route), str(upstream), status_class(int(status)))
                 totals.requests[key] = totals.requests.get(key, 0) + int(n)
             for upstream, buckets, total in data.get("durations", ()):
-                counts = [int(c) for c in buckets]
-                if len(counts) != _NBUCKETS:
-                    raise ValueError(f"{len(counts)} histogram buckets, expected {_NBUCKETS}")
-                totals._add_duration(str(upstream), counts, float(total))
+                _add_histogram(totals.durations, str(upstream), _bucket_counts(buckets), total)
+            for generation, buckets, total in data.get("gc", ()):
+                _add_histogram(totals.gc_pauses, str(generation), _bucket_counts(buckets), total)
             for upstream, kind, n in data.get("errors", ()):
                 key2 = (str(upstream), str(kind))
                 totals.errors[key2] = totals.errors.get(key2, 0) + int(n)
@@ -255,19 +268,13 @@ class Totals:
             raise ValueError(f"malformed metrics snapshot: {exc}") from exc
         return totals
 
-    def _add_duration(self, upstream: str, counts: list[int], total: float) -> None:
-        old = self.durations.get(upstream)
-        if old is None:
-            self.durations[upstream] = (list(counts), total)
-        else:
-            merged = [a + b for a, b in zip(old[0], counts, strict=True)]
-            self.durations[upstream] = (merged, old[1] + total)
-
     def add(self, other: Totals) -> None:
         for key, n in other.requests.items():
             self.requests[key] = self.requests.get(key, 0) + n
         for upstream, (counts, total) in other.durations.items():
-            self._add_duration(upstream, counts, total)
+            _add_histogram(self.durations, upstream, counts, total)
+        for generation, (counts, total) in other.gc_pauses.items():
+            _add_histogram(self.gc_pauses, generation, counts, total)
         for key2, n in other.errors.items():
             self.errors[key2] = self.errors.get(key2, 0) + n
         for key2, n in other.fallbacks.items():
@@ -284,6 +291,24 @@ class Totals:
             self.tunnels_closed[key4] = self.tunnels_closed.get(key4, 0) + n
         for key4, c in other.judged.items():
             self.judged[key4] = self.judged.get(key4, Counts()) + c
+
+
+def _bucket_counts(buckets: Iterable[Any]) -> list[int]:
+    counts = [int(c) for c in buckets]
+    if len(counts) != _NBUCKETS:
+        raise ValueError(f"{len(counts)} histogram buckets, expected {_NBUCKETS}")
+    return counts
+
+
+def _add_histogram(
+    table: dict[str, tuple[list[int], float]], key: str, counts: list[int], total: float
+) -> None:
+    old = table.get(key)
+    if old is None:
+        table[key] = (list(counts), float(total))
+    else:
+        merged = [a + b for a, b in zip(old[0], counts, strict=True)]
+        table[key] = (merged, old[1] + float(total))
 
 
 class MetricsAggregator:
@@ -404,13 +429,19 @@ def _build_registry(state: SupervisorMetrics) -> CollectorRegistry:
                 labels=("upstream",),
             )
             for upstream, (counts, total) in sorted(totals.durations.items()):
-                cumulative = 0
-                buckets: list[tuple[str, float]] = []
-                for bound, count in zip((*DURATION_BUCKETS, float("inf")), counts, strict=True):
-                    cumulative += count
-                    buckets.append((_float_label(bound), cumulative))
-                durations.add_metric((upstream,), buckets, total)
+                durations.add_metric((upstream,), _cumulative_buckets(counts), total)
             yield durations
+
+            gc_pauses = HistogramMetricFamily(
+                "grayroute_gc_pause_seconds",
+                "How long the workers' garbage collections held their event loops, by "
+                "generation (2: a full collection); every connection of a worker waits "
+                "meanwhile.",
+                labels=("generation",),
+            )
+            for generation, (counts, total) in sorted(totals.gc_pauses.items()):
+                gc_pauses.add_metric((generation,), _cumulative_buckets(counts), total)
+            yield gc_pauses
 
             errors = CounterMetricFamily(
                 "grayroute_upstream_errors",
@@ -547,8 +578,7 @@ def _tls_metrics(state: SupervisorMetrics, totals: Totals) -> Iterator[Any]:
 
     handshakes = CounterMetricFamily(
         "grayroute_tls_handshakes",
-        "TLS handshakes completed, by the certificate chosen (its first name) and the "
-        "TLS version.",
+        "TLS handshakes completed, by the certificate chosen (its first name) and the TLS version.",
         labels=("certificate", "version"),
     )
     for (certificate, version), n in sorted(totals.handshakes.items()):
@@ -613,6 +643,16 @@ def _tunnel_metrics(totals: Totals) -> Iterator[Any]:
     for (upstream, reason), n in sorted(totals.tunnels_closed.items()):
         closed.add_metric((upstream, reason), n)
     yield closed
+
+
+def _cumulative_buckets(counts: list[int]) -> list[tuple[str, float]]:
+    """Per-bucket counts over DURATION_BUCKETS as Prometheus' cumulative `le` buckets."""
+    cumulative = 0
+    buckets: list[tuple[str, float]] = []
+    for bound, count in zip((*DURATION_BUCKETS, float("inf")), counts, strict=True):
+        cumulative += count
+        buckets.append((_float_label(bound), cumulative))
+    return buckets
 
 
 def _float_label(value: float) -> str:

@@ -63,6 +63,27 @@ def tune_gc() -> None:
     gc.set_threshold(*_GC_THRESHOLDS)
 
 
+class GcPauses:
+    """Times every garbage collection of this process into the worker's metrics
+    (grayroute_gc_pause_seconds): a collection holds the event loop, so its duration is
+    a stall of every connection of the worker, which is what the tuning above is for."""
+
+    def __init__(self, metrics: WorkerMetrics) -> None:
+        self.metrics = metrics
+        self.started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self.started = time.perf_counter()
+        else:
+            self.metrics.gc_pause(
+                _GENERATIONS[info["generation"]], time.perf_counter() - self.started
+            )
+
+
+_GENERATIONS = ("0", "1", "2")
+
+
 class _ReportPipe(asyncio.Protocol):
     """The worker's end of the report channel (its original stdout)."""
 
@@ -172,6 +193,7 @@ class Worker:
 
         if self.settings.gc_tuning:
             tune_gc()
+        gc.callbacks.append(GcPauses(self.metrics))  # for the life of this process
         self._keep(self._read_commands())
         self._keep(self._flush_metrics())
         if self.access_log is not None:

@@ -300,3 +300,23 @@ def test_more_collectors_are_rendered() -> None:
     state = SupervisorMetrics()
     state.collectors.append(extra)
     assert samples(state)[("grayroute_extra", "x=1")] == 7.0
+
+
+def test_gc_pauses_are_a_histogram_per_generation_summed_over_workers() -> None:
+    a, b = WorkerMetrics(), WorkerMetrics()
+    a.gc_pause("0", 0.0004)
+    a.gc_pause("2", 0.03)
+    b.gc_pause("2", 0.07)
+    state = SupervisorMetrics()
+    state.aggregator.update("a", wire(a))
+    state.aggregator.update("b", wire(b))
+    state.aggregator.retire("b")  # a dead worker's pauses still count
+    s = samples(state)
+    assert s[("grayroute_gc_pause_seconds_count", "generation=2")] == 2
+    assert s[("grayroute_gc_pause_seconds_bucket", "generation=2", "le=0.025")] == 0
+    assert s[("grayroute_gc_pause_seconds_bucket", "generation=2", "le=0.05")] == 1
+    assert s[("grayroute_gc_pause_seconds_bucket", "generation=2", "le=0.1")] == 2
+    assert s[("grayroute_gc_pause_seconds_sum", "generation=2")] == pytest.approx(0.1)
+    assert s[("grayroute_gc_pause_seconds_bucket", "generation=0", "le=0.0005")] == 1
+    assert ("grayroute_gc_pause_seconds_count", "generation=1") not in s
+    assert "# TYPE grayroute_gc_pause_seconds histogram\n" in state.render().decode()
