@@ -91,3 +91,34 @@ def test_a_full_queue_drops_the_oldest() -> None:
         notifier.send("http://h/x", {"n": n})
     assert notifier.dropped == 1
     assert [p["n"] for _, p in notifier._queue] == [1, 2]
+
+
+async def test_stopping_delivers_what_is_queued_and_on_its_way(
+    webhooks: Callable[[], Any],
+) -> None:
+    rec = await webhooks()
+    rec.delay = 0.2
+    notifier = Notifier(timeout=2.0, concurrency=1, drain=3.0)
+    task = await run_notifier(notifier)
+    for n in range(3):
+        notifier.send(rec.url, {"route": "orders", "n": n})
+    await asyncio.sleep(0.05)  # the first is on its way, two wait for the one slot
+    await stop(task)
+    assert sorted(m["n"] for m in rec.got) == [0, 1, 2]
+    assert notifier.delivered == 3 and notifier.dropped == 0
+
+
+async def test_stopping_waits_for_a_slow_receiver_no_longer_than_the_drain(
+    webhooks: Callable[[], Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    rec = await webhooks()
+    rec.delay = 2.0
+    notifier = Notifier(timeout=10.0, drain=0.3)
+    task = await run_notifier(notifier)
+    notifier.send(rec.url, {"route": "orders"})
+    await asyncio.sleep(0.05)
+    began = time.monotonic()
+    await stop(task)
+    assert time.monotonic() - began < 2.0
+    assert notifier.dropped == 1 and rec.got == []
+    assert "1 rollout notifications not delivered within 0.3 s" in caplog.text

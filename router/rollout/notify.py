@@ -4,7 +4,9 @@
 task the controller keeps, delivers with httpx: a timeout per attempt, a few attempts
 with growing pauses, at most a few deliveries at once so that one slow receiver does not
 hold up the others. A full queue (a receiver down for long) drops the oldest message,
-with a warning: a notification is news, the audit log is the record.
+with a warning: a notification is news, the audit log is the record. When the task is
+cancelled (the router stops or restarts), what is queued or on its way still goes out
+for up to `drain` seconds: a rollback is announced just when people restart things.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ class Notifier:
         backoff: float = 1.0,
         queue_size: int = 256,
         concurrency: int = 4,
+        drain: float = 3.0,
     ) -> None:
         self.timeout = timeout
+        self.drain = drain
         self.attempts = attempts
         self.backoff = backoff
         self.concurrency = concurrency
@@ -55,15 +59,14 @@ class Notifier:
         self._ready = asyncio.Event()
         running: set[asyncio.Task[None]] = set()
         limit = asyncio.Semaphore(self.concurrency)
+        loop = asyncio.get_running_loop()
         async with httpx.AsyncClient(timeout=self.timeout) as client:
             try:
                 while True:
                     while self._queue:
+                        await limit.acquire()  # before taking one: a stop may come here
                         url, payload = self._queue.popleft()
-                        await limit.acquire()
-                        task = asyncio.get_running_loop().create_task(
-                            self._deliver(client, url, payload)
-                        )
+                        task = loop.create_task(self._deliver(client, url, payload))
                         running.add(task)
                         task.add_done_callback(running.discard)
                         task.add_done_callback(lambda _: limit.release())
@@ -71,10 +74,23 @@ class Notifier:
                     if not self._queue:
                         await self._ready.wait()
             finally:
-                for task in running:
+                # Cancelled: deliver the rest (all at once now), bounded by `drain`.
+                while self._queue:
+                    url, payload = self._queue.popleft()
+                    running.add(loop.create_task(self._deliver(client, url, payload)))
+                left = set(running)
+                if left:
+                    _, left = await asyncio.wait(left, timeout=self.drain)
+                for task in left:
                     task.cancel()
+                if left:
+                    self.dropped += len(left)
+                    log.warning(
+                        "stopping: %d rollout notifications not delivered within %.1f s",
+                        len(left), self.drain,
+                    )  # fmt: skip
                 with contextlib.suppress(Exception):
-                    await asyncio.gather(*running, return_exceptions=True)
+                    await asyncio.gather(*left, return_exceptions=True)
 
     async def _deliver(
         self, client: httpx.AsyncClient, url: str, payload: Mapping[str, Any]
