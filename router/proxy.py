@@ -29,7 +29,7 @@ import time
 from collections import deque
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Final, Protocol, cast
+from typing import TYPE_CHECKING, Final, Protocol, cast, final
 
 import httptools
 
@@ -117,8 +117,6 @@ _H_UPGRADE: Final = 9  # an Upgrade offer: kept aside, never forwarded as it is
 _H_IGNORE: Final = 10  # not a header at all for us (a name with `_`, as nginx ignores it)
 _H_TRACEPARENT: Final = 11  # trace context (W3C, SkyWalking): forwarded as it is, kept
 _H_SW8: Final = 12  # for the access log's trace ID
-# Header names as clients spell them -> (_H_* kind, the name the rules know it by or None).
-_HeaderInfo = tuple[int, str | None]
 _HEADER_INFO_CACHE_SIZE: Final = 512
 _SPECIAL_REQUEST_HEADERS: Final[dict[bytes, int]] = {
     b"host": _H_HOST,
@@ -195,6 +193,20 @@ _TICKS_PER_SECOND: Final = 10
 _TO_CLIENT_NONE: Final = 0
 _TO_CLIENT_RAW: Final = 1
 _TO_CLIENT_CHUNKED: Final = 2
+
+
+@final
+class _HeaderInfo:
+    """What a request header name, as a client spells it, means to the proxy: its _H_*
+    kind, and the name the rules know it by (None: no rule reads it). An object, not a
+    tuple: compiled, a tuple taken from a dict is unpacked into a C struct, and boxed
+    again to be tested."""
+
+    __slots__ = ("key", "kind")
+
+    def __init__(self, kind: int, key: str | None) -> None:
+        self.kind = kind
+        self.key = key
 
 
 class Router:
@@ -298,9 +310,9 @@ class Router:
         if b"_" in name and not self.settings.underscores_in_headers:
             # nginx's underscores_in_headers off: `X_User_Id` could otherwise pass for
             # `X-User-Id` at an upstream that maps both to one variable (CGI, WSGI).
-            info: _HeaderInfo = (_H_IGNORE, None)
+            info = _HeaderInfo(_H_IGNORE, None)
         else:
-            info = (
+            info = _HeaderInfo(
                 _SPECIAL_REQUEST_HEADERS.get(lname, _H_FORWARD),
                 lname.decode("latin-1") if lname in self.wanted_headers else None,
             )
@@ -660,8 +672,10 @@ class HttpProxyProtocol(asyncio.Protocol):
             raise HeadersTooLarge(f"header section over {router.max_header_bytes} bytes")
         if req.raw_headers is not None:
             req.raw_headers.append((name, value))
-        info = router.header_info.get(name) or router.learn_header(name)
-        special = info[0]
+        info = router.header_info.get(name)
+        if info is None:
+            info = router.learn_header(name)
+        special = info.kind
         if special == _H_FORWARD:
             req.headers.append((name, value))
         elif special == _H_HOST:
@@ -705,7 +719,7 @@ class HttpProxyProtocol(asyncio.Protocol):
             req.headers.append((name, value))
             if req.sw8 is None:
                 req.sw8 = value
-        key = info[1]
+        key = info.key
         if key is not None:
             keep_header(req.wanted, key, value)
 

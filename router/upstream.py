@@ -3,8 +3,11 @@
 One `UpstreamPool` per upstream (service version) per worker. A pool hands out idle
 keep-alive connections (newest first, so the ones the upstream is most likely to keep
 open are reused) and opens new ones when none is idle. `UpstreamConnection` parses the
-response with httptools and reports it to the request that owns the connection through
-the small `ResponseSink` interface; it knows nothing about clients.
+response with httptools and reports it to the client connection whose request it
+carries, its sink, through the sink's few upstream-facing methods (response_head,
+response_body, response_complete, flush_output, upstream_*); it knows nothing else
+about clients. The sink is typed as the proxy's class itself, not as a Protocol:
+compiled, those calls are then direct C calls rather than Python method calls.
 
 Endpoint health, as nginx does it (max_fails=1, fail_timeout=10s by default; an upstream's
 `max_fails`/`fail_timeout` change them): an endpoint whose connections are refused or time
@@ -25,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Final, Protocol, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
@@ -34,6 +37,7 @@ from router.errors import UpstreamBadResponse, UpstreamTimeout, UpstreamUnavaila
 
 if TYPE_CHECKING:
     from router.config import Settings
+    from router.proxy import HttpProxyProtocol
     from router.rules import UpstreamSpec
     from router.rules.model import HealthCheck
 
@@ -95,28 +99,6 @@ FRAMING_CLOSE: Final = 3  # body runs until the upstream closes
 FRAMING_NONE: Final = 4  # no body (1xx, 204, 304, or a response to HEAD)
 
 
-class ResponseSink(Protocol):
-    """What an upstream connection tells the request it serves."""
-
-    def response_head(
-        self, status: int, header_lines: list[bytes], framing: int, content_length: bytes | None
-    ) -> None: ...
-
-    def response_body(self, data: bytes) -> None: ...
-
-    def response_complete(self, reusable: bool) -> None: ...
-
-    def flush_output(self) -> None: ...
-
-    def upstream_failed(self, error: Exception, response_started: bool) -> None: ...
-
-    def upstream_pause_writing(self) -> None: ...
-
-    def upstream_resume_writing(self) -> None: ...
-
-    def upstream_switched(self, header_lines: list[bytes], rest: bytes) -> bool: ...
-
-
 class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection to one endpoint; parses responses with httptools."""
 
@@ -124,7 +106,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool = pool
         self.endpoint = endpoint
         self.transport: asyncio.Transport | None = None
-        self.sink: ResponseSink | None = None
+        self.sink: HttpProxyProtocol | None = None
         self.closed = False
         self.reused = False  # served a request before: may have been closed by the peer
         self.last_io = 0.0
@@ -143,11 +125,11 @@ class UpstreamConnection(asyncio.Protocol):
         # The sink of a response that ended in the read being parsed, told once the
         # whole read is parsed: bytes after the end of a response must be seen (and the
         # connection dropped) before it can go back to the pool (see on_message_begin).
-        self._done: ResponseSink | None = None
+        self._done: HttpProxyProtocol | None = None
         self._keep_alive = False
 
     # -- lending -----------------------------------------------------------------------
-    def begin(self, sink: ResponseSink, head_only: bool) -> None:
+    def begin(self, sink: HttpProxyProtocol, head_only: bool) -> None:
         """Attach to a request; `head_only` for a response to HEAD (never has a body)."""
         self.sink = sink
         self._head_only = head_only
@@ -350,7 +332,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._keep_alive = self._parser.should_keep_alive()
         self._done = sink  # told when the whole read is parsed (data_received)
 
-    def _switch(self, sink: ResponseSink, rest: bytes) -> bool:
+    def _switch(self, sink: HttpProxyProtocol, rest: bytes) -> bool:
         """Hand this connection to `sink` after a 101; it never comes back to the pool."""
         if self.sink is not sink or not self._switching:
             return False

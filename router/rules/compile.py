@@ -111,13 +111,14 @@ class SplitTable:
         if len(entries) == 1:
             return 0
         data = wire_bytes(user_id)
-        best, best_score, log, from_bytes = 0, -math.inf, math.log, int.from_bytes
+        best, best_score, from_bytes = 0, -math.inf, int.from_bytes
         for i, (hasher, inv_weight) in enumerate(entries):
             # hashing.hash64() and unit() inlined: this runs per upstream per request.
-            # The highest ln(u) / w wins, which is the lowest -ln(u) / w.
+            # The highest ln(u) / w wins, which is the lowest -ln(u) / w. math.log as
+            # written (not a local alias): compiled, it is a C call on a C double.
             h = hasher.copy()
             h.update(data)
-            score = log((from_bytes(h.digest(), "little") + 0.5) * _2_POW_M64) * inv_weight
+            score = math.log((from_bytes(h.digest(), "little") + 0.5) * _2_POW_M64) * inv_weight
             if score > best_score:
                 best, best_score = i, score
         return best

@@ -251,12 +251,17 @@ def _decide_in_route(route: CompiledRoute, view: RequestView) -> Decision:
         return action(route, view, user_id, source)
     split = route.split
     assert split is not None  # validated: exactly one of `to`, `split` and the actions
-    kind = JudgedDecision if route.judged else Decision
     if user_id is None:
         i = split.pick_random()
-        return kind(route.name, split.names[i], None, None, split.random_reasons[i])
-    i = split.pick(user_id)
-    return kind(route.name, split.names[i], user_id, source, split.user_reasons[i])
+        reason = split.random_reasons[i]
+    else:
+        i = split.pick(user_id)
+        reason = split.user_reasons[i]
+    # Each class named where it is made (compiled, a class held in a variable is called
+    # like any Python object).
+    if route.judged:
+        return JudgedDecision(route.name, split.names[i], user_id, source, reason)
+    return Decision(route.name, split.names[i], user_id, source, reason)
 
 
 # Methods as str without a decode per request (httptools accepts only known methods).
