@@ -88,6 +88,10 @@ def test_parse_json_path_errors(text: str, message: str) -> None:
         ("application/merge-patch+json; charset=utf-8", JSON),
         ("application/x-www-form-urlencoded", FORM),
         ("application/x-www-form-urlencoded; charset=UTF-8", FORM),
+        # The spellings clients send most (a dict probe), beside others of the same kind.
+        ("application/json;charset=UTF-8", JSON),
+        ("application/x-www-form-urlencoded; charset=utf-8", FORM),
+        ("application/jsonx", NO_BODY),
         ("text/plain", NO_BODY),
         ("multipart/form-data; boundary=x", NO_BODY),
         ("+json", NO_BODY),

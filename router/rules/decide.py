@@ -38,7 +38,7 @@ from router.rules.hashing import wire_bytes
 from router.rules.user_id import extract_user_id
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping, Sequence
+    from collections.abc import Iterable, Sequence
 
     from router.rules.compile import CompiledRoute, Snapshot
 
@@ -62,6 +62,10 @@ __all__ = [
 ]
 
 NO_ROUTE_REASON: Final = "no route matched"
+
+# `#` as an int: `in` then looks for that byte (memchr), where a bytes needle is first
+# tried as an int and fails, and bytes.find parses its arguments as a tuple.
+_FRAGMENT: Final = ord("#")
 
 
 class RequestView:
@@ -95,7 +99,7 @@ class RequestView:
         path: str,
         query: str,
         host: str,
-        headers: Mapping[str, str],
+        headers: dict[str, str],
         client_ip: str,
         body: bytes | None = None,
         body_complete: bool = False,
@@ -312,7 +316,7 @@ def parse_target(target: bytes, normalize: bool = True) -> tuple[str, str, bytes
     if target[:1] == b"/":
         forward = target
         path, _, query = target.partition(b"?")
-        if target.find(b"#") >= 0:  # not `in`: with bytes it first tries them as an int
+        if _FRAGMENT in target:
             path = path.partition(b"#")[0]
             query = query.partition(b"#")[0]
         authority = None
@@ -365,7 +369,7 @@ def request_view(
     path: str,
     query: str,
     host: str,
-    headers: Mapping[str, str],
+    headers: dict[str, str],
     client_ip: str,
     raw_headers: Sequence[tuple[bytes, bytes]] | None = None,
 ) -> RequestView:

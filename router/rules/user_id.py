@@ -117,10 +117,24 @@ def parse_json_path(text: str) -> tuple[JsonStep, ...]:
     return tuple(steps)
 
 
+# Content-Type values as clients most often send them, and their body_kind: one dict
+# probe instead of partition, strip and lower (body_kind runs up to twice per request).
+_COMMON_BODY_KINDS: Final = {
+    "application/json": JSON,
+    "application/json; charset=utf-8": JSON,
+    "application/json;charset=UTF-8": JSON,
+    "application/x-www-form-urlencoded": FORM,
+    "application/x-www-form-urlencoded; charset=utf-8": FORM,
+}
+
+
 def body_kind(content_type: str | None) -> int:
     """JSON, FORM or NO_BODY for a Content-Type header value (parameters ignored)."""
     if not content_type:
         return NO_BODY
+    kind = _COMMON_BODY_KINDS.get(content_type)
+    if kind is not None:
+        return kind
     mime = content_type.partition(";")[0].strip().lower()
     if mime == "application/json" or (mime.endswith("+json") and "/" in mime):
         return JSON
