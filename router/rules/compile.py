@@ -83,6 +83,8 @@ class CompiledPin:
 
 
 _2_POW_M64: Final = 2.0**-64
+# A Final: compiled, a C static, where `int.from_bytes` is an attribute looked up per call.
+_from_bytes: Final = int.from_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,14 +113,14 @@ class SplitTable:
         if len(entries) == 1:
             return 0
         data = wire_bytes(user_id)
-        best, best_score, from_bytes = 0, -math.inf, int.from_bytes
+        best, best_score = 0, -math.inf
         for i, (hasher, inv_weight) in enumerate(entries):
             # hashing.hash64() and unit() inlined: this runs per upstream per request.
             # The highest ln(u) / w wins, which is the lowest -ln(u) / w. math.log as
             # written (not a local alias): compiled, it is a C call on a C double.
             h = hasher.copy()
             h.update(data)
-            score = math.log((from_bytes(h.digest(), "little") + 0.5) * _2_POW_M64) * inv_weight
+            score = math.log((_from_bytes(h.digest(), "little") + 0.5) * _2_POW_M64) * inv_weight
             if score > best_score:
                 best, best_score = i, score
         return best
