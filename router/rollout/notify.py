@@ -12,7 +12,6 @@ for up to `drain` seconds: a rollback is announced just when people restart thin
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 from collections.abc import Mapping
@@ -78,19 +77,17 @@ class Notifier:
                 while self._queue:
                     url, payload = self._queue.popleft()
                     running.add(loop.create_task(self._deliver(client, url, payload)))
-                left = set(running)
-                if left:
-                    _, left = await asyncio.wait(left, timeout=self.drain)
-                for task in left:
-                    task.cancel()
-                if left:
-                    self.dropped += len(left)
-                    log.warning(
-                        "stopping: %d rollout notifications not delivered within %.1f s",
-                        len(left), self.drain,
-                    )  # fmt: skip
-                with contextlib.suppress(Exception):
-                    await asyncio.gather(*left, return_exceptions=True)
+                if running:
+                    _, left = await asyncio.wait(running, timeout=self.drain)
+                    if left:
+                        self.dropped += len(left)
+                        log.warning(
+                            "stopping: %d rollout notifications not delivered within %.1f s",
+                            len(left), self.drain,
+                        )  # fmt: skip
+                        for task in left:
+                            task.cancel()
+                        await asyncio.gather(*left, return_exceptions=True)
 
     async def _deliver(
         self, client: httpx.AsyncClient, url: str, payload: Mapping[str, Any]
